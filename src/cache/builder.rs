@@ -1,0 +1,356 @@
+//! [`Builder`]: every option of a [`LockedCache`], with its default.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bb8_redis::RedisConnectionManager;
+
+use super::{Inner, LockedCache, keys};
+use crate::codec::{BincodeCodec, Codec};
+use crate::defaults::*;
+use crate::error::{Error, Result};
+use crate::lock::{LockOptions, Redlock};
+use crate::stats::Stats;
+use crate::store::redis::{ConnectionOptions, redact};
+use crate::store::{MemoryStore, RedisStore, SharedStore};
+
+/// What a miss does when the Redlock majority cannot be reached (too many
+/// masters down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum QuorumLossPolicy {
+    /// Fail the call with [`Error::QuorumNotReached`] once the wait time is spent.
+    /// The default: with the lock unavailable, loading anyway could stampede the
+    /// backend the cache exists to protect.
+    #[default]
+    FailClosed,
+    /// Run the loader without the lock (still one load per key per process, by
+    /// in-process coalescing) and store the value unfenced. Availability over
+    /// protection: each process may load once.
+    FailOpen,
+}
+
+/// A master given to the builder.
+enum Master {
+    Url(String),
+    Pool(String, bb8::Pool<RedisConnectionManager>),
+    Store(SharedStore),
+}
+
+impl fmt::Debug for Master {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Master::Url(url) => write!(f, "Url({})", redact(url)),
+            Master::Pool(url, _) => write!(f, "Pool({})", redact(url)),
+            Master::Store(store) => write!(f, "Store({})", store.server()),
+        }
+    }
+}
+
+/// Builds a [`LockedCache`]. Every setter documents its default; all defaults are
+/// the `DEFAULT_*` constants of this crate. [`build`](Builder::build) validates
+/// and returns [`Error::InvalidConfig`] rather than panicking.
+#[derive(Debug)]
+pub struct Builder<C = BincodeCodec> {
+    masters: Vec<Master>,
+    cache_url: Option<String>,
+    ttl: Duration,
+    lock: LockOptions,
+    key_prefix: String,
+    pool_size: u32,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    max_value_size: usize,
+    max_key_len: usize,
+    coalesce: bool,
+    quorum_loss: QuorumLossPolicy,
+    codec: C,
+}
+
+impl Default for Builder<BincodeCodec> {
+    fn default() -> Self {
+        Builder {
+            masters: Vec::new(),
+            cache_url: None,
+            ttl: DEFAULT_TTL,
+            lock: LockOptions::default(),
+            key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            max_value_size: DEFAULT_MAX_VALUE_SIZE,
+            max_key_len: DEFAULT_MAX_KEY_LEN,
+            coalesce: true,
+            quorum_loss: QuorumLossPolicy::FailClosed,
+            codec: BincodeCodec,
+        }
+    }
+}
+
+impl<C: Codec> Builder<C> {
+    /// Adds a Redis master by URL (`redis://[user:password@]host:port[/db]`). Call
+    /// once per master: one master is plain locking; 3 or 5 independent masters
+    /// make a Redlock that survives the loss of a minority. Values live on the
+    /// first master unless [`cache_url`](Builder::cache_url) is set.
+    /// Defaults to none, which means the embedded in-memory store: no Redis,
+    /// and protection within this process only.
+    pub fn redis(mut self, url: impl Into<String>) -> Self {
+        self.masters.push(Master::Url(url.into()));
+        self
+    }
+
+    /// Adds several masters by URL; see [`redis`](Builder::redis).
+    pub fn masters<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.masters
+            .extend(urls.into_iter().map(|u| Master::Url(u.into())));
+        self
+    }
+
+    /// Adds a master through a bb8-redis pool you already have. `url` names the
+    /// same server and is used for the wake-up subscription. The pool keeps its
+    /// own settings (bb8-redis PINGs on every checkout by default, which costs a
+    /// round trip per command; build it with `test_on_check_out(false)` to avoid it).
+    pub fn redis_pool(
+        mut self,
+        url: impl Into<String>,
+        pool: bb8::Pool<RedisConnectionManager>,
+    ) -> Self {
+        self.masters.push(Master::Pool(url.into(), pool));
+        self
+    }
+
+    /// Adds a master as any [`Store`](crate::Store), e.g. a [`MemoryStore`] shared
+    /// by several caches in one process, or your own wrapper.
+    pub fn store(mut self, store: SharedStore) -> Self {
+        self.masters.push(Master::Store(store));
+        self
+    }
+
+    /// Keeps values on this server instead of the first master. Defaults to the
+    /// first master. A dedicated server separates cache memory from lock traffic;
+    /// it is not part of the lock majority.
+    pub fn cache_url(mut self, url: impl Into<String>) -> Self {
+        self.cache_url = Some(url.into());
+        self
+    }
+
+    /// How long a stored value lives. Defaults to [`DEFAULT_TTL`] (60 s). Longer:
+    /// fewer loads, staler values. Must be at least 1 ms.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// How long a lock lives unless extended. Defaults to [`DEFAULT_LOCK_EXPIRY`]
+    /// (5 s). The lock is extended every third of this while the loader runs, so
+    /// long loads are safe; this bounds how long a crashed holder blocks a key.
+    /// Shorter: faster recovery from crashes, more extension commands, and less
+    /// tolerance for pauses of the holder (GC, swap) before the lock is lost.
+    pub fn lock_expiry(mut self, expiry: Duration) -> Self {
+        self.lock.expiry = expiry;
+        self
+    }
+
+    /// How long a miss waits for the lock before failing with
+    /// [`Error::LockTimeout`]. Defaults to [`DEFAULT_WAIT`] (10 s). Keep it above
+    /// the lock expiry so that waiters outlive a crashed holder. Shorter: callers
+    /// fail sooner when a load is slow.
+    pub fn wait_time(mut self, wait: Duration) -> Self {
+        self.lock.wait = wait;
+        self
+    }
+
+    /// Pause between lock attempts, randomised ±50%. Defaults to [`DEFAULT_RETRY`]
+    /// (100 ms). With wake-ups on, waiters are woken the moment the lock is
+    /// released, and this only bounds the delay when a wake-up is lost. Shorter:
+    /// lower worst case, more commands per waiting process.
+    pub fn retry_time(mut self, retry: Duration) -> Self {
+        self.lock.retry = retry;
+        self
+    }
+
+    /// Wake waiters by pub/sub when a lock is released. Defaults to `true`. Off:
+    /// no subscription connection, and waiters notice a stored value only at
+    /// their next retry (polling).
+    pub fn wake_ups(mut self, on: bool) -> Self {
+        self.lock.wake_ups = on;
+        self
+    }
+
+    /// The pub/sub channel for lock releases. Defaults to [`DEFAULT_CHANNEL`].
+    /// Every process sharing the cache must use the same one.
+    pub fn release_channel(mut self, channel: impl Into<String>) -> Self {
+        self.lock.channel = channel.into();
+        self
+    }
+
+    /// Coalesce concurrent `get_or_load` calls for one key within this process
+    /// into one flight (one Redis read, one lock, one load). Defaults to `true`.
+    /// Off: every call reads Redis and competes for the lock on its own (only
+    /// useful to measure what coalescing saves).
+    pub fn coalesce(mut self, on: bool) -> Self {
+        self.coalesce = on;
+        self
+    }
+
+    /// What a miss does when the lock majority cannot be reached. Defaults to
+    /// [`QuorumLossPolicy::FailClosed`].
+    pub fn quorum_loss(mut self, policy: QuorumLossPolicy) -> Self {
+        self.quorum_loss = policy;
+        self
+    }
+
+    /// Prefix of every value key (locks and fences are `lock.<prefix><key>` and
+    /// `fence.<prefix><key>`). Defaults to [`DEFAULT_KEY_PREFIX`] (`lc:`). Use one
+    /// per application or data version to keep their keys apart. Must not start
+    /// with `lock.` or `fence.`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Connections per Redis server. Defaults to [`DEFAULT_POOL_SIZE`] (4). Each
+    /// connection is multiplexed (many commands in flight at once), so a few are
+    /// enough; more spreads load over more server threads of I/O.
+    pub fn pool_size(mut self, size: u32) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Bound on opening a connection or waiting for one from the pool. Defaults
+    /// to [`DEFAULT_CONNECT_TIMEOUT`] (1 s). Shorter: faster failure while Redis
+    /// is down; too short fails on a slow network.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Bound on each Redis command's answer. Defaults to
+    /// [`DEFAULT_COMMAND_TIMEOUT`] (1 s). Shorter: faster failure on a stalled
+    /// server; too short fails on large values or a slow network.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// Largest encoded value stored. Defaults to [`DEFAULT_MAX_VALUE_SIZE`]
+    /// (16 MiB). A larger value fails with [`Error::ValueTooLarge`] and is not
+    /// stored: huge values block Redis for every other client.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = bytes;
+        self
+    }
+
+    /// Longest key accepted, in bytes, prefix not counted. Defaults to
+    /// [`DEFAULT_MAX_KEY_LEN`] (1024). Longer keys fail with [`Error::InvalidKey`].
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
+        self
+    }
+
+    /// The codec for values. Defaults to [`BincodeCodec`].
+    pub fn codec<C2: Codec>(self, codec: C2) -> Builder<C2> {
+        Builder {
+            masters: self.masters,
+            cache_url: self.cache_url,
+            ttl: self.ttl,
+            lock: self.lock,
+            key_prefix: self.key_prefix,
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+            max_value_size: self.max_value_size,
+            max_key_len: self.max_key_len,
+            coalesce: self.coalesce,
+            quorum_loss: self.quorum_loss,
+            codec,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let invalid = |m: String| Err(Error::InvalidConfig(m));
+        if self.ttl < Duration::from_millis(1) {
+            return invalid("ttl must be at least 1 ms".into());
+        }
+        if self.ttl > Duration::from_secs(10 * 365 * 24 * 3600) {
+            return invalid("ttl must be at most 10 years".into());
+        }
+        if self.pool_size == 0 {
+            return invalid("pool size must be at least 1".into());
+        }
+        if self.connect_timeout.is_zero() || self.command_timeout.is_zero() {
+            return invalid("timeouts must be positive".into());
+        }
+        if self.max_value_size == 0 || self.max_key_len == 0 {
+            return invalid("maximum value size and key length must be positive".into());
+        }
+        self.lock.validate()?;
+        keys::check_prefix(&self.key_prefix)
+    }
+
+    /// Validates the options, opens the pools (lazily: an unreachable Redis shows
+    /// up on first use, not here), starts the wake-up subscriptions (waiting up to
+    /// the connect timeout for them), and returns the cache.
+    pub async fn build(self) -> Result<LockedCache<C>> {
+        self.validate()?;
+        let options = ConnectionOptions {
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+            command_timeout: self.command_timeout,
+        };
+        let masters = if self.masters.is_empty() {
+            vec![Arc::new(MemoryStore::new()) as SharedStore]
+        } else {
+            self.masters
+                .into_iter()
+                .map(|m| -> Result<SharedStore> {
+                    Ok(match m {
+                        Master::Url(url) => Arc::new(RedisStore::open(&url, options)?),
+                        Master::Pool(url, pool) => {
+                            Arc::new(RedisStore::from_pool(&url, pool, options)?)
+                        }
+                        Master::Store(store) => store,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let value_store = match &self.cache_url {
+            Some(url) => Arc::new(RedisStore::open(url, options)?) as SharedStore,
+            None => Arc::clone(&masters[0]),
+        };
+        let stats = Arc::new(Stats::default());
+        let lock =
+            Redlock::with_stats(masters, self.lock, Arc::clone(&stats), self.connect_timeout)
+                .await?;
+        Ok(LockedCache {
+            inner: Arc::new(Inner {
+                value_store,
+                lock,
+                ttl: self.ttl,
+                key_prefix: self.key_prefix,
+                max_value_size: self.max_value_size,
+                max_key_len: self.max_key_len,
+                coalesce: self.coalesce,
+                quorum_loss: self.quorum_loss,
+                codec: self.codec,
+                flights: Default::default(),
+                stats,
+            }),
+        })
+    }
+}
+
+impl Default for ConnectionOptions {
+    fn default() -> Self {
+        ConnectionOptions {
+            pool_size: DEFAULT_POOL_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! The Redis keys behind one cache key, and the checks a key must pass.
+//!
+//! For a cache key `k` and prefix `p`, the value lives at `pk`, the lock at
+//! `lock.pk` and the write fence at `fence.pk`. Value keys all start with the
+//! prefix, so they never collide with lock or fence keys as long as the prefix
+//! does not start with `lock.` or `fence.` (checked when the cache is built).
+//! With an empty prefix, cache keys starting with those are refused instead.
+
+use crate::error::{Error, Result};
+
+pub const LOCK_PREFIX: &str = "lock.";
+pub const FENCE_PREFIX: &str = "fence.";
+
+/// The keys of one cache entry.
+#[derive(Debug)]
+pub struct Keys {
+    pub value: String,
+    pub lock: String,
+    pub fence: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, key: &str) -> Keys {
+        let value = format!("{prefix}{key}");
+        Keys {
+            lock: format!("{LOCK_PREFIX}{value}"),
+            fence: format!("{FENCE_PREFIX}{value}"),
+            value,
+        }
+    }
+}
+
+/// Refuses a prefix whose value keys could collide with lock or fence keys.
+pub fn check_prefix(prefix: &str) -> Result<()> {
+    if prefix.starts_with(LOCK_PREFIX) || prefix.starts_with(FENCE_PREFIX) {
+        return Err(Error::InvalidConfig(format!(
+            "key prefix must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}`"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses empty keys, keys over `max_len` bytes, and (with an empty prefix) keys
+/// in the lock or fence key space. Any other bytes (spaces, newlines, control
+/// characters, non-ASCII) are fine: Redis keys are binary-safe.
+pub fn check_key(prefix: &str, key: &str, max_len: usize) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::InvalidKey("the key is empty".into()));
+    }
+    if key.len() > max_len {
+        return Err(Error::InvalidKey(format!(
+            "the key is {} bytes, over the maximum of {max_len}",
+            key.len()
+        )));
+    }
+    if prefix.is_empty() && (key.starts_with(LOCK_PREFIX) || key.starts_with(FENCE_PREFIX)) {
+        return Err(Error::InvalidKey(format!(
+            "with an empty prefix, keys must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}`"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_namespaced() {
+        let k = Keys::new("lc:", "user:42");
+        assert_eq!(k.value, "lc:user:42");
+        assert_eq!(k.lock, "lock.lc:user:42");
+        assert_eq!(k.fence, "fence.lc:user:42");
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        assert!(check_key("lc:", "", 10).is_err());
+        assert!(check_key("lc:", "12345678901", 10).is_err());
+        assert!(check_key("lc:", "a b\n\0c", 10).is_ok());
+        assert!(check_key("lc:", "lock.x", 10).is_ok());
+        assert!(check_key("", "lock.x", 10).is_err());
+        assert!(check_key("", "fence.x", 10).is_err());
+        assert!(check_prefix("lock.app:").is_err());
+        assert!(check_prefix("app:").is_ok());
+    }
+}

@@ -1,0 +1,569 @@
+//! [`LockedCache`]: `get_or_load` with double-checked locking over Redlock.
+//!
+//! The data path of a call, top to bottom:
+//!
+//! 1. [`LockedCache::get_or_load_with`] joins the key's in-process flight
+//!    (`flight.rs`); followers wait for the leader's outcome.
+//! 2. The leader ([`Inner::lead`]) reads the value (`GET`, one round trip); a hit
+//!    ends here.
+//! 3. On a miss it registers for release wake-ups and takes the lock
+//!    ([`Redlock`], `lock/`: `SET NX PX` on every master), sleeping between
+//!    attempts until a release is published or the retry time passes, and
+//!    re-reading the value after each wake.
+//! 4. Holding the lock, it reads again and takes the write fence in one script
+//!    (`get_or_fence`); if still missing it runs the loader while `keepalive.rs`
+//!    extends the lock, stores the value with the fenced `SET` script, and
+//!    releases the lock, which publishes the wake-up.
+
+mod builder;
+mod flight;
+mod keepalive;
+mod keys;
+
+pub use builder::{Builder, QuorumLossPolicy};
+pub use keepalive::LoadContext;
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{self, BincodeCodec, Codec};
+use crate::error::{Error, LoadError, Result};
+use crate::lock::{Attempt, LockGuard, Redlock};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::store::SharedStore;
+use flight::{Flights, Outcome, Role};
+use keepalive::KeepAlive;
+use keys::Keys;
+
+/// A cache over Redis (or the embedded store) whose misses are loaded once across
+/// every process, guarded by a Redlock. Cheap to clone; clones share everything.
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # #[derive(serde::Serialize, serde::Deserialize)] struct Report;
+/// # async fn build_report() -> Result<Report, std::io::Error> { Ok(Report) }
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use locked_cache::LockedCache;
+///
+/// let cache = LockedCache::builder()
+///     .redis("redis://127.0.0.1:6379")
+///     .ttl(Duration::from_secs(60))
+///     .build()
+///     .await?;
+/// let report: Report = cache
+///     .get_or_load("report:2026-11", || async { build_report().await })
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct LockedCache<C = BincodeCodec> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for LockedCache<C> {
+    fn clone(&self) -> Self {
+        LockedCache {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<C> fmt::Debug for LockedCache<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockedCache")
+            .field("value_store", &self.inner.value_store)
+            .field("lock", &self.inner.lock)
+            .field("ttl", &self.inner.ttl)
+            .field("key_prefix", &self.inner.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<C> {
+    value_store: SharedStore,
+    lock: Redlock,
+    ttl: Duration,
+    key_prefix: String,
+    max_value_size: usize,
+    max_key_len: usize,
+    coalesce: bool,
+    quorum_loss: QuorumLossPolicy,
+    codec: C,
+    flights: Flights,
+    stats: Arc<Stats>,
+}
+
+impl LockedCache<BincodeCodec> {
+    /// A builder with every option at its default (the embedded store, bincode).
+    pub fn builder() -> Builder<BincodeCodec> {
+        Builder::default()
+    }
+}
+
+impl<C: Codec> LockedCache<C> {
+    /// Returns the value under `key`, or runs `loader` to produce it, once across
+    /// every caller, process and host sharing the Redis masters.
+    ///
+    /// A hit costs one Redis round trip. On a miss the caller takes the lock on
+    /// `lock.<prefix><key>`, reads again (another process may have stored the
+    /// value meanwhile, and then it is returned without loading), runs the loader,
+    /// stores the value with the cache's TTL, releases the lock and returns it.
+    ///
+    /// # Concurrent callers
+    ///
+    /// In one process, concurrent calls for the same key share one *flight*: only
+    /// the first touches Redis and runs its loader; the others wait for its outcome
+    /// and never run theirs. Callers in other processes wait for the lock; when the
+    /// holder releases it, they are woken by pub/sub at once (or at their next
+    /// retry if the message was lost), find the value and return it.
+    ///
+    /// # Errors
+    ///
+    /// - [`LoadError::Loader`]: the loader failed. Nothing is stored and the lock is
+    ///   released at once. In-process followers of the flight receive the *same*
+    ///   error (the `Arc` is shared), so a failing backend is hit once, not once per
+    ///   caller. Waiters in other processes are woken and one of them takes the lock
+    ///   and tries its own loader: at most one load at a time per key.
+    /// - [`LoadError::Cache`]: [`Error::LockTimeout`] when the lock stayed held for
+    ///   the whole wait time; [`Error::QuorumNotReached`] when too few masters
+    ///   answered (see [`QuorumLossPolicy`]); Redis, pool or timeout errors;
+    ///   [`Error::ValueTooLarge`] when the loaded value exceeds the maximum (it is
+    ///   not stored); [`Error::InvalidKey`] for an empty or over-long key.
+    ///
+    /// A stored value that cannot be decoded (foreign bytes, another type, another
+    /// codec, a Redis type other than string) is treated as a miss: it is reloaded
+    /// and overwritten, with a `tracing` warning and the
+    /// [`corrupt_values`](StatsSnapshot::corrupt_values) counter.
+    ///
+    /// # Cancellation
+    ///
+    /// Dropping the future at any await point is safe. A follower just leaves. A
+    /// leader's flight is abandoned and one of its followers becomes the new
+    /// leader (reading Redis again, so a value stored meanwhile is not reloaded).
+    /// A held lock is released by a spawned task (or expires), and the lock
+    /// keep-alive task is aborted: nothing keeps running.
+    ///
+    /// # Panics
+    ///
+    /// This method does not panic. If the loader panics, the panic propagates to
+    /// the caller whose loader it was, exactly as if the loader had been called
+    /// directly; the lock is released as for cancellation; followers are not
+    /// stranded: one of them takes over and runs its own loader. Later calls are
+    /// unaffected (nothing is poisoned).
+    ///
+    /// # Lock loss
+    ///
+    /// While the loader runs, the lock is extended every third of its expiry. If an
+    /// extension is refused (the lock expired during a pause, or a master lost
+    /// it), the value is still returned to the callers, but it is written only if
+    /// no newer holder took the key's fence since: a holder that lost its lock
+    /// never overwrites a newer value. See [`get_or_load_with`](Self::get_or_load_with)
+    /// to observe the loss from inside the loader.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use locked_cache::LockedCache;
+    ///
+    /// // No Redis given: the embedded store.
+    /// let cache = LockedCache::builder().build().await?;
+    /// let loads = AtomicU32::new(0);
+    /// let load = || async {
+    ///     loads.fetch_add(1, Ordering::SeqCst);
+    ///     Ok::<_, std::io::Error>(format!("expensive value"))
+    /// };
+    /// let (a, b) = tokio::join!(cache.get_or_load("k", load), cache.get_or_load("k", load));
+    /// assert_eq!(a?, "expensive value");
+    /// assert_eq!(b?, "expensive value");
+    /// let c: String = cache.get_or_load("k", load).await?;
+    /// assert_eq!(c, "expensive value");
+    /// assert_eq!(loads.load(Ordering::SeqCst), 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_load<T, E, F, Fut>(&self, key: &str, loader: F) -> Result<T, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.get_or_load_with(key, |_| loader()).await
+    }
+
+    /// As [`get_or_load`](Self::get_or_load), with a [`LoadContext`] handed to the
+    /// loader: it tells whether the lock protecting the load was lost, so a long
+    /// load can stop early when another process has taken over.
+    pub async fn get_or_load_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<T, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let inner = &*self.inner;
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        if !inner.coalesce {
+            return inner.lead(key, loader).await.map(|(value, _)| value);
+        }
+        let leader = loop {
+            let rx = match inner.flights.join(key) {
+                Role::Leader(leader) => break leader,
+                Role::Follower(rx) => rx,
+            };
+            Stats::add(&inner.stats.coalesced);
+            match flight::outcome(rx).await {
+                Outcome::Value(bytes) => {
+                    return codec::decode(&inner.codec, &bytes)
+                        .map_err(|e| LoadError::Cache(e.into()));
+                }
+                Outcome::LoaderError(shared) => match shared.downcast::<E>() {
+                    Ok(e) => return Err(LoadError::Loader(e)),
+                    // A caller with another error type led: load for ourselves.
+                    Err(_) => continue,
+                },
+                Outcome::Failed(e) => return Err(LoadError::Cache(e)),
+                Outcome::Abandoned => continue,
+            }
+        };
+        let result = inner.lead(key, loader).await;
+        leader.finish(match &result {
+            Ok((_, bytes)) => Outcome::Value(Arc::clone(bytes)),
+            Err(LoadError::Loader(e)) => {
+                Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
+            }
+            Err(LoadError::Cache(e)) => Outcome::Failed(e.clone()),
+        });
+        result.map(|(value, _)| value)
+    }
+
+    /// The value under `key`, if there is one that decodes. One round trip; no
+    /// lock. An undecodable value counts as absent (and as corrupt in the stats).
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        let inner = &*self.inner;
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        Ok(inner
+            .read(&Keys::new(&inner.key_prefix, key).value)
+            .await?
+            .map(|(value, _)| value))
+    }
+
+    /// Stores `value` under `key` with the cache's TTL, unconditionally (no lock):
+    /// for writers that know the fresh value, such as after an update.
+    pub async fn set<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
+        self.set_with_ttl(key, value, self.inner.ttl).await
+    }
+
+    /// As [`set`](Self::set), with its own TTL (at least 1 ms).
+    pub async fn set_with_ttl<T: Serialize>(&self, key: &str, value: &T, ttl: Duration) -> Result<()> {
+        let inner = &*self.inner;
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        if ttl < Duration::from_millis(1) {
+            return Err(Error::InvalidConfig("ttl must be at least 1 ms".into()));
+        }
+        let bytes = inner.encode(key, value)?;
+        inner
+            .value_store
+            .set(&Keys::new(&inner.key_prefix, key).value, &bytes, ttl)
+            .await
+    }
+
+    /// Removes the value under `key`; the next `get_or_load` loads it again.
+    /// True when there was a value.
+    pub async fn invalidate(&self, key: &str) -> Result<bool> {
+        let inner = &*self.inner;
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        inner
+            .value_store
+            .delete(&Keys::new(&inner.key_prefix, key).value)
+            .await
+    }
+
+    /// The distributed lock the cache uses, for locking of your own.
+    pub fn lock(&self) -> &Redlock {
+        &self.inner.lock
+    }
+
+    /// Counters of hits, loads, wake-ups, lost locks, corrupt values...
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// The Redis key (prefix included) the value of `key` is stored under.
+    pub fn value_key(&self, key: &str) -> String {
+        Keys::new(&self.inner.key_prefix, key).value
+    }
+
+    /// The lock key of `key`.
+    pub fn lock_key(&self, key: &str) -> String {
+        Keys::new(&self.inner.key_prefix, key).lock
+    }
+}
+
+impl<C: Codec> Inner<C> {
+    /// Reads and decodes the value at `value_key`. A value that does not decode,
+    /// or a key of another Redis type, is a miss (reported and counted).
+    async fn read<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(T, Arc<[u8]>)>> {
+        match self.value_store.get(value_key).await {
+            Ok(Some(bytes)) => Ok(self.decode_or_report(value_key, bytes)),
+            Ok(None) => Ok(None),
+            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+                self.report_corrupt(value_key, &e);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn decode_or_report<T: DeserializeOwned>(
+        &self,
+        value_key: &str,
+        bytes: Vec<u8>,
+    ) -> Option<(T, Arc<[u8]>)> {
+        match codec::decode(&self.codec, &bytes) {
+            Ok(value) => Some((value, bytes.into())),
+            Err(e) => {
+                self.report_corrupt(value_key, &e);
+                None
+            }
+        }
+    }
+
+    fn report_corrupt(&self, value_key: &str, error: &dyn fmt::Display) {
+        Stats::add(&self.stats.corrupt_values);
+        tracing::warn!(key = value_key, %error, "undecodable value treated as a miss; it will be reloaded and overwritten");
+    }
+
+    fn encode<T: Serialize>(&self, key: &str, value: &T) -> Result<Vec<u8>> {
+        let bytes = codec::encode(&self.codec, value)?;
+        if bytes.len() > self.max_value_size {
+            return Err(Error::ValueTooLarge {
+                key: key.to_owned(),
+                size: bytes.len(),
+                max: self.max_value_size,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// The leader's path: read; on a miss lock, re-read, load, store, release.
+    /// Returns the value and its stored bytes (for the followers).
+    async fn lead<T, E, F, Fut>(&self, key: &str, loader: F) -> Result<(T, Arc<[u8]>), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let keys = Keys::new(&self.key_prefix, key);
+        if let Some(found) = self.read(&keys.value).await? {
+            Stats::add(&self.stats.hits);
+            return Ok(found);
+        }
+        Stats::add(&self.stats.misses);
+        let guard = match self.wait_for_lock(&keys).await? {
+            Locked::Guard(guard) => guard,
+            Locked::ValueAppeared(found) => {
+                Stats::add(&self.stats.hits);
+                return Ok(found);
+            }
+            Locked::QuorumLost => return self.load_unlocked(key, &keys, loader).await,
+        };
+        self.load_locked(key, &keys, guard, loader).await
+    }
+
+    /// Waits for the lock, re-reading the value after every wake-up or retry.
+    async fn wait_for_lock<T: DeserializeOwned>(&self, keys: &Keys) -> Result<Locked<T>> {
+        let options = self.lock.options();
+        let started = Instant::now();
+        let deadline = started + options.wait;
+        // Registered before the first attempt: a release after it wakes us.
+        let waiter = self.lock.waiter(&keys.lock);
+        loop {
+            let outcome = self.lock.attempt(&keys.lock, options.expiry).await?;
+            if let Attempt::Acquired(guard) = outcome {
+                return Ok(Locked::Guard(guard));
+            }
+            if matches!(outcome, Attempt::NoQuorum { .. })
+                && self.quorum_loss == QuorumLossPolicy::FailOpen
+            {
+                return Ok(Locked::QuorumLost);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.lock.wait_error(&keys.lock, &outcome, now - started));
+            }
+            waiter
+                .wait(self.lock.retry_delay().min(deadline - now))
+                .await;
+            if let Some(found) = self.read(&keys.value).await? {
+                return Ok(Locked::ValueAppeared(found));
+            }
+        }
+    }
+
+    /// Holding the lock: the double check, then the load and the fenced store.
+    async fn load_locked<T, E, F, Fut>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        guard: LockGuard,
+        loader: F,
+    ) -> Result<(T, Arc<[u8]>), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let expiry = self.lock.options().expiry;
+        // The fence outlives the lock a little, so that a slow but live holder's
+        // write is judged by whether someone *else* took the fence, not by timing.
+        let fence_expiry = expiry * 2;
+        let found = self
+            .value_store
+            .get_or_fence(&keys.value, &keys.fence, guard.token(), fence_expiry)
+            .await;
+        match found {
+            Ok(Some(bytes)) => {
+                if let Some(found) = self.decode_or_report(&keys.value, bytes) {
+                    Stats::add(&self.stats.hits);
+                    release(guard).await;
+                    return Ok(found);
+                }
+                // Corrupt: the script returned it without fencing; fence now.
+                if let Err(e) = self
+                    .value_store
+                    .set(&keys.fence, guard.token(), fence_expiry)
+                    .await
+                {
+                    release(guard).await;
+                    return Err(e.into());
+                }
+            }
+            Ok(None) => {}
+            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+                self.report_corrupt(&keys.value, &e);
+                if let Err(e) = self
+                    .value_store
+                    .set(&keys.fence, guard.token(), fence_expiry)
+                    .await
+                {
+                    release(guard).await;
+                    return Err(e.into());
+                }
+            }
+            Err(e) => {
+                release(guard).await;
+                return Err(e.into());
+            }
+        }
+
+        let keepalive = KeepAlive::start(
+            &guard,
+            Arc::clone(&self.value_store),
+            keys.fence.clone(),
+            expiry,
+        );
+        Stats::add(&self.stats.loads);
+        let loaded = loader(LoadContext::new(Some(keepalive.lost_signal()))).await;
+        let lost_during_load = keepalive.lost();
+        drop(keepalive);
+
+        let value = match loaded {
+            Ok(value) => value,
+            Err(e) => {
+                Stats::add(&self.stats.load_errors);
+                release(guard).await;
+                return Err(LoadError::Loader(Arc::new(e)));
+            }
+        };
+        let bytes = match self.encode(key, &value) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                release(guard).await;
+                return Err(e.into());
+            }
+        };
+        let stored = self
+            .value_store
+            .set_fenced(&keys.value, &bytes, self.ttl, &keys.fence, guard.token())
+            .await;
+        match stored {
+            Ok(true) if !lost_during_load => {}
+            Ok(true) => {
+                // Extension was refused but nobody took over: the write was still
+                // the newest. Count the loss all the same.
+                Stats::add(&self.stats.lock_lost);
+            }
+            Ok(false) => {
+                Stats::add(&self.stats.lock_lost);
+                tracing::warn!(
+                    key = keys.value,
+                    "lock lost during the load and a newer holder took over: value returned, not stored"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
+            }
+        }
+        release(guard).await;
+        Ok((value, bytes.into()))
+    }
+
+    /// Fail-open path: the quorum is lost, load without the lock.
+    async fn load_unlocked<T, E, F, Fut>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        loader: F,
+    ) -> Result<(T, Arc<[u8]>), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        Stats::add(&self.stats.fail_open_loads);
+        Stats::add(&self.stats.loads);
+        tracing::warn!(key = keys.value, "lock quorum lost: loading without the lock (fail-open)");
+        let value = match loader(LoadContext::new(None)).await {
+            Ok(value) => value,
+            Err(e) => {
+                Stats::add(&self.stats.load_errors);
+                return Err(LoadError::Loader(Arc::new(e)));
+            }
+        };
+        let bytes = self.encode(key, &value)?;
+        if let Err(e) = self.value_store.set(&keys.value, &bytes, self.ttl).await {
+            tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
+        }
+        Ok((value, bytes.into()))
+    }
+}
+
+/// How a wait for the lock ended.
+enum Locked<T> {
+    Guard(LockGuard),
+    ValueAppeared((T, Arc<[u8]>)),
+    QuorumLost,
+}
+
+/// Releases the lock, logging (not returning) a failure: the lock then expires
+/// on its own, and the caller's value or error matters more.
+async fn release(guard: LockGuard) {
+    let resource = guard.resource().to_owned();
+    match guard.release().await {
+        Ok(true) => {}
+        Ok(false) => tracing::debug!(resource, "lock was no longer held at release"),
+        Err(e) => tracing::warn!(resource, error = %e, "releasing the lock failed; it will expire"),
+    }
+}

@@ -1,0 +1,31 @@
+//! Every default of locked-cache, in one place. The builders' `Default` impls
+//! use these; each setter's documentation says what changing it trades.
+
+use std::time::Duration;
+
+/// How long a stored value lives: 60 s.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// How long a lock lives unless extended or released: 5 s. A holder that crashed
+/// blocks the key for at most this long; a live holder extends it every third of it.
+pub const DEFAULT_LOCK_EXPIRY: Duration = Duration::from_secs(5);
+/// How long a miss waits for the lock: 10 s, twice the lock expiry, so a waiter
+/// outlives a crashed holder's lock and loads the value itself.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// Pause between lock attempts, randomised ±50%: 100 ms. Only a fallback while
+/// wake-ups are on (waiters are woken by pub/sub the moment the lock is released).
+pub const DEFAULT_RETRY: Duration = Duration::from_millis(100);
+/// Pub/sub channel on which lock releases are published.
+pub const DEFAULT_CHANNEL: &str = "locked-cache:released";
+/// Prefix of every key the cache writes: `lc:`.
+pub const DEFAULT_KEY_PREFIX: &str = "lc:";
+/// Connections per Redis server: 4. Connections are multiplexed, so each carries
+/// many concurrent commands.
+pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// Bound on opening a connection or waiting for one from the pool: 1 s.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on each Redis command's answer: 1 s.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest encoded value the cache stores: 16 MiB.
+pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
+/// Longest key the cache accepts: 1024 bytes (prefix not counted).
+pub const DEFAULT_MAX_KEY_LEN: usize = 1024;

@@ -1,0 +1,194 @@
+//! The library's own failures ([`Error`]), the codec's ([`CodecError`]), and the
+//! error `get_or_load` returns ([`LoadError`]), which keeps the caller's loader
+//! error as its own type.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A failure of locked-cache itself (Redis, the lock, the codec, the configuration).
+///
+/// Cloneable, so that one failure can be handed to every caller waiting on the
+/// same load. Use the predicates ([`is_timeout`](Error::is_timeout),
+/// [`is_connection_error`](Error::is_connection_error), ...) to decide on retries
+/// rather than matching variants: new variants may be added.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The lock stayed held by someone else for the whole wait time.
+    #[error("timed out after {waited:?} waiting for lock `{resource}`")]
+    LockTimeout {
+        /// The lock key.
+        resource: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
+    /// Too few Redlock masters answered to reach a majority within the wait time.
+    #[error(
+        "lock `{resource}`: quorum not reached ({reachable} of {masters} masters reachable, {quorum} needed)"
+    )]
+    QuorumNotReached {
+        /// The lock key.
+        resource: String,
+        /// Masters that answered the last attempt (granted or refused).
+        reachable: usize,
+        /// Masters configured.
+        masters: usize,
+        /// Majority needed.
+        quorum: usize,
+    },
+    /// Redis answered with an error, or the connection failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// No connection could be had from the pool within the connect timeout.
+    #[error("no connection to {server} within {timeout:?}")]
+    PoolTimeout {
+        /// The server (password redacted).
+        server: String,
+        /// The configured connect timeout.
+        timeout: Duration,
+    },
+    /// A Redis command did not answer within the command timeout.
+    #[error("redis command {command} on {server} timed out after {timeout:?}")]
+    CommandTimeout {
+        /// The command, e.g. `GET`.
+        command: &'static str,
+        /// The server (password redacted).
+        server: String,
+        /// The configured command timeout.
+        timeout: Duration,
+    },
+    /// The value could not be encoded or decoded.
+    #[error("codec: {0}")]
+    Codec(#[from] CodecError),
+    /// The encoded value is larger than the configured maximum, so it was not stored.
+    #[error("value for `{key}` is {size} bytes, over the maximum of {max}")]
+    ValueTooLarge {
+        /// The cache key.
+        key: String,
+        /// Encoded size in bytes.
+        size: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The key is empty, too long, or collides with the library's internal key space.
+    #[error("invalid key: {0}")]
+    InvalidKey(String),
+    /// The builder was given a configuration that cannot work.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The task that ran a shared load was cancelled or panicked and no other caller
+    /// could take over. Not returned by the current implementation except when the
+    /// runtime is shutting down; kept for forward compatibility.
+    #[error("the shared load was abandoned")]
+    Abandoned,
+}
+
+impl Error {
+    /// True when the failure is a timeout: lock wait, pool checkout or a command.
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::LockTimeout { .. } | Error::PoolTimeout { .. } | Error::CommandTimeout { .. } => {
+                true
+            }
+            Error::Redis(e) => e.is_timeout(),
+            _ => false,
+        }
+    }
+
+    /// True when Redis could not be reached or the connection dropped: worth a
+    /// retry once the server is back.
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            Error::PoolTimeout { .. } | Error::CommandTimeout { .. } => true,
+            Error::Redis(e) => {
+                e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
+            }
+            _ => false,
+        }
+    }
+
+    /// True when the Redlock majority could not be reached.
+    pub fn is_quorum_error(&self) -> bool {
+        matches!(self, Error::QuorumNotReached { .. })
+    }
+
+    /// True for errors caused by the caller's input or configuration, which a
+    /// retry will not fix.
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidKey(_) | Error::InvalidConfig(_) | Error::ValueTooLarge { .. }
+        )
+    }
+}
+
+/// Why stored bytes could not be turned back into a value, or a value into bytes.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The bytes do not start with the locked-cache header: written by someone else.
+    #[error("foreign bytes: no locked-cache header")]
+    ForeignBytes,
+    /// The header names a format version this build does not read.
+    #[error("unsupported format version {0}")]
+    UnsupportedVersion(u8),
+    /// The bytes were written by another codec.
+    #[error("written by codec {found:?}, this cache uses {expected:?}")]
+    WrongCodec {
+        /// Codec id in the header.
+        found: u8,
+        /// Codec id of this cache's codec.
+        expected: u8,
+    },
+    /// The payload could not be decoded (truncated, or a value of another type).
+    #[error("decode failed: {0}")]
+    Decode(String),
+    /// The value could not be encoded.
+    #[error("encode failed: {0}")]
+    Encode(String),
+}
+
+/// The error of [`LockedCache::get_or_load`](crate::LockedCache::get_or_load): either
+/// the caller's own loader error, or a failure of the cache.
+///
+/// The loader error is behind an [`Arc`] because one load serves every concurrent
+/// caller of the same key in this process: they all receive the same error.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError<E> {
+    /// The loader returned this error. Nothing was stored.
+    #[error("loader failed: {0}")]
+    Loader(Arc<E>),
+    /// The cache itself failed.
+    #[error(transparent)]
+    Cache(#[from] Error),
+}
+
+impl<E> Clone for LoadError<E> {
+    fn clone(&self) -> Self {
+        match self {
+            LoadError::Loader(e) => LoadError::Loader(Arc::clone(e)),
+            LoadError::Cache(e) => LoadError::Cache(e.clone()),
+        }
+    }
+}
+
+impl<E> LoadError<E> {
+    /// The loader's error, if that is what failed.
+    pub fn loader_error(&self) -> Option<&Arc<E>> {
+        match self {
+            LoadError::Loader(e) => Some(e),
+            LoadError::Cache(_) => None,
+        }
+    }
+
+    /// The cache's error, if that is what failed.
+    pub fn cache_error(&self) -> Option<&Error> {
+        match self {
+            LoadError::Cache(e) => Some(e),
+            LoadError::Loader(_) => None,
+        }
+    }
+}
+
+/// Shorthand for results of the library's own operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,377 @@
+//! Redlock: a distributed lock over N independent Redis masters (N = 1 is valid),
+//! as described on redis.io, with pub/sub wake-ups for waiters.
+//!
+//! Acquiring sends `SET resource token NX PX expiry` to every master at once; the
+//! lock is held when a majority answered OK and the validity left
+//! (`expiry - elapsed - drift`) is positive. Otherwise the partial acquisition is
+//! undone on every master and the caller retries after a randomised delay, or
+//! earlier when a release is published, until the wait time is spent. Release and
+//! extension are compare-and-delete / compare-and-pexpire Lua scripts, so only the
+//! holder of the token can do either.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), locked_cache::Error> {
+//! use locked_cache::{LockOptions, Redlock};
+//!
+//! let lock = Redlock::connect(
+//!     &["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"],
+//!     LockOptions::default(),
+//! )
+//! .await?;
+//! let guard = lock.acquire("lock.nightly-report").await?;
+//! // ... work that must not run twice at once ...
+//! guard.release().await?;
+//! # Ok(()) }
+//! ```
+
+mod guard;
+mod quorum;
+mod token;
+mod wakeups;
+
+pub use guard::LockGuard;
+use quorum::{quorum, validity};
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+
+use crate::defaults::{DEFAULT_CHANNEL, DEFAULT_LOCK_EXPIRY, DEFAULT_RETRY, DEFAULT_WAIT};
+use crate::error::{Error, Result};
+use crate::stats::Stats;
+use crate::store::redis::ConnectionOptions;
+use crate::store::{MemoryStore, RedisStore, SharedStore};
+use token::Token;
+pub(crate) use wakeups::Waiter;
+use wakeups::{Listeners, Registry};
+
+
+/// How a [`Redlock`] takes and waits for locks. Plain data: build it with
+/// struct-update syntax from `LockOptions::default()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockOptions {
+    /// How long a lock lives on the masters unless extended or released.
+    /// Defaults to [`DEFAULT_LOCK_EXPIRY`] (5 s). Longer: a crashed holder blocks
+    /// others for longer. Shorter: more extension traffic, and a holder paused
+    /// (GC, swap) for longer than this loses the lock. The cache extends the lock
+    /// while a loader runs, so this does not bound the load time.
+    pub expiry: Duration,
+    /// How long [`Redlock::acquire`] (and a cache miss) waits for the lock before
+    /// giving up with [`Error::LockTimeout`]. Defaults to [`DEFAULT_WAIT`] (10 s),
+    /// twice the expiry, so that a waiter outlives a holder that crashed.
+    pub wait: Duration,
+    /// Pause between attempts, randomised ±50%. Defaults to [`DEFAULT_RETRY`]
+    /// (100 ms). With wake-ups on, this is only the fallback when a release
+    /// message is lost; with them off, it is how late a waiter notices the value.
+    /// Shorter: lower worst-case latency, more Redis commands per waiting process.
+    pub retry: Duration,
+    /// Wake waiters by pub/sub as soon as a lock is released. Defaults to `true`.
+    /// Off: one fewer connection per master, and waiters poll every `retry`.
+    pub wake_ups: bool,
+    /// The pub/sub channel releases are published on. Defaults to
+    /// [`DEFAULT_CHANNEL`]. All processes sharing locks must use the same one.
+    pub channel: String,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            expiry: DEFAULT_LOCK_EXPIRY,
+            wait: DEFAULT_WAIT,
+            retry: DEFAULT_RETRY,
+            wake_ups: true,
+            channel: DEFAULT_CHANNEL.to_owned(),
+        }
+    }
+}
+
+impl LockOptions {
+    /// Rejects settings that cannot work.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |m: &str| Err(Error::InvalidConfig(m.to_owned()));
+        if self.expiry < Duration::from_millis(10) {
+            return invalid("lock expiry must be at least 10 ms");
+        }
+        if self.expiry > Duration::from_secs(24 * 3600) {
+            return invalid("lock expiry must be at most 24 h");
+        }
+        if self.retry.is_zero() {
+            return invalid("retry time must be positive");
+        }
+        if self.wait > Duration::from_secs(24 * 3600) {
+            return invalid("wait time must be at most 24 h");
+        }
+        if self.channel.is_empty() {
+            return invalid("release channel must not be empty");
+        }
+        Ok(())
+    }
+}
+
+/// A distributed lock over one or more independent Redis masters (or the
+/// embedded store). Cheap to clone; clones share connections and wake-ups.
+#[derive(Debug, Clone)]
+pub struct Redlock {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    masters: Vec<SharedStore>,
+    options: LockOptions,
+    registry: Arc<Registry>,
+    listeners: Option<Listeners>,
+    stats: Arc<Stats>,
+}
+
+/// What one acquisition attempt found.
+pub(crate) enum Attempt {
+    Acquired(LockGuard),
+    /// Enough masters answered, but someone else holds the lock.
+    Held,
+    /// Too few masters answered to reach a majority.
+    NoQuorum { reachable: usize },
+}
+
+impl Redlock {
+    /// A lock over the Redis masters at `urls`, each with a default pool.
+    pub async fn connect(urls: &[&str], options: LockOptions) -> Result<Redlock> {
+        let masters = urls
+            .iter()
+            .map(|url| {
+                RedisStore::open(url, ConnectionOptions::default()).map(|s| Arc::new(s) as _)
+            })
+            .collect::<Result<Vec<SharedStore>>>()?;
+        Redlock::new(masters, options).await
+    }
+
+    /// A lock among the tasks of this process, on the embedded store.
+    pub async fn in_memory(options: LockOptions) -> Result<Redlock> {
+        Redlock::new(vec![Arc::new(MemoryStore::new())], options).await
+    }
+
+    /// A lock over the given stores, one per master.
+    pub async fn new(masters: Vec<SharedStore>, options: LockOptions) -> Result<Redlock> {
+        Redlock::with_stats(masters, options, Arc::default(), Duration::from_secs(1)).await
+    }
+
+    /// As [`new`](Redlock::new), counting into `stats`, and waiting up to
+    /// `subscribe_timeout` for the wake-up subscriptions.
+    pub(crate) async fn with_stats(
+        masters: Vec<SharedStore>,
+        options: LockOptions,
+        stats: Arc<Stats>,
+        subscribe_timeout: Duration,
+    ) -> Result<Redlock> {
+        options.validate()?;
+        if masters.is_empty() {
+            return Err(Error::InvalidConfig("at least one master is needed".into()));
+        }
+        let registry = Registry::new(Arc::clone(&stats));
+        let listeners = options
+            .wake_ups
+            .then(|| Listeners::start(&masters, &options.channel, &registry));
+        if let Some(listeners) = &listeners {
+            let ready = listeners.ready(masters.len(), subscribe_timeout).await;
+            if ready < masters.len() {
+                tracing::warn!(
+                    subscribed = ready,
+                    masters = masters.len(),
+                    "not every wake-up subscription is up yet; waiters poll until it is"
+                );
+            }
+        }
+        Ok(Redlock {
+            inner: Arc::new(Inner {
+                masters,
+                options,
+                registry,
+                listeners,
+                stats,
+            }),
+        })
+    }
+
+    /// The options this lock was built with.
+    pub fn options(&self) -> &LockOptions {
+        &self.inner.options
+    }
+
+    /// Number of masters.
+    pub fn masters(&self) -> usize {
+        self.inner.masters.len()
+    }
+
+    /// Wake-up subscriptions currently connected (0 with wake-ups off).
+    pub fn subscriptions(&self) -> usize {
+        self.inner.listeners.as_ref().map_or(0, |l| l.subscribed())
+    }
+
+    /// Takes the lock on `resource`, waiting up to the configured wait time.
+    ///
+    /// Errors: [`Error::LockTimeout`] when it stayed held by others,
+    /// [`Error::QuorumNotReached`] when too few masters answered.
+    pub async fn acquire(&self, resource: &str) -> Result<LockGuard> {
+        self.acquire_with(resource, self.inner.options.expiry, self.inner.options.wait)
+            .await
+    }
+
+    /// Takes the lock with an explicit expiry and wait time.
+    pub async fn acquire_with(
+        &self,
+        resource: &str,
+        expiry: Duration,
+        wait: Duration,
+    ) -> Result<LockGuard> {
+        let started = Instant::now();
+        let deadline = started + wait;
+        let waiter = self.waiter(resource);
+        loop {
+            let outcome = self.attempt(resource, expiry).await?;
+            match outcome {
+                Attempt::Acquired(guard) => return Ok(guard),
+                Attempt::Held | Attempt::NoQuorum { .. } => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(self.wait_error(resource, &outcome, now - started));
+                    }
+                    waiter.wait(self.retry_delay().min(deadline - now)).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt, no waiting: `Ok(None)` when someone else holds the lock.
+    pub async fn try_acquire(&self, resource: &str, expiry: Duration) -> Result<Option<LockGuard>> {
+        match self.attempt(resource, expiry).await? {
+            Attempt::Acquired(guard) => Ok(Some(guard)),
+            Attempt::Held => Ok(None),
+            ref outcome @ Attempt::NoQuorum { .. } => {
+                Err(self.wait_error(resource, outcome, Duration::ZERO))
+            }
+        }
+    }
+
+    /// A registration for release wake-ups of `resource` (or a plain sleeper when
+    /// wake-ups are off). Register *before* checking whatever the lock protects.
+    pub(crate) fn waiter(&self, resource: &str) -> Waiter {
+        if self.inner.listeners.is_some() {
+            self.inner.registry.register(resource)
+        } else {
+            Waiter::polling()
+        }
+    }
+
+    /// The randomised pause before the next attempt.
+    pub(crate) fn retry_delay(&self) -> Duration {
+        quorum::jittered(self.inner.options.retry)
+    }
+
+    /// The error for a wait that ended after `outcome`.
+    pub(crate) fn wait_error(&self, resource: &str, outcome: &Attempt, waited: Duration) -> Error {
+        match outcome {
+            Attempt::NoQuorum { reachable } => Error::QuorumNotReached {
+                resource: resource.to_owned(),
+                reachable: *reachable,
+                masters: self.inner.masters.len(),
+                quorum: quorum(self.inner.masters.len()),
+            },
+            _ => {
+                Stats::add(&self.inner.stats.lock_timeouts);
+                Error::LockTimeout {
+                    resource: resource.to_owned(),
+                    waited,
+                }
+            }
+        }
+    }
+
+    /// Sends `SET NX PX` to every master at once and counts the grants.
+    pub(crate) async fn attempt(&self, resource: &str, expiry: Duration) -> Result<Attempt> {
+        let token = Token::new().map_err(|e| {
+            Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
+        })?;
+        Stats::add(&self.inner.stats.lock_attempts);
+        let started = Instant::now();
+        let answers = join_all(
+            self.inner
+                .masters
+                .iter()
+                .map(|m| m.set_nx(resource, token.as_bytes(), expiry)),
+        )
+        .await;
+        let elapsed = started.elapsed();
+        let granted = answers.iter().filter(|a| matches!(a, Ok(true))).count();
+        let reachable = answers.iter().filter(|a| a.is_ok()).count();
+        let needed = quorum(self.inner.masters.len());
+        if granted >= needed
+            && let Some(validity) = validity(expiry, elapsed)
+        {
+            return Ok(Attempt::Acquired(LockGuard::new(
+                Arc::clone(&self.inner),
+                resource.to_owned(),
+                token,
+                started + validity,
+            )));
+        }
+        if let Some(e) = answers.iter().find_map(|a| a.as_ref().err()) {
+            tracing::debug!(resource, error = %e, granted, reachable, "lock attempt: master failed");
+        }
+        // Undo the partial acquisition (including on masters whose answer was lost)
+        // without making this caller wait for it.
+        if answers.iter().any(|a| !matches!(a, Ok(false))) {
+            let inner = Arc::clone(&self.inner);
+            let resource = resource.to_owned();
+            tokio::spawn(async move { inner.release_all(&resource, &token).await });
+        }
+        Ok(if reachable >= needed {
+            Attempt::Held
+        } else {
+            Attempt::NoQuorum { reachable }
+        })
+    }
+}
+
+impl Inner {
+    /// Compare-and-delete on every master; true when a majority still held `token`.
+    async fn release_all(&self, resource: &str, token: &Token) -> Result<bool> {
+        let answers = join_all(
+            self.masters
+                .iter()
+                .map(|m| m.release(resource, token.as_bytes(), &self.options.channel)),
+        )
+        .await;
+        majority(answers, self.masters.len())
+    }
+
+    /// Compare-and-pexpire on every master; true when a majority still held `token`.
+    async fn extend_all(&self, resource: &str, token: &Token, expiry: Duration) -> Result<bool> {
+        let answers = join_all(
+            self.masters
+                .iter()
+                .map(|m| m.extend(resource, token.as_bytes(), expiry)),
+        )
+        .await;
+        majority(answers, self.masters.len())
+    }
+}
+
+/// True when a majority answered `true`, false when a majority can no longer
+/// have (even counting the masters that failed), and otherwise the first error:
+/// the outcome is unknown.
+fn majority(answers: Vec<Result<bool>>, masters: usize) -> Result<bool> {
+    let needed = quorum(masters);
+    let yes = answers.iter().filter(|a| matches!(a, Ok(true))).count();
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    if yes >= needed {
+        return Ok(true);
+    }
+    if yes + failed < needed {
+        return Ok(false);
+    }
+    match answers.into_iter().find_map(|a| a.err()) {
+        Some(e) => Err(e),
+        None => Ok(false),
+    }
+}

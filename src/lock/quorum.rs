@@ -1,0 +1,65 @@
+//! Redlock arithmetic, as pure functions: the majority, the clock-drift
+//! allowance, the validity left after an acquisition, and the retry jitter.
+
+use std::time::Duration;
+
+/// Masters that must grant a lock out of `masters`: a strict majority.
+pub fn quorum(masters: usize) -> usize {
+    masters / 2 + 1
+}
+
+/// Allowance for clock drift between the masters: 1% of the expiry plus 2 ms.
+pub fn drift(expiry: Duration) -> Duration {
+    expiry / 100 + Duration::from_millis(2)
+}
+
+/// Time the lock is still safely held after an acquisition that took `elapsed`:
+/// `expiry - elapsed - drift`, or `None` when nothing is left.
+pub fn validity(expiry: Duration, elapsed: Duration) -> Option<Duration> {
+    expiry
+        .checked_sub(elapsed)?
+        .checked_sub(drift(expiry))
+        .filter(|v| !v.is_zero())
+}
+
+/// A retry delay drawn uniformly from 50% to 150% of `retry`, so that competing
+/// processes do not retry in lock step.
+pub fn jittered(retry: Duration) -> Duration {
+    retry.mul_f64(0.5 + fastrand::f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majority() {
+        assert_eq!(quorum(1), 1);
+        assert_eq!(quorum(2), 2);
+        assert_eq!(quorum(3), 2);
+        assert_eq!(quorum(4), 3);
+        assert_eq!(quorum(5), 3);
+    }
+
+    #[test]
+    fn validity_subtracts_elapsed_and_drift() {
+        let expiry = Duration::from_secs(10);
+        assert_eq!(drift(expiry), Duration::from_millis(102));
+        assert_eq!(
+            validity(expiry, Duration::from_millis(98)),
+            Some(Duration::from_millis(9800))
+        );
+        assert_eq!(validity(expiry, Duration::from_millis(9898)), None);
+        assert_eq!(validity(expiry, Duration::from_secs(11)), None);
+        assert_eq!(validity(Duration::from_millis(2), Duration::ZERO), None);
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_one_and_a_half() {
+        let retry = Duration::from_millis(100);
+        for _ in 0..1000 {
+            let d = jittered(retry);
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(150));
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Where bytes live: the [`Store`] trait, with a Redis implementation
+//! ([`RedisStore`], over a bb8 pool) and an embedded one ([`MemoryStore`]) with the
+//! same semantics, used when no Redis is configured.
+//!
+//! The lock and the cache only ever speak to a `Store`; every Redis command the
+//! library sends is in `redis.rs`, every Lua script in `scripts.rs`.
+
+mod memory;
+mod pool;
+pub(crate) mod redis;
+mod scripts;
+
+pub use memory::MemoryStore;
+pub use redis::{ConnectionOptions, RedisStore};
+
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::error::Result;
+
+/// A store shared by the lock, the cache and their background tasks.
+pub type SharedStore = Arc<dyn Store>;
+
+/// The operations locked-cache needs from one server. Each call is one round trip
+/// on Redis. Tokens and values are opaque bytes.
+#[async_trait]
+pub trait Store: Send + Sync + Debug + 'static {
+    /// `GET key`. A key holding another Redis type is reported as
+    /// `Ok(Some(WRONG_TYPE))`-free: implementations return [`Error::Redis`] for it,
+    /// which the cache treats as a corrupt value.
+    ///
+    /// [`Error::Redis`]: crate::Error::Redis
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// `SET key value PX ttl`.
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()>;
+
+    /// `DEL key`; true when a key was removed.
+    async fn delete(&self, key: &str) -> Result<bool>;
+
+    /// `SET key token NX PX expiry`; true when the key was free and is now ours.
+    async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool>;
+
+    /// Deletes `key` only if it holds `token`, and then publishes `key` on
+    /// `channel` so that waiters wake up. True when the key was ours.
+    async fn release(&self, key: &str, token: &[u8], channel: &str) -> Result<bool>;
+
+    /// Sets the expiry of `key` to `expiry` only if it holds `token`.
+    async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool>;
+
+    /// The double check of the cache: returns the value under `key`; if there is
+    /// none, writes `token` under `fence_key` (expiring after `fence_expiry`) so that
+    /// only this holder may store the value. One round trip.
+    async fn get_or_fence(
+        &self,
+        key: &str,
+        fence_key: &str,
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> Result<Option<Vec<u8>>>;
+
+    /// Stores `value` under `key` with `ttl` only if `fence_key` still holds
+    /// `token`, then deletes the fence. False (and nothing written) when a newer
+    /// holder took the fence.
+    async fn set_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        fence_key: &str,
+        token: &[u8],
+    ) -> Result<bool>;
+
+    /// Subscribes to `channel` on a connection of its own. Messages arrive on the
+    /// returned receiver; the receiver closes when the subscription is lost
+    /// (connection dropped), and the caller subscribes again.
+    async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>>;
+
+    /// A human-readable name of the server, password redacted.
+    fn server(&self) -> &str;
+}

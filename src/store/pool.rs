@@ -1,0 +1,158 @@
+//! Connection pools for [`RedisStore`](super::RedisStore): bb8 over redis-rs
+//! multiplexed connections.
+//!
+//! The pool we build ourselves does not PING on checkout (a hit must cost one round
+//! trip); instead a connection that failed with an I/O error is marked broken and
+//! bb8 replaces it, so the cache recovers by itself after Redis restarts.
+//! A pool the user built with bb8-redis is used as it is.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bb8_redis::RedisConnectionManager;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, RedisError};
+
+/// A multiplexed connection that remembers it failed. The flag is shared with the
+/// clones handed out by [`Pool::get`], so a failure seen on a clone retires the
+/// pooled connection.
+pub struct Conn {
+    inner: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+}
+
+/// bb8 manager for [`Conn`], with connect and response timeouts.
+#[derive(Debug, Clone)]
+pub struct Manager {
+    client: Client,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = RedisError;
+
+    async fn connect(&self) -> Result<Conn, RedisError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.command_timeout));
+        let inner = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(Conn {
+            inner,
+            broken: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut Conn) -> Result<(), RedisError> {
+        redis::cmd("PING").query_async::<()>(&mut conn.inner).await
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.broken.load(Ordering::Relaxed)
+    }
+}
+
+/// Either our own pool or one the user handed in.
+#[derive(Clone)]
+pub enum Pool {
+    Own(bb8::Pool<Manager>),
+    User(bb8::Pool<RedisConnectionManager>),
+}
+
+/// A connection to run commands on: a clone of a pooled multiplexed connection
+/// (so callers pipeline on it instead of queueing for a checkout), and the flag
+/// that retires the pooled original when a command fails on the connection.
+pub struct Connection {
+    pub conn: MultiplexedConnection,
+    broken: Option<Arc<AtomicBool>>,
+}
+
+impl Pool {
+    pub fn own(
+        client: Client,
+        size: u32,
+        connect_timeout: Duration,
+        command_timeout: Duration,
+    ) -> Pool {
+        let pool = bb8::Pool::builder()
+            .max_size(size)
+            .connection_timeout(connect_timeout)
+            .test_on_check_out(false)
+            .retry_connection(false)
+            .build_unchecked(Manager {
+                client,
+                connect_timeout,
+                command_timeout,
+            });
+        Pool::Own(pool)
+    }
+
+    /// A connection; `Err(None)` when none came within the pool's timeout.
+    pub async fn get(&self) -> Result<Connection, Option<RedisError>> {
+        match self {
+            Pool::Own(p) => loop {
+                let checkout = p.get().await.map_err(run_error)?;
+                if checkout.broken.load(Ordering::Relaxed) {
+                    // Returning it makes bb8 call has_broken and drop it.
+                    drop(checkout);
+                    continue;
+                }
+                return Ok(Connection {
+                    conn: checkout.inner.clone(),
+                    broken: Some(Arc::clone(&checkout.broken)),
+                });
+            },
+            Pool::User(p) => {
+                let checkout = p.get().await.map_err(run_error)?;
+                Ok(Connection {
+                    conn: (*checkout).clone(),
+                    broken: None,
+                })
+            }
+        }
+    }
+}
+
+fn run_error(e: bb8::RunError<RedisError>) -> Option<RedisError> {
+    match e {
+        bb8::RunError::User(e) => Some(e),
+        bb8::RunError::TimedOut => None,
+    }
+}
+
+impl Connection {
+    /// Retires the pooled connection when `err` means it can no longer be used
+    /// (I/O error, dropped connection, or no answer within the command timeout).
+    pub fn note_error(&self, err: &RedisError) {
+        if let Some(flag) = &self.broken
+            && (err.is_io_error()
+                || err.is_connection_dropped()
+                || err.is_unrecoverable_error()
+                || err.is_timeout())
+        {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A handle that can retire the pooled connection after this one was moved
+    /// into a command that then timed out.
+    pub fn retirer(&self) -> Retirer {
+        Retirer(self.broken.clone())
+    }
+}
+
+/// See [`Connection::retirer`].
+pub struct Retirer(Option<Arc<AtomicBool>>);
+
+impl Retirer {
+    pub fn mark_broken(&self) {
+        if let Some(flag) = &self.0 {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+}

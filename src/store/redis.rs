@@ -1,0 +1,324 @@
+//! [`RedisStore`]: the [`Store`] operations as Redis commands and Lua scripts.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bb8_redis::RedisConnectionManager;
+use futures_util::StreamExt;
+use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisError};
+use tokio::sync::mpsc;
+
+use super::pool::{Connection, Pool};
+use super::{Store, scripts};
+use crate::error::{Error, Result};
+
+/// Settings of the connections to one Redis server.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionOptions {
+    /// Connections in the pool (each one multiplexed).
+    pub pool_size: u32,
+    /// Bound on opening a connection, and on waiting for one from the pool.
+    pub connect_timeout: Duration,
+    /// Bound on each command's answer.
+    pub command_timeout: Duration,
+}
+
+/// One Redis server, reached through a bb8 pool of multiplexed connections.
+///
+/// Cheap to clone. Its `Debug` output and error messages name the server with
+/// the password redacted.
+#[derive(Clone)]
+pub struct RedisStore {
+    client: Client,
+    pool: Pool,
+    server: String,
+    options: ConnectionOptions,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("server", &self.server)
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// A store for the server at `url` (`redis://[user:password@]host:port[/db]`),
+    /// with a pool of its own that does not PING on checkout. Connects lazily:
+    /// an unreachable server shows up as errors on use, not here.
+    pub fn open(url: &str, options: ConnectionOptions) -> Result<RedisStore> {
+        let server = redact(url);
+        let info = url
+            .into_connection_info()
+            .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
+        let client = Client::open(info)
+            .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
+        let pool = Pool::own(
+            client.clone(),
+            options.pool_size,
+            options.connect_timeout,
+            options.command_timeout,
+        );
+        Ok(RedisStore {
+            client,
+            pool,
+            server,
+            options,
+        })
+    }
+
+    /// A store over a bb8-redis pool you already have. `url` names the same server;
+    /// it is used for the pub/sub connection (a pool connection cannot subscribe).
+    /// The pool's own settings (such as PING on checkout) are kept.
+    pub fn from_pool(
+        url: &str,
+        pool: bb8::Pool<RedisConnectionManager>,
+        options: ConnectionOptions,
+    ) -> Result<RedisStore> {
+        let mut store = RedisStore::open(url, options)?;
+        store.pool = Pool::User(pool);
+        Ok(store)
+    }
+
+    async fn connection(&self) -> Result<Connection> {
+        self.pool.get().await.map_err(|e| match e {
+            Some(e) => Error::Redis(e),
+            None => Error::PoolTimeout {
+                server: self.server.clone(),
+                timeout: self.options.connect_timeout,
+            },
+        })
+    }
+
+    /// Runs one command (or script) on a pooled connection, bounded by the
+    /// command timeout; a connection that failed is retired from the pool.
+    async fn run<T, F, Fut>(&self, command: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = (Connection, Result<T, RedisError>)>,
+    {
+        let connection = self.connection().await?;
+        let broken = connection.retirer();
+        match tokio::time::timeout(self.options.command_timeout, f(connection)).await {
+            Ok((connection, Ok(v))) => {
+                drop(connection);
+                Ok(v)
+            }
+            Ok((connection, Err(e))) => {
+                connection.note_error(&e);
+                Err(Error::Redis(e))
+            }
+            Err(_) => {
+                broken.mark_broken();
+                Err(Error::CommandTimeout {
+                    command,
+                    server: self.server.clone(),
+                    timeout: self.options.command_timeout,
+                })
+            }
+        }
+    }
+
+    async fn query<T: FromRedisValue + Send>(
+        &self,
+        command: &'static str,
+        cmd: redis::Cmd,
+    ) -> Result<T> {
+        self.run(command, |mut c| async move {
+            let r = cmd.query_async(&mut c.conn).await;
+            (c, r)
+        })
+        .await
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    // PX 0 is an error in Redis; the builder rejects zero durations, this is a guard.
+    (d.as_millis() as u64).max(1)
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.query("GET", redis::Cmd::get(key)).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
+        self.query("SET", cmd).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        let n: u64 = self.query("DEL", redis::Cmd::del(key)).await?;
+        Ok(n > 0)
+    }
+
+    async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(expiry));
+        let reply: Option<String> = self.query("SET NX", cmd).await?;
+        Ok(reply.is_some())
+    }
+
+    async fn release(&self, key: &str, token: &[u8], channel: &str) -> Result<bool> {
+        let (key, channel) = (key.to_owned(), channel.to_owned());
+        let token = token.to_vec();
+        self.run("EVALSHA release", |mut c| async move {
+            let r: Result<i64, _> = scripts::RELEASE
+                .key(&key)
+                .arg(&token)
+                .arg(&channel)
+                .invoke_async(&mut c.conn)
+                .await;
+            (c, r.map(|n| n == 1))
+        })
+        .await
+    }
+
+    async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
+        let key = key.to_owned();
+        let token = token.to_vec();
+        self.run("EVALSHA extend", |mut c| async move {
+            let r: Result<i64, _> = scripts::EXTEND
+                .key(&key)
+                .arg(&token)
+                .arg(millis(expiry))
+                .invoke_async(&mut c.conn)
+                .await;
+            (c, r.map(|n| n == 1))
+        })
+        .await
+    }
+
+    async fn get_or_fence(
+        &self,
+        key: &str,
+        fence_key: &str,
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> Result<Option<Vec<u8>>> {
+        let (key, fence_key) = (key.to_owned(), fence_key.to_owned());
+        let token = token.to_vec();
+        self.run("EVALSHA get_or_fence", |mut c| async move {
+            let r = scripts::GET_OR_FENCE
+                .key(&key)
+                .key(&fence_key)
+                .arg(&token)
+                .arg(millis(fence_expiry))
+                .invoke_async(&mut c.conn)
+                .await;
+            (c, r)
+        })
+        .await
+    }
+
+    async fn set_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        fence_key: &str,
+        token: &[u8],
+    ) -> Result<bool> {
+        let (key, fence_key) = (key.to_owned(), fence_key.to_owned());
+        let (token, value) = (token.to_vec(), value.to_vec());
+        self.run("EVALSHA set_fenced", |mut c| async move {
+            let r: Result<i64, _> = scripts::SET_FENCED
+                .key(&key)
+                .key(&fence_key)
+                .arg(&token)
+                .arg(&value)
+                .arg(millis(ttl))
+                .invoke_async(&mut c.conn)
+                .await;
+            (c, r.map(|n| n == 1))
+        })
+        .await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>> {
+        let timeout = self.options.connect_timeout;
+        let timed_out = || Error::CommandTimeout {
+            command: "SUBSCRIBE",
+            server: self.server.clone(),
+            timeout,
+        };
+        let mut pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| timed_out())??;
+        tokio::time::timeout(timeout, pubsub.subscribe(channel))
+            .await
+            .map_err(|_| timed_out())??;
+        let (tx, rx) = mpsc::channel(1024);
+        tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    message = messages.next() => match message {
+                        Some(m) => {
+                            if tx.send(m.get_payload_bytes().to_vec()).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn server(&self) -> &str {
+        &self.server
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and errors.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &rest[..at];
+    let user = userinfo.split(':').next().unwrap_or("");
+    let hidden = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        "***".to_owned()
+    };
+    format!("{}{}{}", &url[..scheme_end + 3], hidden, &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("redis://:s3cret@host:6379/0"),
+            "redis://:***@host:6379/0"
+        );
+        assert_eq!(
+            redact("redis://user:s3cret@host:6379"),
+            "redis://user:***@host:6379"
+        );
+        assert_eq!(redact("rediss://token@host"), "rediss://***@host");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+        assert_eq!(redact("not a url"), "not a url");
+    }
+}

@@ -1,0 +1,92 @@
+//! Shared helpers for the integration tests: throwaway Redis servers
+//! ([`server`]), a fault-injecting TCP proxy ([`proxy`]) and small async
+//! utilities. Include with `mod support;`.
+#![allow(dead_code)]
+
+pub mod proxy;
+pub mod server;
+
+// Re-exports for convenience; a test file may not use all of them.
+#[allow(unused_imports)]
+pub use proxy::TcpProxy;
+#[allow(unused_imports)]
+pub use server::{Fleet, RedisServer, redis_server_binary};
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Interval at which [`eventually`] re-evaluates its condition.
+pub const EVENTUALLY_POLL: Duration = Duration::from_millis(5);
+
+/// A key prefix unique to this call: `t:{test}:{pid}:{counter}:`.
+pub fn unique_prefix(test: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("t:{test}:{}:{n}:", std::process::id())
+}
+
+/// Polls `f` every 5 ms until it returns `true` (then returns `true`) or
+/// `timeout` has passed (then returns `false`). `f` is always tried at
+/// least once, and once more at the deadline.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::time::sleep(EVENTUALLY_POLL.min(deadline - now)).await;
+    }
+}
+
+/// Awaits every handle, then returns the results in order. If any task
+/// panicked, re-raises the first panic (after all tasks have finished, so
+/// none is left running); a cancelled task is a panic too.
+pub async fn join_all_checked<T>(handles: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut results = Vec::with_capacity(handles.len());
+    let mut failures = Vec::new();
+    for (i, handle) in handles.into_iter().enumerate() {
+        match handle.await {
+            Ok(v) => results.push(v),
+            Err(e) if e.is_panic() => failures.push((i, Some(e.into_panic()))),
+            Err(_) => failures.push((i, None)),
+        }
+    }
+    let Some((first, payload)) = failures.first_mut().map(|(i, p)| (*i, p.take())) else {
+        return results;
+    };
+    if failures.len() > 1 {
+        let others: Vec<String> = failures[1..]
+            .iter()
+            .map(|(i, p)| format!("task {i}: {}", describe(p.as_deref())))
+            .collect();
+        eprintln!(
+            "join_all_checked: {} tasks failed; also {others:?}",
+            failures.len()
+        );
+    }
+    match payload {
+        Some(p) => std::panic::resume_unwind(p),
+        None => panic!("join_all_checked: task {first} was cancelled"),
+    }
+}
+
+/// Best-effort text of a panic payload (`None` = task was cancelled).
+pub fn describe(payload: Option<&(dyn Any + Send)>) -> String {
+    match payload {
+        None => "cancelled".to_owned(),
+        Some(p) => p
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panicked (non-string payload)".to_owned()),
+    }
+}
