@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::Inner;
+use super::local::Turn;
 use super::quorum::validity;
 use super::token::Token;
 use crate::error::Result;
@@ -21,6 +22,9 @@ pub struct LockGuard {
     token: Token,
     valid_until: Instant,
     released: bool,
+    /// This task's turn in the process's line for the lock; dropped (letting the
+    /// next task in) after the release was sent.
+    turn: Option<Turn>,
 }
 
 impl LockGuard {
@@ -36,7 +40,13 @@ impl LockGuard {
             token,
             valid_until,
             released: false,
+            turn: None,
         }
+    }
+
+    pub(super) fn with_turn(mut self, turn: Turn) -> LockGuard {
+        self.turn = Some(turn);
+        self
     }
 
     /// The lock key.
@@ -75,7 +85,7 @@ impl LockGuard {
     /// the release to waiters. True when a majority still held it.
     pub async fn release(mut self) -> Result<bool> {
         self.released = true;
-        self.inner.release_all(&self.resource, &self.token).await
+        self.inner.release_all(&self.resource, &self.token, true).await
     }
 
     /// A handle that extends this lock from another task (the cache's keep-alive).
@@ -105,7 +115,7 @@ impl Drop for LockGuard {
         let resource = std::mem::take(&mut self.resource);
         let token = self.token.clone();
         runtime.spawn(async move {
-            if let Err(e) = inner.release_all(&resource, &token).await {
+            if let Err(e) = inner.release_all(&resource, &token, true).await {
                 tracing::warn!(resource, error = %e, "releasing a dropped lock failed; it will expire");
             }
         });

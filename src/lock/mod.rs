@@ -25,6 +25,7 @@
 //! ```
 
 mod guard;
+mod local;
 mod quorum;
 mod token;
 mod wakeups;
@@ -44,6 +45,7 @@ use crate::store::redis::ConnectionOptions;
 use crate::store::{MemoryStore, RedisStore, SharedStore};
 use token::Token;
 pub(crate) use wakeups::Waiter;
+use local::Lines;
 use wakeups::{Listeners, Registry};
 
 
@@ -122,6 +124,7 @@ struct Inner {
     options: LockOptions,
     registry: Arc<Registry>,
     listeners: Option<Listeners>,
+    lines: Arc<Lines>,
     stats: Arc<Stats>,
 }
 
@@ -188,6 +191,7 @@ impl Redlock {
                 options,
                 registry,
                 listeners,
+                lines: Arc::default(),
                 stats,
             }),
         })
@@ -218,6 +222,9 @@ impl Redlock {
     }
 
     /// Takes the lock with an explicit expiry and wait time.
+    ///
+    /// Tasks of this process that want the same lock queue in process (first come,
+    /// first served) and only the first of them sends commands to the masters.
     pub async fn acquire_with(
         &self,
         resource: &str,
@@ -226,11 +233,18 @@ impl Redlock {
     ) -> Result<LockGuard> {
         let started = Instant::now();
         let deadline = started + wait;
+        let Some(turn) = self.inner.lines.wait_turn(resource, deadline).await else {
+            Stats::add(&self.inner.stats.lock_timeouts);
+            return Err(Error::LockTimeout {
+                resource: resource.to_owned(),
+                waited: started.elapsed(),
+            });
+        };
         let waiter = self.waiter(resource);
         loop {
             let outcome = self.attempt(resource, expiry).await?;
             match outcome {
-                Attempt::Acquired(guard) => return Ok(guard),
+                Attempt::Acquired(guard) => return Ok(guard.with_turn(turn)),
                 Attempt::Held | Attempt::NoQuorum { .. } => {
                     let now = Instant::now();
                     if now >= deadline {
@@ -242,10 +256,14 @@ impl Redlock {
         }
     }
 
-    /// One attempt, no waiting: `Ok(None)` when someone else holds the lock.
+    /// One attempt, no waiting: `Ok(None)` when someone else (in this process or
+    /// another) holds the lock.
     pub async fn try_acquire(&self, resource: &str, expiry: Duration) -> Result<Option<LockGuard>> {
+        let Some(turn) = self.inner.lines.try_turn(resource) else {
+            return Ok(None);
+        };
         match self.attempt(resource, expiry).await? {
-            Attempt::Acquired(guard) => Ok(Some(guard)),
+            Attempt::Acquired(guard) => Ok(Some(guard.with_turn(turn))),
             Attempt::Held => Ok(None),
             ref outcome @ Attempt::NoQuorum { .. } => {
                 Err(self.wait_error(resource, outcome, Duration::ZERO))
@@ -323,7 +341,9 @@ impl Redlock {
         if answers.iter().any(|a| !matches!(a, Ok(false))) {
             let inner = Arc::clone(&self.inner);
             let resource = resource.to_owned();
-            tokio::spawn(async move { inner.release_all(&resource, &token).await });
+            // Not published: the lock was never held, and waking every waiter for
+            // a split vote would only start the next split vote.
+            tokio::spawn(async move { inner.release_all(&resource, &token, false).await });
         }
         Ok(if reachable >= needed {
             Attempt::Held
@@ -334,12 +354,14 @@ impl Redlock {
 }
 
 impl Inner {
-    /// Compare-and-delete on every master; true when a majority still held `token`.
-    async fn release_all(&self, resource: &str, token: &Token) -> Result<bool> {
+    /// Compare-and-delete on every master, publishing the release to waiters when
+    /// `publish`; true when a majority still held `token`.
+    async fn release_all(&self, resource: &str, token: &Token, publish: bool) -> Result<bool> {
+        let channel = publish.then_some(self.options.channel.as_str());
         let answers = join_all(
             self.masters
                 .iter()
-                .map(|m| m.release(resource, token.as_bytes(), &self.options.channel)),
+                .map(|m| m.release(resource, token.as_bytes(), channel)),
         )
         .await;
         majority(answers, self.masters.len())

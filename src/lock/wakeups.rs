@@ -8,6 +8,9 @@
 //! happens after the check always reaches it (a registered waiter keeps a permit,
 //! so a wake-up that arrives while it is not yet sleeping is not lost).
 //!
+//! A release wakes one waiter per process (see [`Registry::wake`]); the
+//! others poll until a later release or their retry timer.
+//!
 //! One channel for all keys (the key is the payload), rather than a channel per
 //! key: the subscription is made once per connection, not once per wait, so
 //! waiting costs no extra Redis command and there is no subscribe/check race to
@@ -66,12 +69,21 @@ impl Registry {
         }
     }
 
+    /// Wakes one waiter of `resource`: the one that waited longest, which then
+    /// goes to the back of the line. One, not all: a release frees the lock for one
+    /// holder, and waking every waiter of every process at once makes them all
+    /// send `SET NX` together, which on several masters splits the votes so that
+    /// nobody wins. (The cache coalesces its callers, so a process has one waiter
+    /// per key there anyway.) The others keep their retry timers.
     fn wake(&self, resource: &str) {
-        if let Some(list) = self.map().get(resource) {
+        let mut map = self.map();
+        if let Some(list) = map.get_mut(resource)
+            && !list.is_empty()
+        {
             self.stats.wakeups.fetch_add(1, Ordering::Relaxed);
-            for (_, notify) in list {
-                notify.notify_one();
-            }
+            let first = list.remove(0);
+            first.1.notify_one();
+            list.push(first);
         }
     }
 

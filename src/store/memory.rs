@@ -133,7 +133,7 @@ impl Store for MemoryStore {
         Ok(true)
     }
 
-    async fn release(&self, key: &str, token: &[u8], channel: &str) -> Result<bool> {
+    async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
         let released = {
             let mut state = self.lock();
             let ours = state.holds(key, token);
@@ -142,7 +142,7 @@ impl Store for MemoryStore {
             }
             ours
         };
-        if released {
+        if released && let Some(channel) = channel {
             // No subscriber is not an error, as with PUBLISH.
             let _ = self
                 .published

@@ -45,9 +45,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// `SET key token NX PX expiry`; true when the key was free and is now ours.
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool>;
 
-    /// Deletes `key` only if it holds `token`, and then publishes `key` on
-    /// `channel` so that waiters wake up. True when the key was ours.
-    async fn release(&self, key: &str, token: &[u8], channel: &str) -> Result<bool>;
+    /// Deletes `key` only if it holds `token`, and then, given a `channel`,
+    /// publishes `key` on it so that waiters wake up. True when the key was ours.
+    async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool>;
 
     /// Sets the expiry of `key` to `expiry` only if it holds `token`.
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool>;

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
+use tokio::sync::watch;
 
 /// A multiplexed connection that remembers it failed. The flag is shared with the
 /// clones handed out by [`Pool::get`], so a failure seen on a clone retires the
@@ -60,8 +61,24 @@ impl bb8::ManageConnection for Manager {
 /// Either our own pool or one the user handed in.
 #[derive(Clone)]
 pub enum Pool {
-    Own(bb8::Pool<Manager>),
+    Own(bb8::Pool<Manager>, ConnectErrors),
     User(bb8::Pool<RedisConnectionManager>),
+}
+
+/// bb8 hands failed connection attempts to an error sink and lets `get` wait out
+/// the whole connection timeout. This sink publishes them, so that a `get` in
+/// progress fails at once with the real error (connection refused) instead.
+#[derive(Debug, Clone)]
+pub struct ConnectErrors(Arc<watch::Sender<Option<RedisError>>>);
+
+impl bb8::ErrorSink<RedisError> for ConnectErrors {
+    fn sink(&self, error: RedisError) {
+        self.0.send_replace(Some(error));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<RedisError>> {
+        Box::new(self.clone())
+    }
 }
 
 /// A connection to run commands on: a clone of a pooled multiplexed connection
@@ -79,8 +96,10 @@ impl Pool {
         connect_timeout: Duration,
         command_timeout: Duration,
     ) -> Pool {
+        let errors = ConnectErrors(Arc::new(watch::channel(None).0));
         let pool = bb8::Pool::builder()
             .max_size(size)
+            .error_sink(Box::new(errors.clone()))
             .connection_timeout(connect_timeout)
             .test_on_check_out(false)
             .retry_connection(false)
@@ -89,14 +108,19 @@ impl Pool {
                 connect_timeout,
                 command_timeout,
             });
-        Pool::Own(pool)
+        Pool::Own(pool, errors)
     }
 
     /// A connection; `Err(None)` when none came within the pool's timeout.
     pub async fn get(&self) -> Result<Connection, Option<RedisError>> {
         match self {
-            Pool::Own(p) => loop {
-                let checkout = p.get().await.map_err(run_error)?;
+            Pool::Own(p, errors) => loop {
+                let mut failed = errors.0.subscribe();
+                failed.mark_unchanged();
+                let checkout = tokio::select! {
+                    checkout = p.get() => checkout.map_err(run_error)?,
+                    Ok(()) = failed.changed() => return Err(failed.borrow().clone()),
+                };
                 if checkout.broken.load(Ordering::Relaxed) {
                     // Returning it makes bb8 call has_broken and drop it.
                     drop(checkout);

@@ -169,8 +169,9 @@ impl Store for RedisStore {
         Ok(reply.is_some())
     }
 
-    async fn release(&self, key: &str, token: &[u8], channel: &str) -> Result<bool> {
-        let (key, channel) = (key.to_owned(), channel.to_owned());
+    async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
+        // The script publishes only when the channel is not empty.
+        let (key, channel) = (key.to_owned(), channel.unwrap_or("").to_owned());
         let token = token.to_vec();
         self.run("EVALSHA release", |mut c| async move {
             let r: Result<i64, _> = scripts::RELEASE

@@ -6,12 +6,15 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// KEYS[1] lock, ARGV[1] token, ARGV[2] channel: compare-and-delete, then wake waiters.
+/// KEYS[1] lock, ARGV[1] token, ARGV[2] channel (or empty): compare-and-delete,
+/// then wake waiters.
 pub static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
-    redis.call('PUBLISH', ARGV[2], KEYS[1])
+    if ARGV[2] ~= '' then
+        redis.call('PUBLISH', ARGV[2], KEYS[1])
+    end
     return 1
 end
 return 0",

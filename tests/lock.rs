@@ -1,0 +1,237 @@
+//! The Redlock on its own, over fleets of real redis-server processes: mutual
+//! exclusion on 1, 3 and 5 masters, ownership of release and extend, the wait
+//! timeout, and the quorum with masters down.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use locked_cache::{Error, LockOptions, Redlock};
+use support::{Fleet, join_all_checked, unique_prefix};
+
+async fn redlock(fleet: &Fleet, options: LockOptions) -> Redlock {
+    let urls = fleet.urls();
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    Redlock::connect(&urls, options).await.expect("redlock")
+}
+
+/// 500 holders each read a counter from Redis, increment it and write it back
+/// under the lock, from 4 separate Redlock instances (separate connections). Any
+/// overlap of two holders loses an increment, so the counter must end at 500.
+async fn mutual_exclusion(masters: usize) {
+    const HOLDERS: usize = 500;
+    let fleet = Fleet::start(masters);
+    let options = LockOptions {
+        wait: Duration::from_secs(60),
+        retry: Duration::from_millis(20),
+        ..LockOptions::default()
+    };
+    let mut locks = Vec::new();
+    for _ in 0..4 {
+        locks.push(redlock(&fleet, options.clone()).await);
+    }
+    let prefix = unique_prefix("mutex");
+    let resource = format!("lock.{prefix}counter");
+    let counter_key = format!("{prefix}counter");
+    let client = redis::Client::open(fleet.urls()[0].as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..HOLDERS {
+        let lock = locks[i % locks.len()].clone();
+        let (resource, counter_key, mut conn) = (resource.clone(), counter_key.clone(), conn.clone());
+        tasks.push(tokio::spawn(async move {
+            let guard = lock.acquire(&resource).await.expect("acquire");
+            let n: Option<u64> = redis::cmd("GET").arg(&counter_key).query_async(&mut conn).await.unwrap();
+            tokio::task::yield_now().await;
+            let _: () = redis::cmd("SET")
+                .arg(&counter_key)
+                .arg(n.unwrap_or(0) + 1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert!(guard.release().await.expect("release"), "lock lost mid-section");
+        }));
+    }
+    join_all_checked(tasks).await;
+    let mut conn = conn;
+    let n: u64 = redis::cmd("GET").arg(&counter_key).query_async(&mut conn).await.unwrap();
+    assert_eq!(n, HOLDERS as u64, "increments lost: holders overlapped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_on_1_master() {
+    mutual_exclusion(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_on_3_masters() {
+    mutual_exclusion(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_on_5_masters() {
+    mutual_exclusion(5).await;
+}
+
+/// A holder whose lock expired and was taken by another can neither release nor
+/// extend the new holder's lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cannot_release_or_extend_another_holders_lock() {
+    let fleet = Fleet::start(3);
+    let short = LockOptions {
+        expiry: Duration::from_millis(200),
+        ..LockOptions::default()
+    };
+    let a = redlock(&fleet, short.clone()).await;
+    let b = redlock(&fleet, short).await;
+    let resource = format!("lock.{}x", unique_prefix("owner"));
+    let mut first = a.acquire(&resource).await.unwrap();
+    assert!(b.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(first.is_expired());
+    let second = b
+        .try_acquire(&resource, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("lock is free after expiry");
+    assert!(!first.extend(Duration::from_secs(5)).await.unwrap(), "extended another's lock");
+    assert!(!first.release().await.unwrap(), "released another's lock");
+    // The second holder still holds it on every master.
+    for server in &fleet.servers {
+        let owner: Option<String> = server.query(&["GET", &resource]);
+        assert!(owner.is_some(), "lock missing on {}", server.url());
+    }
+    assert!(a.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(second.release().await.unwrap());
+    assert!(a.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extend_keeps_the_lock_past_its_expiry() {
+    let fleet = Fleet::start(3);
+    let lock = redlock(
+        &fleet,
+        LockOptions {
+            expiry: Duration::from_millis(300),
+            ..LockOptions::default()
+        },
+    )
+    .await;
+    let resource = format!("lock.{}x", unique_prefix("extend"));
+    let mut guard = lock.acquire(&resource).await.unwrap();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(guard.extend(Duration::from_millis(300)).await.unwrap());
+    }
+    assert!(!guard.is_expired());
+    assert!(lock.try_acquire(&resource, Duration::from_secs(1)).await.unwrap().is_none());
+    assert!(guard.release().await.unwrap());
+}
+
+/// A waiter gives up with the typed timeout error within the wait time + 100 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_timeout_returns_the_timeout_error_in_time() {
+    let fleet = Fleet::start(3);
+    let lock = redlock(&fleet, LockOptions::default()).await;
+    let resource = format!("lock.{}x", unique_prefix("timeout"));
+    let _held = lock.acquire(&resource).await.unwrap();
+    for wait in [Duration::from_millis(50), Duration::from_millis(300), Duration::from_millis(700)] {
+        let started = Instant::now();
+        let err = lock
+            .acquire_with(&resource, Duration::from_secs(5), wait)
+            .await
+            .expect_err("the lock is held");
+        let took = started.elapsed();
+        assert!(matches!(err, Error::LockTimeout { .. }), "{err:?}");
+        assert!(err.is_timeout());
+        assert!(took >= wait, "gave up early: {took:?} < {wait:?}");
+        assert!(took <= wait + Duration::from_millis(100), "gave up late: {took:?} for {wait:?}");
+    }
+}
+
+/// With one of three masters down the majority still grants the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_is_reached_with_one_of_three_masters_down() {
+    let mut fleet = Fleet::start(3);
+    let lock = redlock(&fleet, LockOptions::default()).await;
+    fleet.kill(2);
+    let resource = format!("lock.{}x", unique_prefix("quorum"));
+    let guard = lock.acquire(&resource).await.expect("2 of 3 is a majority");
+    assert!(lock.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(guard.release().await.unwrap());
+}
+
+/// With two of three masters down no lock can be had: the typed quorum error,
+/// within the wait time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_not_reached_with_two_of_three_masters_down() {
+    let mut fleet = Fleet::start(3);
+    let lock = redlock(
+        &fleet,
+        LockOptions {
+            wait: Duration::from_millis(500),
+            ..LockOptions::default()
+        },
+    )
+    .await;
+    fleet.kill(1);
+    fleet.kill(2);
+    let resource = format!("lock.{}x", unique_prefix("noquorum"));
+    let started = Instant::now();
+    let err = lock.acquire(&resource).await.expect_err("1 of 3 is no majority");
+    assert!(
+        matches!(err, Error::QuorumNotReached { reachable: 1, masters: 3, quorum: 2, .. }),
+        "{err:?}"
+    );
+    assert!(err.is_quorum_error());
+    assert!(started.elapsed() < Duration::from_millis(500) + Duration::from_millis(300));
+    // The partial grant on the live master was undone.
+    let live = &fleet.servers[0];
+    assert!(
+        support::eventually(Duration::from_secs(1), || async {
+            live.query::<Option<String>>(&["GET", &resource]).is_none()
+        })
+        .await,
+        "partial acquisition left behind"
+    );
+}
+
+/// Dropping a guard without releasing it releases the lock from a spawned task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_guard_releases_the_lock() {
+    let fleet = Fleet::start(1);
+    let lock = redlock(&fleet, LockOptions::default()).await;
+    let resource = format!("lock.{}x", unique_prefix("drop"));
+    drop(lock.acquire(&resource).await.unwrap());
+    let lock2 = lock.clone();
+    assert!(
+        support::eventually(Duration::from_secs(1), || {
+            let lock = lock2.clone();
+            let resource = resource.clone();
+            async move {
+                matches!(lock.try_acquire(&resource, Duration::from_secs(5)).await, Ok(Some(_)))
+            }
+        })
+        .await
+    );
+}
+
+/// The lock works on the embedded store too, among tasks of one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_memory_lock_excludes() {
+    let lock = Redlock::in_memory(LockOptions::default()).await.unwrap();
+    let inside = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let (lock, inside) = (lock.clone(), Arc::clone(&inside));
+        tasks.push(tokio::spawn(async move {
+            let guard = lock.acquire("lock.mem").await.unwrap();
+            assert_eq!(inside.fetch_add(1, std::sync::atomic::Ordering::SeqCst), 0);
+            tokio::task::yield_now().await;
+            inside.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            guard.release().await.unwrap();
+        }));
+    }
+    join_all_checked(tasks).await;
+}
