@@ -39,7 +39,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = match std::env::var("REDIS_URL") {
         Ok(url) if !url.is_empty() => {
             builder = builder.redis(url.clone());
-            format!("Redis at {}", locked_cache::RedisStore::open(&url, Default::default())?.server())
+            format!(
+                "Redis at {}",
+                locked_cache::RedisStore::open(&url, Default::default())?.server()
+            )
         }
         _ => "the embedded in-memory store (set REDIS_URL to use Redis)".to_owned(),
     };
@@ -71,7 +74,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report: Report = cache
         .get_or_load("report:2026-11", || build_report("2026-11", &runs))
         .await?;
-    println!("a later request: {report:?} in {:?} (a hit)", started.elapsed());
+    println!(
+        "a later request: {report:?} in {:?} (a hit)",
+        started.elapsed()
+    );
     println!("stats: {:?}", cache.stats());
     cache.invalidate("report:2026-11").await?;
     Ok(())

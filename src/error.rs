@@ -87,9 +87,9 @@ impl Error {
     /// True when the failure is a timeout: lock wait, pool checkout or a command.
     pub fn is_timeout(&self) -> bool {
         match self {
-            Error::LockTimeout { .. } | Error::PoolTimeout { .. } | Error::CommandTimeout { .. } => {
-                true
-            }
+            Error::LockTimeout { .. }
+            | Error::PoolTimeout { .. }
+            | Error::CommandTimeout { .. } => true,
             Error::Redis(e) => e.is_timeout(),
             _ => false,
         }

@@ -41,9 +41,9 @@ mod stats;
 mod store;
 
 pub use cache::{Builder, LoadContext, LockedCache, QuorumLossPolicy};
-pub use codec::{BincodeCodec, Codec};
 #[cfg(feature = "json")]
 pub use codec::JsonCodec;
+pub use codec::{BincodeCodec, Codec};
 pub use defaults::*;
 pub use error::{CodecError, Error, LoadError, Result};
 pub use lock::{LockGuard, LockOptions, Redlock};

@@ -45,9 +45,9 @@ impl Backend {
     fn store(&self) -> SharedStore {
         match self {
             Backend::Memory(store) => Arc::clone(store) as SharedStore,
-            Backend::Redis(server) => Arc::new(
-                RedisStore::open(&server.url(), Default::default()).expect("store"),
-            ),
+            Backend::Redis(server) => {
+                Arc::new(RedisStore::open(&server.url(), Default::default()).expect("store"))
+            }
         }
     }
 }
@@ -72,8 +72,7 @@ fn counting_loader(
     runs: &Arc<AtomicU32>,
     delay: Duration,
     value: User,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<User, String>> + Send>> + use<>
-{
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<User, String>> + Send>> + use<> {
     let runs = Arc::clone(runs);
     move || {
         Box::pin(async move {
@@ -115,7 +114,10 @@ async fn miss_loads_once_and_stores_the_value(backend: Backend) {
     let stats = cache.stats();
     assert_eq!((stats.loads, stats.misses, stats.hits), (1, 1, 1));
     // The lock was released.
-    let lock = cache.lock().try_acquire(&cache.lock_key("user:2"), MINUTE).await;
+    let lock = cache
+        .lock()
+        .try_acquire(&cache.lock_key("user:2"), MINUTE)
+        .await;
     assert!(lock.unwrap().is_some(), "lock still held after the load");
 }
 
@@ -149,7 +151,13 @@ async fn a_value_stored_while_waiting_is_returned_without_loading(backend: Backe
 /// read and the lock, with no release in between to wake the caller.
 async fn the_recheck_under_the_lock_sees_a_value_stored_before_it(backend: Backend) {
     let prefix = unique_prefix("recheck");
-    let cache = backend.builder(&prefix, MINUTE).wake_ups(false).retry_time(Duration::from_millis(20)).build().await.unwrap();
+    let cache = backend
+        .builder(&prefix, MINUTE)
+        .wake_ups(false)
+        .retry_time(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap();
     let store = backend.store();
     let holder = cache.lock().acquire(&cache.lock_key("k")).await.unwrap();
     let runs = Arc::new(AtomicU32::new(0));
@@ -162,7 +170,10 @@ async fn the_recheck_under_the_lock_sees_a_value_stored_before_it(backend: Backe
     // Store and free the lock without publishing (plain writes), as a holder in
     // a process without wake-ups would leave it.
     let bytes = locked_cache::codec::encode(&locked_cache::BincodeCodec, &user(4)).unwrap();
-    store.set(&cache.value_key("k"), &bytes, MINUTE).await.unwrap();
+    store
+        .set(&cache.value_key("k"), &bytes, MINUTE)
+        .await
+        .unwrap();
     std::mem::forget(holder);
     store.delete(&cache.lock_key("k")).await.unwrap();
     let got = join_all_checked(vec![waiter]).await.remove(0).unwrap();
@@ -198,7 +209,11 @@ async fn stampede_of_300_callers_on_3_caches_loads_once(backend: Backend, coales
         }));
     }
     let results = join_all_checked(tasks).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "loader must run exactly once");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "loader must run exactly once"
+    );
     for r in results {
         assert_eq!(r.unwrap(), user(7));
     }
@@ -217,7 +232,11 @@ async fn ttl_expiry_then_exactly_one_reload(backend: Backend) {
         .unwrap();
     assert_eq!(a.get::<User>("k").await.unwrap(), Some(user(1)));
     tokio::time::sleep(ttl + Duration::from_millis(100)).await;
-    assert_eq!(a.get::<User>("k").await.unwrap(), None, "value outlived its TTL");
+    assert_eq!(
+        a.get::<User>("k").await.unwrap(),
+        None,
+        "value outlived its TTL"
+    );
     let mut tasks = Vec::new();
     for i in 0..50 {
         let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -268,7 +287,10 @@ async fn loader_error_is_returned_shared_and_nothing_is_stored(backend: Backend)
         .await
         .unwrap();
     assert_eq!(got, user(5));
-    assert!(started.elapsed() < Duration::from_secs(1), "lock was not released");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "lock was not released"
+    );
     assert_eq!(cache.stats().load_errors, 1);
 }
 
@@ -286,7 +308,10 @@ async fn invalidate_forces_one_reload(backend: Backend) {
         assert_eq!(runs.load(Ordering::SeqCst), expected);
     }
     assert!(cache.invalidate("k").await.unwrap());
-    assert!(!cache.invalidate("k").await.unwrap(), "nothing left to remove");
+    assert!(
+        !cache.invalidate("k").await.unwrap(),
+        "nothing left to remove"
+    );
 }
 
 /// Bytes that are not a locked-cache value of this type are a miss: reloaded,
@@ -309,15 +334,26 @@ async fn undecodable_bytes_are_reloaded_and_overwritten(backend: Backend) {
     ];
     let runs = Arc::new(AtomicU32::new(0));
     for (i, (name, bytes)) in cases.iter().enumerate() {
-        store.set(&cache.value_key(name), bytes, MINUTE).await.unwrap();
+        store
+            .set(&cache.value_key(name), bytes, MINUTE)
+            .await
+            .unwrap();
         assert_eq!(cache.get::<User>(name).await.unwrap(), None, "{name}: get");
         let got: User = cache
             .get_or_load(name, counting_loader(&runs, Duration::ZERO, user(9)))
             .await
             .unwrap();
         assert_eq!(got, user(9), "{name}");
-        assert_eq!(runs.load(Ordering::SeqCst), i as u32 + 1, "{name}: one reload");
-        assert_eq!(cache.get::<User>(name).await.unwrap(), Some(user(9)), "{name}: overwritten");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            i as u32 + 1,
+            "{name}: one reload"
+        );
+        assert_eq!(
+            cache.get::<User>(name).await.unwrap(),
+            Some(user(9)),
+            "{name}: overwritten"
+        );
     }
     assert!(cache.stats().corrupt_values >= cases.len() as u64);
 }
@@ -335,23 +371,39 @@ async fn bad_keys_and_oversized_values_get_typed_errors(backend: Backend) {
         .await;
     assert!(matches!(empty, Err(LoadError::Cache(Error::InvalidKey(_)))));
     let huge_key = "k".repeat(2000);
-    assert!(matches!(cache.get::<User>(&huge_key).await, Err(Error::InvalidKey(_))));
+    assert!(matches!(
+        cache.get::<User>(&huge_key).await,
+        Err(Error::InvalidKey(_))
+    ));
     assert_eq!(runs.load(Ordering::SeqCst), 0);
     // Odd bytes are fine in keys.
-    for key in ["with space", "new\nline", "tab\there", "nul\0byte", "ünïcødé ✓"] {
+    for key in [
+        "with space",
+        "new\nline",
+        "tab\there",
+        "nul\0byte",
+        "ünïcødé ✓",
+    ] {
         let got: User = cache
             .get_or_load(key, counting_loader(&runs, Duration::ZERO, user(3)))
             .await
             .unwrap();
         assert_eq!(got, user(3), "{key:?}");
-        assert_eq!(cache.get::<User>(key).await.unwrap(), Some(user(3)), "{key:?}");
+        assert_eq!(
+            cache.get::<User>(key).await.unwrap(),
+            Some(user(3)),
+            "{key:?}"
+        );
     }
     let big = "x".repeat(4096);
     let too_large = cache
         .get_or_load::<String, String, _, _>("big", || async { Ok(big) })
         .await;
     assert!(
-        matches!(too_large, Err(LoadError::Cache(Error::ValueTooLarge { max: 1024, .. }))),
+        matches!(
+            too_large,
+            Err(LoadError::Cache(Error::ValueTooLarge { max: 1024, .. }))
+        ),
         "{too_large:?}"
     );
     assert_eq!(cache.get::<String>("big").await.unwrap(), None);

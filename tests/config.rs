@@ -16,20 +16,60 @@ async fn rejected(builder: locked_cache::Builder) -> String {
 async fn invalid_configuration_is_rejected_with_a_typed_error() {
     let b = LockedCache::builder;
     assert!(rejected(b().ttl(Duration::ZERO)).await.contains("ttl"));
-    assert!(rejected(b().ttl(Duration::from_secs(u64::MAX / 4))).await.contains("ttl"));
-    assert!(rejected(b().lock_expiry(Duration::ZERO)).await.contains("expiry"));
-    assert!(rejected(b().lock_expiry(Duration::from_secs(90_000))).await.contains("expiry"));
-    assert!(rejected(b().retry_time(Duration::ZERO)).await.contains("retry"));
-    assert!(rejected(b().wait_time(Duration::from_secs(90_000))).await.contains("wait"));
+    assert!(
+        rejected(b().ttl(Duration::from_secs(u64::MAX / 4)))
+            .await
+            .contains("ttl")
+    );
+    assert!(
+        rejected(b().lock_expiry(Duration::ZERO))
+            .await
+            .contains("expiry")
+    );
+    assert!(
+        rejected(b().lock_expiry(Duration::from_secs(90_000)))
+            .await
+            .contains("expiry")
+    );
+    assert!(
+        rejected(b().retry_time(Duration::ZERO))
+            .await
+            .contains("retry")
+    );
+    assert!(
+        rejected(b().wait_time(Duration::from_secs(90_000)))
+            .await
+            .contains("wait")
+    );
     assert!(rejected(b().pool_size(0)).await.contains("pool"));
-    assert!(rejected(b().connect_timeout(Duration::ZERO)).await.contains("timeout"));
-    assert!(rejected(b().command_timeout(Duration::ZERO)).await.contains("timeout"));
+    assert!(
+        rejected(b().connect_timeout(Duration::ZERO))
+            .await
+            .contains("timeout")
+    );
+    assert!(
+        rejected(b().command_timeout(Duration::ZERO))
+            .await
+            .contains("timeout")
+    );
     assert!(rejected(b().max_value_size(0)).await.contains("maximum"));
-    assert!(rejected(b().key_prefix("lock.app:")).await.contains("prefix"));
+    assert!(
+        rejected(b().key_prefix("lock.app:"))
+            .await
+            .contains("prefix")
+    );
     assert!(rejected(b().release_channel("")).await.contains("channel"));
     assert!(rejected(b().redis("not a url")).await.contains("redis url"));
-    assert!(rejected(b().redis("http://127.0.0.1:1")).await.contains("redis url"));
-    assert!(rejected(b().redis("redis://127.0.0.1:1").cache_url("nope")).await.contains("redis url"));
+    assert!(
+        rejected(b().redis("http://127.0.0.1:1"))
+            .await
+            .contains("redis url")
+    );
+    assert!(
+        rejected(b().redis("redis://127.0.0.1:1").cache_url("nope"))
+            .await
+            .contains("redis url")
+    );
     assert!(matches!(
         Redlock::new(Vec::new(), LockOptions::default()).await,
         Err(Error::InvalidConfig(_))
@@ -39,14 +79,22 @@ async fn invalid_configuration_is_rejected_with_a_typed_error() {
 #[tokio::test]
 async fn passwords_never_appear_in_debug_output_or_errors() {
     let url = "redis://user:hunter2@127.0.0.1:1/0";
-    let builder = LockedCache::builder().redis(url).connect_timeout(Duration::from_millis(100));
+    let builder = LockedCache::builder()
+        .redis(url)
+        .connect_timeout(Duration::from_millis(100));
     assert!(!format!("{builder:?}").contains("hunter2"), "{builder:?}");
     let cache = builder.wake_ups(false).build().await.unwrap();
     assert!(!format!("{cache:?}").contains("hunter2"), "{cache:?}");
-    let err = cache.get::<u8>("k").await.expect_err("nothing listens on port 1");
+    let err = cache
+        .get::<u8>("k")
+        .await
+        .expect_err("nothing listens on port 1");
     assert!(err.is_connection_error(), "{err:?}");
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
-    let bad = LockedCache::builder().redis("redis://:hunter2@[::1").build().await;
+    let bad = LockedCache::builder()
+        .redis("redis://:hunter2@[::1")
+        .build()
+        .await;
     assert!(!format!("{bad:?}").contains("hunter2"), "{bad:?}");
 }
 
@@ -56,7 +104,10 @@ fn defaults_are_the_documented_constants() {
     assert_eq!(options.expiry, locked_cache::DEFAULT_LOCK_EXPIRY);
     assert_eq!(options.wait, locked_cache::DEFAULT_WAIT);
     assert_eq!(options.retry, locked_cache::DEFAULT_RETRY);
-    assert!(options.wait > options.expiry, "waiters must outlive a crashed holder");
+    assert!(
+        options.wait > options.expiry,
+        "waiters must outlive a crashed holder"
+    );
     assert!(options.wake_ups);
     assert_eq!(options.channel, locked_cache::DEFAULT_CHANNEL);
 }

@@ -39,10 +39,15 @@ async fn mutual_exclusion(masters: usize) {
     let mut tasks = Vec::new();
     for i in 0..HOLDERS {
         let lock = locks[i % locks.len()].clone();
-        let (resource, counter_key, mut conn) = (resource.clone(), counter_key.clone(), conn.clone());
+        let (resource, counter_key, mut conn) =
+            (resource.clone(), counter_key.clone(), conn.clone());
         tasks.push(tokio::spawn(async move {
             let guard = lock.acquire(&resource).await.expect("acquire");
-            let n: Option<u64> = redis::cmd("GET").arg(&counter_key).query_async(&mut conn).await.unwrap();
+            let n: Option<u64> = redis::cmd("GET")
+                .arg(&counter_key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
             tokio::task::yield_now().await;
             let _: () = redis::cmd("SET")
                 .arg(&counter_key)
@@ -50,12 +55,19 @@ async fn mutual_exclusion(masters: usize) {
                 .query_async(&mut conn)
                 .await
                 .unwrap();
-            assert!(guard.release().await.expect("release"), "lock lost mid-section");
+            assert!(
+                guard.release().await.expect("release"),
+                "lock lost mid-section"
+            );
         }));
     }
     join_all_checked(tasks).await;
     let mut conn = conn;
-    let n: u64 = redis::cmd("GET").arg(&counter_key).query_async(&mut conn).await.unwrap();
+    let n: u64 = redis::cmd("GET")
+        .arg(&counter_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert_eq!(n, HOLDERS as u64, "increments lost: holders overlapped");
 }
 
@@ -87,7 +99,12 @@ async fn a_holder_cannot_release_or_extend_another_holders_lock() {
     let b = redlock(&fleet, short).await;
     let resource = format!("lock.{}x", unique_prefix("owner"));
     let mut first = a.acquire(&resource).await.unwrap();
-    assert!(b.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(
+        b.try_acquire(&resource, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(first.is_expired());
     let second = b
@@ -95,16 +112,29 @@ async fn a_holder_cannot_release_or_extend_another_holders_lock() {
         .await
         .unwrap()
         .expect("lock is free after expiry");
-    assert!(!first.extend(Duration::from_secs(5)).await.unwrap(), "extended another's lock");
+    assert!(
+        !first.extend(Duration::from_secs(5)).await.unwrap(),
+        "extended another's lock"
+    );
     assert!(!first.release().await.unwrap(), "released another's lock");
     // The second holder still holds it on every master.
     for server in &fleet.servers {
         let owner: Option<String> = server.query(&["GET", &resource]);
         assert!(owner.is_some(), "lock missing on {}", server.url());
     }
-    assert!(a.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(
+        a.try_acquire(&resource, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(second.release().await.unwrap());
-    assert!(a.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_some());
+    assert!(
+        a.try_acquire(&resource, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +155,12 @@ async fn extend_keeps_the_lock_past_its_expiry() {
         assert!(guard.extend(Duration::from_millis(300)).await.unwrap());
     }
     assert!(!guard.is_expired());
-    assert!(lock.try_acquire(&resource, Duration::from_secs(1)).await.unwrap().is_none());
+    assert!(
+        lock.try_acquire(&resource, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(guard.release().await.unwrap());
 }
 
@@ -136,7 +171,11 @@ async fn wait_timeout_returns_the_timeout_error_in_time() {
     let lock = redlock(&fleet, LockOptions::default()).await;
     let resource = format!("lock.{}x", unique_prefix("timeout"));
     let _held = lock.acquire(&resource).await.unwrap();
-    for wait in [Duration::from_millis(50), Duration::from_millis(300), Duration::from_millis(700)] {
+    for wait in [
+        Duration::from_millis(50),
+        Duration::from_millis(300),
+        Duration::from_millis(700),
+    ] {
         let started = Instant::now();
         let err = lock
             .acquire_with(&resource, Duration::from_secs(5), wait)
@@ -146,7 +185,10 @@ async fn wait_timeout_returns_the_timeout_error_in_time() {
         assert!(matches!(err, Error::LockTimeout { .. }), "{err:?}");
         assert!(err.is_timeout());
         assert!(took >= wait, "gave up early: {took:?} < {wait:?}");
-        assert!(took <= wait + Duration::from_millis(100), "gave up late: {took:?} for {wait:?}");
+        assert!(
+            took <= wait + Duration::from_millis(100),
+            "gave up late: {took:?} for {wait:?}"
+        );
     }
 }
 
@@ -158,7 +200,12 @@ async fn quorum_is_reached_with_one_of_three_masters_down() {
     fleet.kill(2);
     let resource = format!("lock.{}x", unique_prefix("quorum"));
     let guard = lock.acquire(&resource).await.expect("2 of 3 is a majority");
-    assert!(lock.try_acquire(&resource, Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(
+        lock.try_acquire(&resource, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(guard.release().await.unwrap());
 }
 
@@ -179,9 +226,20 @@ async fn quorum_not_reached_with_two_of_three_masters_down() {
     fleet.kill(2);
     let resource = format!("lock.{}x", unique_prefix("noquorum"));
     let started = Instant::now();
-    let err = lock.acquire(&resource).await.expect_err("1 of 3 is no majority");
+    let err = lock
+        .acquire(&resource)
+        .await
+        .expect_err("1 of 3 is no majority");
     assert!(
-        matches!(err, Error::QuorumNotReached { reachable: 1, masters: 3, quorum: 2, .. }),
+        matches!(
+            err,
+            Error::QuorumNotReached {
+                reachable: 1,
+                masters: 3,
+                quorum: 2,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert!(err.is_quorum_error());
@@ -210,7 +268,10 @@ async fn dropping_a_guard_releases_the_lock() {
             let lock = lock2.clone();
             let resource = resource.clone();
             async move {
-                matches!(lock.try_acquire(&resource, Duration::from_secs(5)).await, Ok(Some(_)))
+                matches!(
+                    lock.try_acquire(&resource, Duration::from_secs(5)).await,
+                    Ok(Some(_))
+                )
             }
         })
         .await

@@ -266,7 +266,12 @@ impl<C: Codec> LockedCache<C> {
     }
 
     /// As [`set`](Self::set), with its own TTL (at least 1 ms).
-    pub async fn set_with_ttl<T: Serialize>(&self, key: &str, value: &T, ttl: Duration) -> Result<()> {
+    pub async fn set_with_ttl<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
         if ttl < Duration::from_millis(1) {
@@ -534,7 +539,10 @@ impl<C: Codec> Inner<C> {
     {
         Stats::add(&self.stats.fail_open_loads);
         Stats::add(&self.stats.loads);
-        tracing::warn!(key = keys.value, "lock quorum lost: loading without the lock (fail-open)");
+        tracing::warn!(
+            key = keys.value,
+            "lock quorum lost: loading without the lock (fail-open)"
+        );
         let value = match loader(LoadContext::new(None)).await {
             Ok(value) => value,
             Err(e) => {

@@ -85,7 +85,9 @@ impl LockGuard {
     /// the release to waiters. True when a majority still held it.
     pub async fn release(mut self) -> Result<bool> {
         self.released = true;
-        self.inner.release_all(&self.resource, &self.token, true).await
+        self.inner
+            .release_all(&self.resource, &self.token, true)
+            .await
     }
 
     /// A handle that extends this lock from another task (the cache's keep-alive).

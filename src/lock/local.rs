@@ -103,7 +103,12 @@ mod tests {
         let soon = Instant::now() + Duration::from_millis(20);
         assert!(lines.wait_turn("a", soon).await.is_none());
         drop(first);
-        assert!(lines.wait_turn("a", Instant::now() + Duration::from_millis(20)).await.is_some());
+        assert!(
+            lines
+                .wait_turn("a", Instant::now() + Duration::from_millis(20))
+                .await
+                .is_some()
+        );
         assert_eq!(lines.len(), 0);
     }
 }

@@ -43,11 +43,10 @@ use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::redis::ConnectionOptions;
 use crate::store::{MemoryStore, RedisStore, SharedStore};
+use local::Lines;
 use token::Token;
 pub(crate) use wakeups::Waiter;
-use local::Lines;
 use wakeups::{Listeners, Registry};
-
 
 /// How a [`Redlock`] takes and waits for locks. Plain data: build it with
 /// struct-update syntax from `LockOptions::default()`.
@@ -134,7 +133,9 @@ pub(crate) enum Attempt {
     /// Enough masters answered, but someone else holds the lock.
     Held,
     /// Too few masters answered to reach a majority.
-    NoQuorum { reachable: usize },
+    NoQuorum {
+        reachable: usize,
+    },
 }
 
 impl Redlock {

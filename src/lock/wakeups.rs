@@ -223,7 +223,10 @@ async fn listen(
                     }
                 }
                 count.send_replace(connected.fetch_sub(1, Ordering::SeqCst) - 1);
-                tracing::warn!(server = store.server(), "lock wake-up subscription lost; resubscribing");
+                tracing::warn!(
+                    server = store.server(),
+                    "lock wake-up subscription lost; resubscribing"
+                );
             }
             Err(e) => {
                 tracing::debug!(server = store.server(), error = %e, "lock wake-up subscription failed");
