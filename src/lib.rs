@@ -49,3 +49,8 @@ pub use error::{CodecError, Error, LoadError, Result};
 pub use lock::{LockGuard, LockOptions, Redlock};
 pub use stats::StatsSnapshot;
 pub use store::{ConnectionOptions, MemoryStore, RedisStore, SharedStore, Store};
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
