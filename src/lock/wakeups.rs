@@ -36,10 +36,13 @@ use crate::store::SharedStore;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
+/// Registered waiters of one lock key, oldest first: (id, its wake-up permit).
+type Line = Vec<(u64, Arc<Notify>)>;
+
 /// The waiters of one process, by lock key.
 #[derive(Debug)]
 pub struct Registry {
-    waiters: Mutex<HashMap<String, Vec<(u64, Arc<Notify>)>>>,
+    waiters: Mutex<HashMap<String, Line>>,
     next_id: AtomicU64,
     stats: Arc<Stats>,
 }
@@ -95,7 +98,7 @@ impl Registry {
         }
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<(u64, Arc<Notify>)>>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Line>> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
