@@ -1,0 +1,296 @@
+//! Fault: Redlock masters die. Three real redis-server masters; one SIGKILLed in
+//! the middle of a stampede (not the first: values live on the first master),
+//! two down (no majority) under both quorum-loss policies, and the value master
+//! itself down.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use locked_cache::{Builder, Error, LoadError, LockedCache, QuorumLossPolicy};
+use support::{Fleet, join_all_checked, unique_prefix};
+use tokio::sync::Notify;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const TIMEOUT: Duration = Duration::from_millis(300);
+
+fn builder(fleet: &Fleet, prefix: &str) -> Builder {
+    LockedCache::builder()
+        .masters(fleet.urls())
+        .key_prefix(prefix)
+        .ttl(MINUTE)
+        .lock_expiry(Duration::from_millis(600))
+        .retry_time(Duration::from_millis(50))
+        .connect_timeout(TIMEOUT)
+        .command_timeout(TIMEOUT)
+}
+
+/// A loader that counts its runs, says when it started, and takes `delay`.
+fn loader(
+    runs: &Arc<AtomicU32>,
+    started: &Arc<Notify>,
+    delay: Duration,
+) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + use<>
+{
+    let (runs, started) = (Arc::clone(runs), Arc::clone(started));
+    move || {
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            started.notify_one();
+            tokio::time::sleep(delay).await;
+            Ok("fresh".to_owned())
+        })
+    }
+}
+
+type Call = tokio::task::JoinHandle<Result<String, LoadError<String>>>;
+
+/// 3 masters, 3 caches (standing in for 3 processes) and 180 callers on one cold
+/// key. Master 2 is SIGKILLed while the loader runs, with 120 callers waiting and
+/// 60 more arriving after the kill: every call succeeds, the loader runs once,
+/// and the lock is not lost: the load (900 ms) outlasts the lock expiry (600 ms),
+/// and the keep-alive still extends it on 2 of 3 masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_masters_sigkilled_mid_stampede_every_call_succeeds_and_loads_once() {
+    let mut fleet = Fleet::start(3);
+    let prefix = unique_prefix("masterloss");
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        caches.push(
+            builder(&fleet, &prefix)
+                .wait_time(Duration::from_secs(5))
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(Notify::new());
+    let stampede = |n: usize| -> Vec<Call> {
+        (0..n)
+            .map(|i| {
+                let cache = caches[i % 3].clone();
+                let load = loader(&runs, &started, Duration::from_millis(900));
+                tokio::spawn(async move { cache.get_or_load("hot", load).await })
+            })
+            .collect()
+    };
+    let began = Instant::now();
+    let mut calls = stampede(120);
+    started.notified().await;
+    // Let the other caches' waiters reach the lock, then kill a master under them.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fleet.kill(2);
+    let killed_at = began.elapsed();
+    calls.extend(stampede(60));
+    let results = join_all_checked(calls).await;
+    let took = began.elapsed();
+    let failed: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} calls failed, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    assert!(results.iter().all(|r| matches!(r.as_deref(), Ok("fresh"))));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the loader must run exactly once"
+    );
+    for cache in &caches {
+        assert_eq!(
+            cache.stats().lock_lost,
+            0,
+            "the lock survives a minority loss"
+        );
+        assert_eq!(cache.stats().lock_timeouts, 0);
+    }
+    // Values live on master 0, which is up: later calls are hits.
+    let again: String = caches[1]
+        .get_or_load("hot", loader(&runs, &started, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(again, "fresh");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // A new key still locks and loads on the surviving majority.
+    let other: String = caches[2]
+        .get_or_load("cold", loader(&runs, &started, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(other, "fresh");
+    assert!(took < Duration::from_secs(3), "stampede took {took:?}");
+    eprintln!("master killed at {killed_at:?}; 180 calls done in {took:?}; loads: 1");
+}
+
+/// 2 of 3 masters down, default policy (fail closed): every miss fails with the
+/// typed quorum error once the wait time is spent, and no loader runs; hits are
+/// still served (values live on master 0). After one master returns, the same
+/// caches lock and load again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_masters_down_fail_closed_with_the_quorum_error_within_the_wait_time() {
+    let mut fleet = Fleet::start(3);
+    let prefix = unique_prefix("failclosed");
+    let wait = Duration::from_millis(600);
+    let a = builder(&fleet, &prefix)
+        .wait_time(wait)
+        .build()
+        .await
+        .unwrap();
+    let b = builder(&fleet, &prefix)
+        .wait_time(wait)
+        .build()
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(Notify::new());
+    let warm: String = a
+        .get_or_load("warm", loader(&runs, &started, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(warm, "fresh");
+    fleet.kill(1);
+    fleet.kill(2);
+
+    let began = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let cache = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let load = loader(&runs, &started, Duration::ZERO);
+        calls.push(tokio::spawn(async move {
+            let r = cache.get_or_load("cold", load).await;
+            (r, began.elapsed())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for (r, took) in join_all_checked(calls).await {
+        slowest = slowest.max(took);
+        match r {
+            Err(LoadError::Cache(
+                e @ Error::QuorumNotReached {
+                    reachable: 1,
+                    masters: 3,
+                    quorum: 2,
+                    ..
+                },
+            )) => {
+                assert!(e.is_quorum_error());
+            }
+            other => panic!("expected QuorumNotReached, got {other:?}"),
+        }
+        assert!(took >= wait, "gave up before the wait time: {took:?}");
+        assert!(
+            took < wait + TIMEOUT + Duration::from_millis(400),
+            "took {took:?}"
+        );
+    }
+    eprintln!("fail-closed: 40 calls got QuorumNotReached, slowest after {slowest:?}");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "no load without the lock (only the warm-up ran)"
+    );
+    assert_eq!(a.stats().fail_open_loads + b.stats().fail_open_loads, 0);
+    // Hits need only the value master.
+    assert_eq!(
+        b.get::<String>("warm").await.unwrap().as_deref(),
+        Some("fresh")
+    );
+
+    tokio::task::block_in_place(|| fleet.restart(1));
+    let restarted = Instant::now();
+    let recovered = support::eventually(Duration::from_secs(5), || async {
+        b.get_or_load("cold", loader(&runs, &started, Duration::ZERO))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert!(recovered, "no recovery after a master came back");
+    eprintln!(
+        "locked and loaded {:?} after master 1 came back",
+        restarted.elapsed()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+/// 2 of 3 masters down with `QuorumLossPolicy::FailOpen`: calls do not wait, the
+/// loader runs without the lock, once per process (in-process coalescing bounds
+/// it), and the value is stored on master 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_of_three_masters_down_fail_open_loads_once_per_process() {
+    let mut fleet = Fleet::start(3);
+    let prefix = unique_prefix("failopen");
+    let mut caches = Vec::new();
+    for _ in 0..2 {
+        caches.push(
+            builder(&fleet, &prefix)
+                .wait_time(Duration::from_secs(5))
+                .quorum_loss(QuorumLossPolicy::FailOpen)
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    fleet.kill(1);
+    fleet.kill(2);
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(Notify::new());
+    let began = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..60 {
+        let cache = caches[i % 2].clone();
+        let load = loader(&runs, &started, Duration::from_millis(200));
+        calls.push(tokio::spawn(
+            async move { cache.get_or_load("k", load).await },
+        ));
+    }
+    for r in join_all_checked(calls).await {
+        assert_eq!(r.unwrap(), "fresh");
+    }
+    let took = began.elapsed();
+    assert!(
+        took < Duration::from_secs(1),
+        "fail-open must not wait for the lock: {took:?}"
+    );
+    eprintln!("fail-open: 60 calls done in {took:?}");
+    for cache in &caches {
+        let stats = cache.stats();
+        assert_eq!((stats.loads, stats.fail_open_loads), (1, 1), "{stats:?}");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 2, "one load per process");
+    assert_eq!(
+        caches[0].get::<String>("k").await.unwrap().as_deref(),
+        Some("fresh")
+    );
+}
+
+/// Values live on the first master: with it down, calls fail with a typed
+/// connection error within the timeouts, even though the lock majority is up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_value_master_down_fails_calls_with_a_typed_connection_error() {
+    let mut fleet = Fleet::start(3);
+    let cache = builder(&fleet, &unique_prefix("valuemaster"))
+        .build()
+        .await
+        .unwrap();
+    fleet.kill(0);
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(Notify::new());
+    let began = Instant::now();
+    let r = cache
+        .get_or_load("k", loader(&runs, &started, Duration::ZERO))
+        .await;
+    let took = began.elapsed();
+    match r {
+        Err(LoadError::Cache(e)) => assert!(e.is_connection_error(), "{e:?}"),
+        other => panic!("expected a connection error, got {other:?}"),
+    }
+    assert!(
+        took < TIMEOUT * 2 + Duration::from_millis(200),
+        "took {took:?}"
+    );
+    eprintln!("value master down: typed error after {took:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
