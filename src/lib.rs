@@ -4,7 +4,7 @@
 //! stampedes across many processes and machines.
 //!
 //! [`LockedCache::get_or_load`] reads the value from Redis; on a miss it takes a
-//! [Redlock](Redlock) on the key, reads again, runs the loader **once** across every
+//! [`Redlock`] on the key, reads again, runs the loader **once** across every
 //! caller, process and host, stores the value with a TTL, releases the lock, and
 //! every waiter gets the value: waiters in this process share the leader's
 //! outcome directly; waiters in other processes are woken by pub/sub the moment
