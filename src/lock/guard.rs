@@ -84,10 +84,14 @@ impl LockGuard {
     /// Deletes the lock on every master that still holds this token and publishes
     /// the release to waiters. True when a majority still held it.
     pub async fn release(mut self) -> Result<bool> {
-        self.released = true;
-        self.inner
+        let released = self
+            .inner
             .release_all(&self.resource, &self.token, true)
-            .await
+            .await;
+        // Only now: if this future is dropped mid-release, `Drop` sends it again
+        // (compare-and-delete, so a second release is harmless).
+        self.released = true;
+        released
     }
 
     /// A handle that extends this lock from another task (the cache's keep-alive).
