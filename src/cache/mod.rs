@@ -409,7 +409,7 @@ impl<C: Codec> Inner<C> {
                 return Err(self.lock.wait_error(&keys.lock, &outcome, now - started));
             }
             waiter
-                .wait(self.lock.retry_delay().min(deadline - now))
+                .wait(self.lock.retry_delay(&outcome).min(deadline - now))
                 .await;
             if let Some(found) = self.read(&keys.value).await? {
                 return Ok(Locked::ValueAppeared(found));

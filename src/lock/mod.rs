@@ -130,8 +130,11 @@ struct Inner {
 /// What one acquisition attempt found.
 pub(crate) enum Attempt {
     Acquired(LockGuard),
-    /// Enough masters answered, but someone else holds the lock.
-    Held,
+    /// Enough masters answered, but someone else holds the lock, or the votes
+    /// split (`split`: this attempt was granted by some masters, not a majority).
+    Held {
+        split: bool,
+    },
     /// Too few masters answered to reach a majority.
     NoQuorum {
         reachable: usize,
@@ -246,12 +249,14 @@ impl Redlock {
             let outcome = self.attempt(resource, expiry).await?;
             match outcome {
                 Attempt::Acquired(guard) => return Ok(guard.with_turn(turn)),
-                Attempt::Held | Attempt::NoQuorum { .. } => {
+                Attempt::Held { .. } | Attempt::NoQuorum { .. } => {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(self.wait_error(resource, &outcome, now - started));
                     }
-                    waiter.wait(self.retry_delay().min(deadline - now)).await;
+                    waiter
+                        .wait(self.retry_delay(&outcome).min(deadline - now))
+                        .await;
                 }
             }
         }
@@ -265,7 +270,7 @@ impl Redlock {
         };
         match self.attempt(resource, expiry).await? {
             Attempt::Acquired(guard) => Ok(Some(guard.with_turn(turn))),
-            Attempt::Held => Ok(None),
+            Attempt::Held { .. } => Ok(None),
             ref outcome @ Attempt::NoQuorum { .. } => {
                 Err(self.wait_error(resource, outcome, Duration::ZERO))
             }
@@ -282,9 +287,15 @@ impl Redlock {
         }
     }
 
-    /// The randomised pause before the next attempt.
-    pub(crate) fn retry_delay(&self) -> Duration {
-        quorum::jittered(self.inner.options.retry)
+    /// The randomised pause before the next attempt after `outcome`. After a
+    /// split vote nobody holds the lock and no release will be published, so the
+    /// contenders retry after a short random pause instead of the retry time.
+    pub(crate) fn retry_delay(&self, outcome: &Attempt) -> Duration {
+        let retry = self.inner.options.retry;
+        match outcome {
+            Attempt::Held { split: true } => quorum::jittered(retry.min(quorum::SPLIT_VOTE_RETRY)),
+            _ => quorum::jittered(retry),
+        }
     }
 
     /// The error for a wait that ended after `outcome`.
@@ -347,7 +358,7 @@ impl Redlock {
             tokio::spawn(async move { inner.release_all(&resource, &token, false).await });
         }
         Ok(if reachable >= needed {
-            Attempt::Held
+            Attempt::Held { split: granted > 0 }
         } else {
             Attempt::NoQuorum { reachable }
         })

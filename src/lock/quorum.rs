@@ -22,6 +22,10 @@ pub fn validity(expiry: Duration, elapsed: Duration) -> Option<Duration> {
         .filter(|v| !v.is_zero())
 }
 
+/// Base pause after a split vote (some masters granted, no majority): short,
+/// since the lock is free and nobody will publish its release.
+pub const SPLIT_VOTE_RETRY: Duration = Duration::from_millis(5);
+
 /// A retry delay drawn uniformly from 50% to 150% of `retry`, so that competing
 /// processes do not retry in lock step.
 pub fn jittered(retry: Duration) -> Duration {
