@@ -74,8 +74,10 @@ impl LockGuard {
             .inner
             .extend_all(&self.resource, &self.token, expiry)
             .await?;
-        if extended && let Some(v) = validity(expiry, started.elapsed()) {
-            self.valid_until = started + v;
+        let elapsed = started.elapsed();
+        if extended && let Some(v) = validity(expiry, elapsed) {
+            // The validity counts from when the answers were in.
+            self.valid_until = started + elapsed + v;
             return Ok(true);
         }
         Ok(false)

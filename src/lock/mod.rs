@@ -342,7 +342,8 @@ impl Redlock {
                 Arc::clone(&self.inner),
                 resource.to_owned(),
                 token,
-                started + validity,
+                // The validity counts from when the answers were in.
+                started + elapsed + validity,
             )));
         }
         if let Some(e) = answers.iter().find_map(|a| a.as_ref().err()) {
