@@ -26,9 +26,11 @@ pub use keepalive::LoadContext;
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -480,7 +482,11 @@ impl<C: Codec> Inner<C> {
             expiry,
         );
         Stats::add(&self.stats.loads);
-        let loaded = loader(LoadContext::new(Some(keepalive.lost_signal()))).await;
+        let loaded = run_loader(
+            &self.stats,
+            loader(LoadContext::new(Some(keepalive.lost_signal()))),
+        )
+        .await;
         let lost_during_load = keepalive.lost();
         drop(keepalive);
 
@@ -543,7 +549,7 @@ impl<C: Codec> Inner<C> {
             key = keys.value,
             "lock quorum lost: loading without the lock (fail-open)"
         );
-        let value = match loader(LoadContext::new(None)).await {
+        let value = match run_loader(&self.stats, loader(LoadContext::new(None))).await {
             Ok(value) => value,
             Err(e) => {
                 Stats::add(&self.stats.load_errors);
@@ -555,6 +561,18 @@ impl<C: Codec> Inner<C> {
             tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
         }
         Ok((value, bytes.into()))
+    }
+}
+
+/// Awaits the loader's future, counting a panic as a failed load before letting
+/// it continue to the caller (the panic hook has already run; it is not run again).
+async fn run_loader<Fut: Future>(stats: &Stats, load: Fut) -> Fut::Output {
+    match AssertUnwindSafe(load).catch_unwind().await {
+        Ok(output) => output,
+        Err(panic) => {
+            Stats::add(&stats.load_errors);
+            std::panic::resume_unwind(panic)
+        }
     }
 }
 
