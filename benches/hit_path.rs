@@ -1,0 +1,754 @@
+//! # Hit-path bench: what a cached `get_or_load` costs over a raw Redis `GET`
+//!
+//! 1. **Throughput** at 1, 16 and 64 concurrent callers, values of 100 B,
+//!    1 KiB and 64 KiB: `get_or_load` on a cached key against a raw redis-rs
+//!    `GET` of the same Redis key on the *same connections* (one bb8-redis pool,
+//!    given to the cache with `.redis_pool(..)`; both sides clone the pooled
+//!    multiplexed connection for each command, as the cache does). Each caller
+//!    has its own key (so in-process coalescing never merges hits), and the raw
+//!    side returns the bytes without decoding them: the baseline is the bare
+//!    round trip. A custom harness, not criterion: N tasks run for a fixed time,
+//!    raw and cache alternate over several rounds (ABBA order), and the ratio is
+//!    the median of the per-round ratios, which cancels most of the drift of a
+//!    shared 2-core machine. Redis commands per hit come from `INFO
+//!    commandstats` deltas of every cache round, counting *every* command
+//!    (`PING` included) except the harness's `INFO`/`CONFIG`: one round trip
+//!    shows as 1.00.
+//! 2. **Micro benchmarks** (criterion): codec encode/decode, a hit on the
+//!    embedded in-memory store, and lock acquire (+ release) on 1, 3 and 5
+//!    masters.
+//!
+//! The bench starts its own `redis-server` processes on free loopback ports
+//! (the test support in `tests/support/`). Run it with
+//!
+//! ```text
+//! cargo bench --bench hit_path                 # about two minutes
+//! cargo bench --bench hit_path -- --help       # flags: callers, sizes, rounds...
+//! ```
+//!
+//! It prints markdown tables and writes them to
+//! `target/bench-report/hit_path.md` (criterion's own data goes to
+//! `target/bench-report/criterion/`). Run by `cargo test --benches` (no
+//! `--bench` flag) it does a small smoke run and writes nothing.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bb8_redis::RedisConnectionManager;
+use criterion::{BenchmarkId, Criterion, Throughput};
+use locked_cache::codec::{decode, encode};
+use locked_cache::{BincodeCodec, DEFAULT_POOL_SIZE, LockOptions, LockedCache, Redlock};
+use redis::AsyncCommands;
+use redis::aio::MultiplexedConnection;
+
+use common::{Flags, Table, die, percentile};
+use support::{Fleet, RedisServer};
+
+const HELP: &str = "\
+Hit-path bench for locked-cache: get_or_load hits vs raw GET; codec, memory store, lock.
+
+USAGE: cargo bench --bench hit_path -- [FLAGS]
+
+  --callers LIST      concurrent callers                           [1,16,64]
+  --sizes LIST        value sizes, bytes                           [100,1024,65536]
+  --rounds N          raw/cache rounds per configuration            [10]
+  --round-ms T        duration of one round of one side, ms         [300]
+  --threads N         tokio worker threads                          [2]
+  --masters LIST      lock benchmarks: master counts                [1,3,5]
+  --skip-throughput   only the micro benchmarks
+  --skip-micro        only the throughput comparison
+
+Report: target/bench-report/hit_path.md.";
+
+struct Options {
+    callers: Vec<usize>,
+    sizes: Vec<usize>,
+    rounds: usize,
+    round: Duration,
+    threads: usize,
+    masters: Vec<usize>,
+    throughput: bool,
+    micro: bool,
+    smoke: bool,
+    command_line: String,
+}
+
+fn main() {
+    let flags = Flags::parse(&["skip-micro", "skip-throughput"]);
+    if flags.help {
+        println!("{HELP}");
+        return;
+    }
+    flags.reject_unknown(&[
+        "callers",
+        "sizes",
+        "rounds",
+        "round-ms",
+        "threads",
+        "masters",
+        "skip-micro",
+        "skip-throughput",
+    ]);
+    let smoke = !flags.bench_mode;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let o = Options {
+        callers: flags.list("callers", if smoke { &[1, 16] } else { &[1, 16, 64] }),
+        sizes: flags.list("sizes", if smoke { &[100] } else { &[100, 1024, 65536] }),
+        rounds: flags.get("rounds", if smoke { 2 } else { 10 }),
+        round: Duration::from_millis(flags.get("round-ms", if smoke { 50 } else { 300 })),
+        threads: flags.get("threads", 2),
+        masters: flags.list("masters", &[1, 3, 5]),
+        throughput: !flags.switch("skip-throughput"),
+        micro: !flags.switch("skip-micro"),
+        smoke,
+        command_line: if args.is_empty() {
+            "cargo bench --bench hit_path".to_owned()
+        } else {
+            format!("cargo bench --bench hit_path -- {}", args.join(" "))
+        },
+    };
+    if o.callers.is_empty() || o.callers.iter().any(|&c| c == 0 || c > 4096) {
+        die("--callers: counts in 1..=4096");
+    }
+    if o.sizes.iter().any(|&s| s > 8 << 20) {
+        die("--sizes: at most 8 MiB");
+    }
+    if !(1..=100).contains(&o.rounds) || o.round > Duration::from_secs(10) {
+        die("--rounds: 1..=100, --round-ms: at most 10000");
+    }
+    if o.masters.iter().any(|&m| !(1..=7).contains(&m)) {
+        die("--masters: counts in 1..=7");
+    }
+
+    let started = Instant::now();
+    let env = common::environment_line(&support::redis_server_binary());
+    let date = common::utc_now();
+    let mut report = format!(
+        "## Hit-path bench ({date})\n\nCommand: `{}`  \nMachine: {env}.\n\n",
+        o.command_line
+    );
+    if o.throughput {
+        report.push_str(&throughput(&o));
+    }
+    if o.micro {
+        report.push_str(&micro(&o));
+    }
+    report.push_str(&format!(
+        "\nThe whole run took {:.0} s.\n",
+        started.elapsed().as_secs_f64()
+    ));
+    println!("\n{report}");
+    if !o.smoke {
+        let path = common::write_report("hit_path.md", &report);
+        eprintln!("hit_path: wrote {}", path.display());
+    }
+}
+
+fn value(size: usize) -> String {
+    "x".repeat(size)
+}
+
+fn key(size: usize, caller: usize) -> String {
+    format!("v{size}:{caller}")
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    Raw,
+    Cache,
+}
+
+/// One side of one round.
+struct Measured {
+    ops: u64,
+    elapsed: Duration,
+    /// Per-op latency, ns, sorted.
+    latencies: Vec<u32>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// The cache, the pool it shares with the raw side, and the server.
+struct Bench {
+    server: RedisServer,
+    pool: bb8::Pool<RedisConnectionManager>,
+    cache: LockedCache,
+}
+
+impl Bench {
+    /// `callers` tasks call for `duration`; every task on its own key.
+    async fn run(&self, side: Side, callers: usize, size: usize, duration: Duration) -> Measured {
+        let started = Instant::now();
+        let deadline = started + duration;
+        let tasks: Vec<_> = (0..callers)
+            .map(|caller| {
+                let key = key(size, caller);
+                let raw_key = self.cache.value_key(&key);
+                let pool = self.pool.clone();
+                let cache = self.cache.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::with_capacity(1 << 14);
+                    while Instant::now() < deadline {
+                        let t0 = Instant::now();
+                        match side {
+                            Side::Raw => {
+                                let mut conn = checkout(&pool).await;
+                                let bytes: Option<Vec<u8>> =
+                                    conn.get(&raw_key).await.expect("raw GET");
+                                black_box(bytes.expect("the value is stored"));
+                            }
+                            Side::Cache => {
+                                let v: String = cache
+                                    .get_or_load(&key, || async {
+                                        Err::<String, &str>("a hit must not load")
+                                    })
+                                    .await
+                                    .expect("cache hit");
+                                black_box(v);
+                            }
+                        }
+                        latencies.push(t0.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+                    }
+                    (latencies, Instant::now())
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut last = started;
+        for task in tasks {
+            let (latencies, ended) = task.await.expect("caller task");
+            all.extend(latencies);
+            last = last.max(ended);
+        }
+        all.sort_unstable();
+        Measured {
+            ops: all.len() as u64,
+            elapsed: last - started,
+            latencies: all,
+        }
+    }
+
+    /// Every command since the last reset except the harness's own.
+    fn commands(&self) -> u64 {
+        self.server
+            .command_stats()
+            .iter()
+            .filter(|(name, _)| {
+                let base = name.split('|').next().unwrap_or(name);
+                base != "info" && base != "config"
+            })
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// A clone of a pooled multiplexed connection, the checkout returned at once:
+/// what the cache does with a pool given by `.redis_pool(..)`.
+async fn checkout(pool: &bb8::Pool<RedisConnectionManager>) -> MultiplexedConnection {
+    let conn = pool.get().await.expect("pool checkout");
+    (*conn).clone()
+}
+
+struct Row {
+    callers: usize,
+    size: usize,
+    raw: Vec<Measured>,
+    cache: Vec<Measured>,
+    /// Per round: cache ops/s ÷ raw ops/s.
+    ratios: Vec<f64>,
+    cache_commands: u64,
+    raw_commands: u64,
+}
+
+fn throughput(o: &Options) -> String {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(o.threads)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let server = RedisServer::start();
+    let url = server.url();
+    let bench = runtime.block_on(async {
+        let manager = RedisConnectionManager::new(url.as_str()).expect("manager");
+        let pool = bb8::Pool::builder()
+            .max_size(DEFAULT_POOL_SIZE)
+            .test_on_check_out(false)
+            .build(manager)
+            .await
+            .expect("pool");
+        let cache = LockedCache::builder()
+            .redis_pool(url.as_str(), pool.clone())
+            .key_prefix("hit:")
+            .ttl(Duration::from_secs(3600))
+            .build()
+            .await
+            .expect("cache");
+        let max_callers = o.callers.iter().copied().max().unwrap_or(1);
+        for &size in &o.sizes {
+            let v = value(size);
+            for caller in 0..max_callers {
+                cache
+                    .set(&key(size, caller), &v)
+                    .await
+                    .expect("store value");
+            }
+        }
+        Bench {
+            server,
+            pool,
+            cache,
+        }
+    });
+
+    let mut rows = Vec::new();
+    for &callers in &o.callers {
+        for &size in &o.sizes {
+            eprintln!("hit_path: {callers} caller(s), {size} B...");
+            let row = runtime.block_on(async {
+                // Warm-up: connections opened, allocator and caches warm.
+                bench.run(Side::Raw, callers, size, o.round / 2).await;
+                bench.run(Side::Cache, callers, size, o.round / 2).await;
+                let mut row = Row {
+                    callers,
+                    size,
+                    raw: Vec::new(),
+                    cache: Vec::new(),
+                    ratios: Vec::new(),
+                    cache_commands: 0,
+                    raw_commands: 0,
+                };
+                for round in 0..o.rounds {
+                    let order = if round & 1 == 0 {
+                        [Side::Raw, Side::Cache]
+                    } else {
+                        [Side::Cache, Side::Raw]
+                    };
+                    for side in order {
+                        bench.server.reset_stats();
+                        let m = bench.run(side, callers, size, o.round).await;
+                        let commands = bench.commands();
+                        match side {
+                            Side::Raw => {
+                                row.raw_commands += commands;
+                                row.raw.push(m);
+                            }
+                            Side::Cache => {
+                                row.cache_commands += commands;
+                                row.cache.push(m);
+                            }
+                        }
+                    }
+                    let (raw, cache) = (row.raw.last().unwrap(), row.cache.last().unwrap());
+                    row.ratios.push(cache.rate() / raw.rate());
+                }
+                row
+            });
+            rows.push(row);
+        }
+    }
+    drop(bench);
+    render_throughput(o, &rows)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn size_label(size: usize) -> String {
+    if size >= 1024 && size & 1023 == 0 {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+/// Latency percentiles over every op of every round of one side, µs.
+fn latency(ms: &[Measured], p: f64) -> String {
+    let mut all: Vec<u32> = ms
+        .iter()
+        .flat_map(|m| m.latencies.iter().copied())
+        .collect();
+    all.sort_unstable();
+    format!("{:.0}", f64::from(percentile(&all, p)) / 1000.0)
+}
+
+fn render_throughput(o: &Options, rows: &[Row]) -> String {
+    let mut t = Table::new(&[
+        "callers",
+        "value",
+        "raw GET ops/s",
+        "get_or_load ops/s",
+        "ratio (median) [min–max]",
+        "raw p50 / p99 µs",
+        "get_or_load p50 / p99 µs",
+        "commands per hit (raw GET)",
+    ]);
+    let mut at_max = Vec::new();
+    let max_callers = o.callers.iter().copied().max().unwrap_or(1);
+    for r in rows {
+        let mut raw: Vec<f64> = r.raw.iter().map(Measured::rate).collect();
+        let mut cache: Vec<f64> = r.cache.iter().map(Measured::rate).collect();
+        let mut ratios = r.ratios.clone();
+        let ratio = median(&mut ratios);
+        if r.callers == max_callers {
+            at_max.push((r.size, ratio));
+        }
+        let cache_ops: u64 = r.cache.iter().map(|m| m.ops).sum();
+        let raw_ops: u64 = r.raw.iter().map(|m| m.ops).sum();
+        t.row(vec![
+            r.callers.to_string(),
+            size_label(r.size),
+            format!("{:.0}", median(&mut raw)),
+            format!("{:.0}", median(&mut cache)),
+            format!(
+                "{ratio:.3} [{:.3}–{:.3}]",
+                ratios.first().unwrap_or(&0.0),
+                ratios.last().unwrap_or(&0.0)
+            ),
+            format!("{} / {}", latency(&r.raw, 50.0), latency(&r.raw, 99.0)),
+            format!("{} / {}", latency(&r.cache, 50.0), latency(&r.cache, 99.0)),
+            format!(
+                "{:.3} ({:.3})",
+                r.cache_commands as f64 / cache_ops.max(1) as f64,
+                r.raw_commands as f64 / raw_ops.max(1) as f64
+            ),
+        ]);
+    }
+    let mut out = format!(
+        "### Hits: `get_or_load` vs raw redis-rs `GET`, same connections\n\n\
+         {} rounds of {} ms per side and configuration, ABBA order; {} tokio worker threads; \
+         one redis-server; each caller on its own key; ops/s are medians over rounds.\n\n",
+        o.rounds,
+        o.round.as_millis(),
+        o.threads
+    );
+    out.push_str(&t.markdown());
+    out.push_str(
+        "\n*Commands per hit*: every command the server counted during the cache rounds \
+         (`PING`, `HELLO`, `CLIENT` included; only the harness's `INFO`/`CONFIG` left out) \
+         divided by the hits; in parentheses the same for the raw rounds.\n\n",
+    );
+    for (size, ratio) in at_max {
+        out.push_str(&format!(
+            "- Target throughput ≥ 0.95× raw GET at {max_callers} callers, {}: {ratio:.3}× — {}\n",
+            size_label(size),
+            if ratio >= 0.95 {
+                "met".to_owned()
+            } else {
+                format!("**missed** by {:.1} points", (0.95 - ratio) * 100.0)
+            }
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+/// Criterion groups; returns the markdown table built from criterion's estimates.
+fn micro(o: &Options) -> String {
+    let out_dir = common::report_dir().join("criterion");
+    let mut c = if o.smoke {
+        Criterion::default()
+            .warm_up_time(Duration::from_millis(50))
+            .measurement_time(Duration::from_millis(100))
+            .sample_size(10)
+    } else {
+        Criterion::default()
+            .warm_up_time(Duration::from_millis(800))
+            .measurement_time(Duration::from_secs(2))
+            .sample_size(40)
+    }
+    .without_plots()
+    .output_directory(&out_dir);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut ids: Vec<(String, String)> = Vec::new();
+
+    {
+        let mut g = c.benchmark_group("codec");
+        for &size in &o.sizes {
+            let v = value(size);
+            let bytes = encode(&BincodeCodec, &v).expect("encode");
+            g.throughput(Throughput::Bytes(size as u64));
+            g.bench_with_input(BenchmarkId::new("encode", size), &v, |b, v| {
+                b.iter(|| encode(&BincodeCodec, black_box(v)).expect("encode"))
+            });
+            g.bench_with_input(BenchmarkId::new("decode", size), &bytes, |b, bytes| {
+                b.iter(|| decode::<_, String>(&BincodeCodec, black_box(bytes)).expect("decode"))
+            });
+            ids.push((
+                format!("codec/encode/{size}"),
+                format!("encode, {}", size_label(size)),
+            ));
+            ids.push((
+                format!("codec/decode/{size}"),
+                format!("decode, {}", size_label(size)),
+            ));
+        }
+        g.finish();
+    }
+
+    {
+        let cache = runtime.block_on(async {
+            let cache = LockedCache::builder().build().await.expect("memory cache");
+            cache.set("k", &value(1024)).await.expect("set");
+            cache
+        });
+        let mut g = c.benchmark_group("memory_store");
+        g.bench_function(BenchmarkId::new("get_or_load_hit", 1024), |b| {
+            b.iter_custom(|iters| {
+                runtime.block_on(async {
+                    let started = Instant::now();
+                    for _ in 0..iters {
+                        let v: String = cache
+                            .get_or_load("k", || async { Err::<String, &str>("must not load") })
+                            .await
+                            .expect("hit");
+                        black_box(v);
+                    }
+                    started.elapsed()
+                })
+            })
+        });
+        g.finish();
+        ids.push((
+            "memory_store/get_or_load_hit/1024".into(),
+            "in-memory store: get_or_load hit, 1 KiB".into(),
+        ));
+    }
+
+    let max_masters = o.masters.iter().copied().max().unwrap_or(1);
+    let fleet = Fleet::start(max_masters);
+    let urls = fleet.urls();
+    {
+        let mut g = c.benchmark_group("lock");
+        for &n in &o.masters {
+            let masters: Vec<&str> = urls[..n].iter().map(String::as_str).collect();
+            let lock = runtime.block_on(async {
+                let lock = Redlock::connect(&masters, LockOptions::default())
+                    .await
+                    .expect("redlock");
+                // Warm the pools (and load the release script) outside the measurement.
+                for _ in 0..8 {
+                    lock.acquire("lock.bench:warm")
+                        .await
+                        .expect("acquire")
+                        .release()
+                        .await
+                        .expect("release");
+                }
+                Arc::new(lock)
+            });
+            g.bench_with_input(BenchmarkId::new("acquire", n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    runtime.block_on(async {
+                        let mut timed = Duration::ZERO;
+                        for _ in 0..iters {
+                            let started = Instant::now();
+                            let guard = lock.acquire("lock.bench").await.expect("acquire");
+                            timed += started.elapsed();
+                            guard.release().await.expect("release");
+                        }
+                        timed
+                    })
+                })
+            });
+            g.bench_with_input(BenchmarkId::new("acquire_release", n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    runtime.block_on(async {
+                        let started = Instant::now();
+                        for _ in 0..iters {
+                            let guard = lock.acquire("lock.bench").await.expect("acquire");
+                            guard.release().await.expect("release");
+                        }
+                        started.elapsed()
+                    })
+                })
+            });
+            // The floor: the same `SET NX PX` sent by plain redis-rs to the same
+            // servers in parallel (the keys deleted untimed between iterations).
+            let conns = runtime.block_on(async {
+                let mut conns = Vec::new();
+                for url in &masters {
+                    let client = redis::Client::open(*url).expect("client");
+                    conns.push(
+                        client
+                            .get_multiplexed_async_connection()
+                            .await
+                            .expect("connection"),
+                    );
+                }
+                conns
+            });
+            g.bench_with_input(BenchmarkId::new("raw_set_nx", n), &n, |b, _| {
+                b.iter_custom(|iters| {
+                    runtime.block_on(async {
+                        let mut timed = Duration::ZERO;
+                        for _ in 0..iters {
+                            let started = Instant::now();
+                            let answers = futures_util::future::join_all(conns.iter().map(|c| {
+                                let mut c = c.clone();
+                                async move {
+                                    redis::cmd("SET")
+                                        .arg("lock.raw")
+                                        .arg("token")
+                                        .arg("NX")
+                                        .arg("PX")
+                                        .arg(5000)
+                                        .query_async::<Option<String>>(&mut c)
+                                        .await
+                                }
+                            }))
+                            .await;
+                            timed += started.elapsed();
+                            for (answer, c) in answers.into_iter().zip(&conns) {
+                                assert!(answer.expect("SET NX").is_some(), "raw lock was taken");
+                                let _: i64 = c.clone().del("lock.raw").await.expect("DEL");
+                            }
+                        }
+                        timed
+                    })
+                })
+            });
+            ids.push((
+                format!("lock/raw_set_nx/{n}"),
+                format!(
+                    "floor: raw redis-rs `SET NX PX` to {n} server{} in parallel",
+                    if n == 1 { "" } else { "s" }
+                ),
+            ));
+            ids.push((
+                format!("lock/acquire/{n}"),
+                format!("lock acquire, {n} master{}", if n == 1 { "" } else { "s" }),
+            ));
+            ids.push((
+                format!("lock/acquire_release/{n}"),
+                format!(
+                    "lock acquire + release, {n} master{}",
+                    if n == 1 { "" } else { "s" }
+                ),
+            ));
+        }
+        g.finish();
+    }
+    drop(fleet);
+    c.final_summary();
+
+    let mut t = Table::new(&["benchmark", "median", "mean [95% CI]"]);
+    let mut medians = std::collections::HashMap::new();
+    for (id, label) in &ids {
+        let Some(e) = estimates(&out_dir, id) else {
+            t.row(vec![label.clone(), "?".into(), "?".into()]);
+            continue;
+        };
+        medians.insert(id.clone(), e.median);
+        t.row(vec![
+            label.clone(),
+            duration_label(e.median),
+            format!(
+                "{} [{} – {}]",
+                duration_label(e.mean),
+                duration_label(e.mean_lo),
+                duration_label(e.mean_hi)
+            ),
+        ]);
+    }
+    let mut out = String::from(
+        "### Micro benchmarks (criterion)\n\n\
+         Codec: bincode with the locked-cache header, `String` values. Lock: `Redlock` with \
+         default options on loopback redis-servers; *acquire* times only the acquisition \
+         (the release runs untimed between iterations).\n\n",
+    );
+    out.push_str(&t.markdown());
+    out.push('\n');
+    if let (Some(one), Some(three)) = (medians.get("lock/acquire/1"), medians.get("lock/acquire/3"))
+    {
+        let ratio = three / one;
+        out.push_str(&format!(
+            "- Target lock acquire on 3 masters ≤ 1.3× 1 master: {ratio:.2}× ({} vs {}) — {}\n",
+            duration_label(*three),
+            duration_label(*one),
+            if ratio <= 1.3 {
+                "met".to_owned()
+            } else {
+                format!("**missed** by {:.0}%", (ratio / 1.3 - 1.0) * 100.0)
+            }
+        ));
+        if let (Some(raw1), Some(raw3)) = (
+            medians.get("lock/raw_set_nx/1"),
+            medians.get("lock/raw_set_nx/3"),
+        ) {
+            out.push_str(&format!(
+                "- For reference, the floor on this machine: raw parallel `SET NX` to 3 servers is \
+                 {:.2}× the one to 1 server ({} vs {}); locked-cache adds {} (1 master) and {} \
+                 (3 masters) to it.\n",
+                raw3 / raw1,
+                duration_label(*raw3),
+                duration_label(*raw1),
+                duration_label(one - raw1),
+                duration_label(three - raw3),
+            ));
+        }
+    }
+    out
+}
+
+struct Estimate {
+    median: f64,
+    mean: f64,
+    mean_lo: f64,
+    mean_hi: f64,
+}
+
+/// Criterion's point estimates (ns) for `id`, from its `new/estimates.json`.
+fn estimates(dir: &std::path::Path, id: &str) -> Option<Estimate> {
+    let path = dir.join(id).join("new").join("estimates.json");
+    let text = std::fs::read_to_string(path).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let get = |stat: &str, field: &str| -> Option<f64> {
+        match field {
+            "point" => json[stat]["point_estimate"].as_f64(),
+            bound => json[stat]["confidence_interval"][bound].as_f64(),
+        }
+    };
+    Some(Estimate {
+        median: get("median", "point")?,
+        mean: get("mean", "point")?,
+        mean_lo: get("mean", "lower_bound")?,
+        mean_hi: get("mean", "upper_bound")?,
+    })
+}
+
+fn duration_label(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.0} ns")
+    }
+}

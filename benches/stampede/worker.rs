@@ -1,0 +1,509 @@
+//! One worker process of the stampede bench: M tokio tasks released at the
+//! coordinator's instant, each calling `get_or_load` (or the unprotected
+//! GET/load/SET), timed one by one.
+//!
+//! Protocol on stdio: the worker builds its cache, warms it up (pools opened,
+//! scripts loaded) and prints `READY`; the coordinator answers `GO <unix µs>`
+//! once every worker is ready and the servers' command statistics are reset;
+//! the worker prints `RESULT <json>` and exits.
+
+use std::cell::Cell;
+use std::io::{BufRead, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use locked_cache::codec::{self, BincodeCodec};
+use locked_cache::{ConnectionOptions, LockedCache, RedisStore, SharedStore, Store};
+use redis::aio::MultiplexedConnection;
+use tokio::sync::mpsc;
+
+use crate::common::unix_micros;
+use crate::{Counters, Scenario, Strategy, WorkerConfig, WorkerReport};
+
+tokio::task_local! {
+    /// What one caller did: Redis commands sent on its behalf, and whether its
+    /// own loader ran.
+    static METER: Meter;
+}
+
+#[derive(Default)]
+struct Meter {
+    commands: Cell<u32>,
+    loaded: Cell<bool>,
+}
+
+/// Runs the worker described by `config_json` and exits the process.
+pub fn main(config_json: &str) -> ! {
+    let config: WorkerConfig = serde_json::from_str(config_json)
+        .unwrap_or_else(|e| fail(&format!("bad worker config: {e}")));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads.max(1))
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("tokio runtime: {e}")));
+    let report = runtime.block_on(run(config));
+    let mut out = std::io::stdout().lock();
+    let line = serde_json::to_string(&report).expect("serialize report");
+    let _ = writeln!(out, "RESULT {line}");
+    let _ = out.flush();
+    drop(out);
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    std::process::exit(0);
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("stampede worker {}: {message}", std::process::id());
+    std::process::exit(1);
+}
+
+/// Everything one call needs, shared by the tasks of the process.
+struct Ctx {
+    config: WorkerConfig,
+    /// The cache, for the protected strategies.
+    cache: Option<LockedCache>,
+    /// The value store (first master) as seen by the unprotected strategy.
+    store: SharedStore,
+    /// A connection of its own for the loader's run counter (bookkeeping,
+    /// not counted as the strategy's commands).
+    counter: MultiplexedConnection,
+    loads_key: String,
+    value: String,
+    ttl: Duration,
+}
+
+async fn run(config: WorkerConfig) -> WorkerReport {
+    let counts = Arc::new(OpCounts::default());
+    let stores: Vec<Arc<CountingStore>> = config
+        .urls
+        .iter()
+        .map(|url| {
+            let inner = RedisStore::open(url, ConnectionOptions::default())
+                .unwrap_or_else(|e| fail(&format!("open {url}: {e}")));
+            Arc::new(CountingStore {
+                inner,
+                counts: Arc::clone(&counts),
+            })
+        })
+        .collect();
+    let ttl = match config.scenario {
+        Scenario::Cold => Duration::from_secs(60),
+        Scenario::Zipf { ttl_ms, .. } => Duration::from_millis(ttl_ms),
+    };
+    let cache = match config.strategy {
+        Strategy::NoProtection => None,
+        Strategy::PollingOnly | Strategy::AllOn => {
+            let mut builder = LockedCache::builder()
+                .key_prefix(config.prefix.clone())
+                .ttl(ttl)
+                .retry_time(Duration::from_millis(config.retry_ms));
+            for store in &stores {
+                builder = builder.store(Arc::clone(store) as SharedStore);
+            }
+            if config.strategy == Strategy::PollingOnly {
+                builder = builder.wake_ups(false).coalesce(false);
+            }
+            Some(
+                builder
+                    .build()
+                    .await
+                    .unwrap_or_else(|e| fail(&format!("build cache: {e}"))),
+            )
+        }
+    };
+    let counter = redis::Client::open(config.urls[0].as_str())
+        .unwrap_or_else(|e| fail(&format!("counter client: {e}")))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| fail(&format!("counter connection: {e}")));
+    let ctx = Arc::new(Ctx {
+        loads_key: format!("{}bench:loads", config.prefix),
+        value: "v".repeat(config.value_bytes),
+        cache,
+        store: Arc::clone(&stores[0]) as SharedStore,
+        counter,
+        ttl,
+        config,
+    });
+
+    warm_up(&ctx, &stores).await;
+    println!("READY");
+    let _ = std::io::stdout().flush();
+    let start_us = tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line).ok()?;
+        line.trim().strip_prefix("GO ")?.parse::<u64>().ok()
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| fail("no GO from the coordinator"));
+    let start = Instant::now() + Duration::from_micros(start_us.saturating_sub(unix_micros()));
+
+    let before = counts.snapshot();
+    let deadline = Duration::from_secs(ctx.config.deadline_s);
+    let mut report = match tokio::time::timeout(deadline, measure(&ctx, start, start_us)).await {
+        Ok(report) => report,
+        Err(_) => fail(&format!("did not finish within {deadline:?}")),
+    };
+    let after = counts.snapshot();
+    report.client_commands = after
+        .into_iter()
+        .zip(before)
+        .map(|((name, a), (_, b))| (name.to_owned(), a - b))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    if let Some(cache) = &ctx.cache {
+        let s = cache.stats();
+        report.cache = Counters {
+            hits: s.hits,
+            misses: s.misses,
+            loads: s.loads,
+            coalesced: s.coalesced,
+            lock_attempts: s.lock_attempts,
+            lock_timeouts: s.lock_timeouts,
+            wakeups: s.wakeups,
+        };
+    }
+    report
+}
+
+/// Opens the pools' connections and loads the Lua scripts, as a process that
+/// has served traffic before would have: a miss on a key of its own (lock,
+/// double check, fenced store, release), then concurrent reads on every master.
+async fn warm_up(ctx: &Arc<Ctx>, stores: &[Arc<CountingStore>]) {
+    let key = format!("warm:{}", ctx.config.worker_index);
+    let counter = format!("{}bench:warm-up-loads", ctx.config.prefix);
+    if let Err(e) = call(ctx, &key, &counter).await {
+        fail(&format!("warm-up call: {e}"));
+    }
+    for store in stores {
+        let reads = (0..32).map(|_| {
+            let store = Arc::clone(store);
+            tokio::spawn(async move { store.get("warm:none").await })
+        });
+        for read in futures_util::future::join_all(reads).await {
+            if let Err(e) = read.expect("warm-up task") {
+                fail(&format!("warm-up read: {e}"));
+            }
+        }
+    }
+}
+
+/// One `get_or_load` (or unprotected GET, load, SET) of `key`; the loader
+/// counts its runs under `counter`.
+async fn call(ctx: &Ctx, key: &str, counter: &str) -> Result<String, String> {
+    let loader = || async {
+        let _ = METER.try_with(|m| m.loaded.set(true));
+        let mut connection = ctx.counter.clone();
+        redis::cmd("INCR")
+            .arg(counter)
+            .query_async::<i64>(&mut connection)
+            .await?;
+        tokio::time::sleep(Duration::from_millis(ctx.config.load_ms)).await;
+        Ok::<_, redis::RedisError>(ctx.value.clone())
+    };
+    match &ctx.cache {
+        Some(cache) => cache
+            .get_or_load(key, loader)
+            .await
+            .map_err(|e| e.to_string()),
+        None => {
+            let value_key = format!("{}{key}", ctx.config.prefix);
+            if let Some(bytes) = ctx.store.get(&value_key).await.map_err(|e| e.to_string())? {
+                return codec::decode(&BincodeCodec, &bytes).map_err(|e| e.to_string());
+            }
+            let value = loader().await.map_err(|e| e.to_string())?;
+            let bytes = codec::encode(&BincodeCodec, &value).map_err(|e| e.to_string())?;
+            ctx.store
+                .set(&value_key, &bytes, ctx.ttl)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(value)
+        }
+    }
+}
+
+/// A call measured: latency, commands, whether it loaded.
+struct Measured {
+    latency: Duration,
+    commands: u32,
+    loaded: bool,
+    error: Option<String>,
+}
+
+async fn measured_call(ctx: &Ctx, key: &str) -> Measured {
+    let started = Instant::now();
+    METER
+        .scope(Meter::default(), async {
+            let result = call(ctx, key, &ctx.loads_key).await;
+            let latency = started.elapsed();
+            let (commands, loaded) = METER.with(|m| (m.commands.get(), m.loaded.get()));
+            Measured {
+                latency,
+                commands,
+                loaded,
+                error: result.err(),
+            }
+        })
+        .await
+}
+
+async fn measure(ctx: &Arc<Ctx>, start: Instant, start_us: u64) -> WorkerReport {
+    match ctx.config.scenario {
+        Scenario::Cold => cold(ctx, start).await,
+        Scenario::Zipf {
+            keys,
+            exponent,
+            duration_ms,
+            think_ms,
+            ..
+        } => {
+            let zipf = Arc::new(Zipf::new(keys, exponent));
+            zipf_run(
+                ctx,
+                start,
+                start_us,
+                zipf,
+                Duration::from_millis(duration_ms),
+                Duration::from_millis(think_ms),
+            )
+            .await
+        }
+    }
+}
+
+/// Every task calls once for the one cold key, at the shared instant.
+async fn cold(ctx: &Arc<Ctx>, start: Instant) -> WorkerReport {
+    let tasks: Vec<_> = (0..ctx.config.tasks)
+        .map(|_| {
+            let ctx = Arc::clone(ctx);
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                let began = unix_micros();
+                let m = measured_call(&ctx, "cold").await;
+                (began, unix_micros(), m)
+            })
+        })
+        .collect();
+    let mut report = WorkerReport {
+        first_start_us: u64::MAX,
+        ..WorkerReport::default()
+    };
+    for task in tasks {
+        let (began, ended, m) = task.await.unwrap_or_else(|e| fail(&format!("task: {e}")));
+        report.first_start_us = report.first_start_us.min(began);
+        report.last_start_us = report.last_start_us.max(began);
+        report.last_end_us = report.last_end_us.max(ended);
+        report.latencies_us.push(m.latency.as_micros() as u32);
+        report.commands.push(m.commands);
+        report.loaded.push(m.loaded);
+        if let Some(e) = m.error {
+            report.errors += 1;
+            report.first_error.get_or_insert(e);
+        }
+    }
+    report.calls = report.latencies_us.len() as u64;
+    report
+}
+
+/// Every task loops over Zipf-drawn keys for `duration`, pausing `think`
+/// (±50%) between calls.
+async fn zipf_run(
+    ctx: &Arc<Ctx>,
+    start: Instant,
+    start_us: u64,
+    zipf: Arc<Zipf>,
+    duration: Duration,
+    think: Duration,
+) -> WorkerReport {
+    let end = start + duration;
+    let tasks: Vec<_> = (0..ctx.config.tasks)
+        .map(|_| {
+            let (ctx, zipf) = (Arc::clone(ctx), Arc::clone(&zipf));
+            tokio::spawn(async move {
+                tokio::time::sleep_until(start.into()).await;
+                let mut rng = fastrand::Rng::new();
+                let mut latencies = Vec::new();
+                let mut requests = Vec::new();
+                let mut errors = (0u64, None);
+                while Instant::now() < end {
+                    let k = zipf.sample(&mut rng);
+                    let at_ms = start.elapsed().as_millis() as u32;
+                    let m = measured_call(&ctx, &format!("z{k}")).await;
+                    latencies.push(m.latency.as_micros() as u32);
+                    requests.push((k, at_ms));
+                    if let Some(e) = m.error {
+                        errors.0 += 1;
+                        errors.1.get_or_insert(e);
+                    }
+                    let pause = think.mul_f64(0.5 + rng.f64());
+                    tokio::time::sleep(pause).await;
+                }
+                (latencies, requests, errors)
+            })
+        })
+        .collect();
+    let mut report = WorkerReport {
+        first_start_us: start_us,
+        last_start_us: start_us,
+        ..WorkerReport::default()
+    };
+    for task in tasks {
+        let (latencies, requests, (errors, first)) =
+            task.await.unwrap_or_else(|e| fail(&format!("task: {e}")));
+        report.latencies_us.extend(latencies);
+        report.requests.extend(requests);
+        report.errors += errors;
+        if report.first_error.is_none() {
+            report.first_error = first;
+        }
+    }
+    report.last_end_us = unix_micros();
+    report.calls = report.latencies_us.len() as u64;
+    // Only the first request of a key in each millisecond matters for the
+    // ideal-load count: keep the report small.
+    report.requests.sort_unstable();
+    report.requests.dedup();
+    report
+}
+
+/// Zipf(s) over ranks 1..=n by inverse CDF; returns the rank.
+struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: u32, s: f64) -> Zipf {
+        let mut total = 0.0;
+        let cumulative = (1..=n.max(1))
+            .map(|k| {
+                total += 1.0 / f64::from(k).powf(s);
+                total
+            })
+            .collect();
+        Zipf { cumulative }
+    }
+
+    fn sample(&self, rng: &mut fastrand::Rng) -> u32 {
+        let total = *self.cumulative.last().expect("n >= 1");
+        let u = rng.f64() * total;
+        let i = self.cumulative.partition_point(|&c| c <= u);
+        i.min(self.cumulative.len() - 1) as u32 + 1
+    }
+}
+
+/// Store operations, counted process-wide and per caller.
+const OPS: [&str; 9] = [
+    "get",
+    "set",
+    "delete",
+    "set_nx",
+    "release",
+    "extend",
+    "get_or_fence",
+    "set_fenced",
+    "subscribe",
+];
+
+#[derive(Debug, Default)]
+struct OpCounts([AtomicU64; OPS.len()]);
+
+impl OpCounts {
+    fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        OPS.iter()
+            .zip(&self.0)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
+/// A [`RedisStore`] that counts its commands: each [`Store`] call is one
+/// command to one server. Counted per process, and per caller through the
+/// task-local [`METER`] when the call runs inside a measured caller's task
+/// (commands the library sends from tasks of its own are counted only
+/// per process).
+#[derive(Debug)]
+struct CountingStore {
+    inner: RedisStore,
+    counts: Arc<OpCounts>,
+}
+
+impl CountingStore {
+    fn count(&self, op: usize) {
+        self.counts.0[op].fetch_add(1, Ordering::Relaxed);
+        let _ = METER.try_with(|m| m.commands.set(m.commands.get() + 1));
+    }
+}
+
+type StoreResult<T> = locked_cache::Result<T>;
+
+#[async_trait]
+impl Store for CountingStore {
+    async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
+        self.count(0);
+        self.inner.get(key).await
+    }
+
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()> {
+        self.count(1);
+        self.inner.set(key, value, ttl).await
+    }
+
+    async fn delete(&self, key: &str) -> StoreResult<bool> {
+        self.count(2);
+        self.inner.delete(key).await
+    }
+
+    async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> StoreResult<bool> {
+        self.count(3);
+        self.inner.set_nx(key, token, expiry).await
+    }
+
+    async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> StoreResult<bool> {
+        self.count(4);
+        self.inner.release(key, token, channel).await
+    }
+
+    async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> StoreResult<bool> {
+        self.count(5);
+        self.inner.extend(key, token, expiry).await
+    }
+
+    async fn get_or_fence(
+        &self,
+        key: &str,
+        fence_key: &str,
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> StoreResult<Option<Vec<u8>>> {
+        self.count(6);
+        self.inner
+            .get_or_fence(key, fence_key, token, fence_expiry)
+            .await
+    }
+
+    async fn set_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        fence_key: &str,
+        token: &[u8],
+    ) -> StoreResult<bool> {
+        self.count(7);
+        self.inner
+            .set_fenced(key, value, ttl, fence_key, token)
+            .await
+    }
+
+    async fn subscribe(&self, channel: &str) -> StoreResult<mpsc::Receiver<Vec<u8>>> {
+        self.count(8);
+        self.inner.subscribe(channel).await
+    }
+
+    fn server(&self) -> &str {
+        self.inner.server()
+    }
+}
