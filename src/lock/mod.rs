@@ -324,13 +324,7 @@ impl Redlock {
         })?;
         Stats::add(&self.inner.stats.lock_attempts);
         let started = Instant::now();
-        let answers = join_all(
-            self.inner
-                .masters
-                .iter()
-                .map(|m| m.set_nx(resource, token.as_bytes(), expiry)),
-        )
-        .await;
+        let answers = self.set_nx_all(resource, &token, expiry).await?;
         let elapsed = started.elapsed();
         let granted = answers.iter().filter(|a| matches!(a, Ok(true))).count();
         let reachable = answers.iter().filter(|a| a.is_ok()).count();
@@ -363,6 +357,38 @@ impl Redlock {
         } else {
             Attempt::NoQuorum { reachable }
         })
+    }
+
+    /// Sends `SET NX PX` to every master from a task of its own, so that a caller
+    /// dropped while the commands are in flight (a `get_or_load` cancelled by a
+    /// timeout) does not leave a lock that nobody holds until it expires: the task
+    /// waits for the answers and, with nobody left to receive them, undoes the
+    /// grants and wakes the waiters.
+    async fn set_nx_all(
+        &self,
+        resource: &str,
+        token: &Token,
+        expiry: Duration,
+    ) -> Result<Vec<Result<bool>>> {
+        let (inner, resource, token) =
+            (Arc::clone(&self.inner), resource.to_owned(), token.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let answers = join_all(
+                inner
+                    .masters
+                    .iter()
+                    .map(|m| m.set_nx(&resource, token.as_bytes(), expiry)),
+            )
+            .await;
+            if let Err(answers) = tx.send(answers)
+                && answers.iter().any(|a| !matches!(a, Ok(false)))
+            {
+                let _ = inner.release_all(&resource, &token, true).await;
+            }
+        });
+        // Only a runtime shutting down drops the task before it answers.
+        rx.await.map_err(|_| Error::Abandoned)
     }
 }
 
