@@ -49,8 +49,8 @@ impl Codec for BincodeCodec {
     }
 
     fn decode_payload<T: DeserializeOwned>(&self, payload: &[u8]) -> Result<T, CodecError> {
-        let (value, read) = bincode::serde::decode_from_slice(payload, bincode::config::standard())
-            .map_err(|e| CodecError::Decode(e.to_string()))?;
+        let (value, read) =
+            decode_bounded(payload).map_err(|e| CodecError::Decode(e.to_string()))?;
         if read != payload.len() {
             return Err(CodecError::Decode(format!(
                 "{} trailing bytes after the value",
@@ -58,6 +58,35 @@ impl Codec for BincodeCodec {
             )));
         }
         Ok(value)
+    }
+}
+
+/// In memory, a decoded value claims at most 16 bytes per encoded byte (a
+/// varint-encoded `u128`); bincode's allocation limit is set to twice that.
+const DECODE_BUDGET: usize = 32;
+
+/// Decodes with bincode's allocation limit at [`DECODE_BUDGET`] times the
+/// payload's size (rounded up to 1, 16 or 256 MiB or 1 GiB), so that a corrupt
+/// length prefix (foreign or truncated bytes, another type) fails to decode
+/// instead of allocating without bound (a capacity-overflow panic, or an abort when the
+/// allocation fails). Payloads over 32 MiB (twice the default maximum value
+/// size) are decoded without a limit.
+fn decode_bounded<T: DeserializeOwned>(
+    payload: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    use bincode::serde::decode_from_slice;
+    let config = bincode::config::standard();
+    let budget = payload.len().saturating_mul(DECODE_BUDGET);
+    if budget <= 1 << 20 {
+        decode_from_slice(payload, config.with_limit::<{ 1 << 20 }>())
+    } else if budget <= 1 << 24 {
+        decode_from_slice(payload, config.with_limit::<{ 1 << 24 }>())
+    } else if budget <= 1 << 28 {
+        decode_from_slice(payload, config.with_limit::<{ 1 << 28 }>())
+    } else if budget <= 1 << 30 {
+        decode_from_slice(payload, config.with_limit::<{ 1 << 30 }>())
+    } else {
+        decode_from_slice(payload, config)
     }
 }
 
@@ -154,6 +183,32 @@ mod tests {
                 found: b'x',
                 expected: b'b'
             })
+        );
+    }
+
+    #[test]
+    fn a_length_prefix_beyond_the_payload_is_an_error_not_an_allocation() {
+        // u64::MAX read back as a String: a length prefix of 2^64 - 1 bytes.
+        let bytes = encode(&BincodeCodec, &u64::MAX).unwrap();
+        assert!(matches!(
+            decode::<_, String>(&BincodeCodec, &bytes),
+            Err(CodecError::Decode(_))
+        ));
+        // 2^40 bytes claimed, which would abort on allocation.
+        let bytes = encode(&BincodeCodec, &(1u64 << 40)).unwrap();
+        assert!(matches!(
+            decode::<_, Vec<u8>>(&BincodeCodec, &bytes),
+            Err(CodecError::Decode(_))
+        ));
+        // Values whose decoded form is far larger than their encoding still decode.
+        let wide = vec![1u128; 100_000];
+        let bytes = encode(&BincodeCodec, &wide).unwrap();
+        assert_eq!(decode::<_, Vec<u128>>(&BincodeCodec, &bytes).unwrap(), wide);
+        let strings = vec![String::new(); 100_000];
+        let bytes = encode(&BincodeCodec, &strings).unwrap();
+        assert_eq!(
+            decode::<_, Vec<String>>(&BincodeCodec, &bytes).unwrap(),
+            strings
         );
     }
 
