@@ -15,6 +15,9 @@ use crate::stats::Stats;
 use crate::store::redis::{ConnectionOptions, redact};
 use crate::store::{MemoryStore, RedisStore, SharedStore};
 
+/// The longest TTL accepted, by the builder and by `set_with_ttl`: 10 years.
+pub(super) const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// What a miss does when the Redlock majority cannot be reached (too many
 /// masters down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -277,7 +280,7 @@ impl<C: Codec> Builder<C> {
         if self.ttl < Duration::from_millis(1) {
             return invalid("ttl must be at least 1 ms".into());
         }
-        if self.ttl > Duration::from_secs(10 * 365 * 24 * 3600) {
+        if self.ttl > MAX_TTL {
             return invalid("ttl must be at most 10 years".into());
         }
         if self.pool_size == 0 {

@@ -267,7 +267,8 @@ impl<C: Codec> LockedCache<C> {
         self.set_with_ttl(key, value, self.inner.ttl).await
     }
 
-    /// As [`set`](Self::set), with its own TTL (at least 1 ms).
+    /// As [`set`](Self::set), with its own TTL (1 ms to 10 years, else
+    /// [`Error::InvalidConfig`]).
     pub async fn set_with_ttl<T: Serialize>(
         &self,
         key: &str,
@@ -276,8 +277,10 @@ impl<C: Codec> LockedCache<C> {
     ) -> Result<()> {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        if ttl < Duration::from_millis(1) {
-            return Err(Error::InvalidConfig("ttl must be at least 1 ms".into()));
+        if ttl < Duration::from_millis(1) || ttl > builder::MAX_TTL {
+            return Err(Error::InvalidConfig(
+                "ttl must be at least 1 ms and at most 10 years".into(),
+            ));
         }
         let bytes = inner.encode(key, value)?;
         inner

@@ -69,6 +69,7 @@ impl LockGuard {
     /// True when a majority did, and the validity is renewed; false when the lock
     /// was lost (expired and maybe taken by another).
     pub async fn extend(&mut self, expiry: Duration) -> Result<bool> {
+        super::check_expiry(expiry)?;
         let started = Instant::now();
         let extended = self
             .inner

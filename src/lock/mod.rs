@@ -91,23 +91,38 @@ impl LockOptions {
     /// Rejects settings that cannot work.
     pub fn validate(&self) -> Result<()> {
         let invalid = |m: &str| Err(Error::InvalidConfig(m.to_owned()));
-        if self.expiry < Duration::from_millis(10) {
-            return invalid("lock expiry must be at least 10 ms");
-        }
-        if self.expiry > Duration::from_secs(24 * 3600) {
-            return invalid("lock expiry must be at most 24 h");
-        }
+        check_expiry(self.expiry)?;
         if self.retry.is_zero() {
             return invalid("retry time must be positive");
         }
-        if self.wait > Duration::from_secs(24 * 3600) {
-            return invalid("wait time must be at most 24 h");
-        }
+        check_wait(self.wait)?;
         if self.channel.is_empty() {
             return invalid("release channel must not be empty");
         }
         Ok(())
     }
+}
+
+/// A lock expiry must be 10 ms to 24 h: in the options, and when given to
+/// [`Redlock::acquire_with`], [`Redlock::try_acquire`] or [`LockGuard::extend`].
+fn check_expiry(expiry: Duration) -> Result<()> {
+    let invalid = |m: &str| Err(Error::InvalidConfig(m.to_owned()));
+    if expiry < Duration::from_millis(10) {
+        return invalid("lock expiry must be at least 10 ms");
+    }
+    if expiry > Duration::from_secs(24 * 3600) {
+        return invalid("lock expiry must be at most 24 h");
+    }
+    Ok(())
+}
+
+/// A wait time must be at most 24 h.
+fn check_wait(wait: Duration) -> Result<()> {
+    if wait > Duration::from_secs(24 * 3600) {
+        let message = "wait time must be at most 24 h";
+        return Err(Error::InvalidConfig(message.into()));
+    }
+    Ok(())
 }
 
 /// A distributed lock over one or more independent Redis masters (or the
@@ -235,6 +250,8 @@ impl Redlock {
         expiry: Duration,
         wait: Duration,
     ) -> Result<LockGuard> {
+        check_expiry(expiry)?;
+        check_wait(wait)?;
         let started = Instant::now();
         let deadline = started + wait;
         let Some(turn) = self.inner.lines.wait_turn(resource, deadline).await else {
@@ -265,6 +282,7 @@ impl Redlock {
     /// One attempt, no waiting: `Ok(None)` when someone else (in this process or
     /// another) holds the lock.
     pub async fn try_acquire(&self, resource: &str, expiry: Duration) -> Result<Option<LockGuard>> {
+        check_expiry(expiry)?;
         let Some(turn) = self.inner.lines.try_turn(resource) else {
             return Ok(None);
         };
