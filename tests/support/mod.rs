@@ -3,6 +3,7 @@
 //! utilities. Include with `mod support;`.
 #![allow(dead_code)]
 
+pub mod capture;
 pub mod proxy;
 pub mod server;
 
