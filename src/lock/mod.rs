@@ -28,6 +28,7 @@ mod guard;
 mod local;
 mod quorum;
 mod token;
+mod vote;
 mod wakeups;
 
 pub use guard::LockGuard;
@@ -36,8 +37,6 @@ use quorum::{quorum, validity};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::join_all;
-
 use crate::defaults::{DEFAULT_CHANNEL, DEFAULT_LOCK_EXPIRY, DEFAULT_RETRY, DEFAULT_WAIT};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -45,6 +44,7 @@ use crate::store::redis::ConnectionOptions;
 use crate::store::{MemoryStore, RedisStore, SharedStore};
 use local::Lines;
 use token::Token;
+use vote::{Ballot, Decision};
 pub(crate) use wakeups::Waiter;
 use wakeups::{Listeners, Registry};
 
@@ -335,78 +335,55 @@ impl Redlock {
         }
     }
 
-    /// Sends `SET NX PX` to every master at once and counts the grants.
+    /// Sends `SET NX PX` to every master at once and counts the grants, deciding
+    /// as soon as a majority answered alike (see `vote.rs`).
     pub(crate) async fn attempt(&self, resource: &str, expiry: Duration) -> Result<Attempt> {
         let token = Token::new().map_err(|e| {
             Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
         })?;
         Stats::add(&self.inner.stats.lock_attempts);
         let started = Instant::now();
-        let answers = self.set_nx_all(resource, &token, expiry).await?;
-        let elapsed = started.elapsed();
-        let granted = answers.iter().filter(|a| matches!(a, Ok(true))).count();
-        let reachable = answers.iter().filter(|a| a.is_ok()).count();
+        let mut ballot = Ballot::open(
+            &self.inner.masters,
+            resource,
+            &token,
+            expiry,
+            &self.inner.options.channel,
+        );
+        ballot.count().await;
+        let elapsed = ballot.settled_at - started;
+        let votes = &ballot.votes;
         let needed = quorum(self.inner.masters.len());
-        if granted >= needed
+        if votes.yes >= needed
             && let Some(validity) = validity(expiry, elapsed)
         {
+            ballot.decide(Decision::Keep);
             return Ok(Attempt::Acquired(LockGuard::new(
                 Arc::clone(&self.inner),
                 resource.to_owned(),
                 token,
-                // The validity counts from when the answers were in.
-                started + elapsed + validity,
+                // The validity counts from when the grants were in.
+                ballot.settled_at + validity,
             )));
         }
-        if let Some(e) = answers.iter().find_map(|a| a.as_ref().err()) {
-            tracing::debug!(resource, error = %e, granted, reachable, "lock attempt: master failed");
+        // Undo the partial acquisition, including grants still to arrive and
+        // masters whose answer was lost. Not published: the lock was never held,
+        // and waking waiters for a split vote would only start the next one.
+        ballot.decide(Decision::Undo);
+        if let Some(e) = &votes.first_error {
+            tracing::debug!(resource, error = %e, granted = votes.yes, "lock attempt: a master failed");
         }
-        // Undo the partial acquisition (including on masters whose answer was lost)
-        // without making this caller wait for it.
-        if answers.iter().any(|a| !matches!(a, Ok(false))) {
-            let inner = Arc::clone(&self.inner);
-            let resource = resource.to_owned();
-            // Not published: the lock was never held, and waking every waiter for
-            // a split vote would only start the next split vote.
-            tokio::spawn(async move { inner.release_all(&resource, &token, false).await });
-        }
-        Ok(if reachable >= needed {
-            Attempt::Held { split: granted > 0 }
+        let reachable = votes.yes + votes.no;
+        Ok(if votes.no >= needed || reachable >= needed {
+            Attempt::Held {
+                // Some masters granted and no majority refused: nobody may hold
+                // the lock (the votes split), so retry soon rather than wait for
+                // a release that may never be published.
+                split: votes.yes > 0 && votes.no < needed,
+            }
         } else {
             Attempt::NoQuorum { reachable }
         })
-    }
-
-    /// Sends `SET NX PX` to every master from a task of its own, so that a caller
-    /// dropped while the commands are in flight (a `get_or_load` cancelled by a
-    /// timeout) does not leave a lock that nobody holds until it expires: the task
-    /// waits for the answers and, with nobody left to receive them, undoes the
-    /// grants and wakes the waiters.
-    async fn set_nx_all(
-        &self,
-        resource: &str,
-        token: &Token,
-        expiry: Duration,
-    ) -> Result<Vec<Result<bool>>> {
-        let (inner, resource, token) =
-            (Arc::clone(&self.inner), resource.to_owned(), token.clone());
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            let answers = join_all(
-                inner
-                    .masters
-                    .iter()
-                    .map(|m| m.set_nx(&resource, token.as_bytes(), expiry)),
-            )
-            .await;
-            if let Err(answers) = tx.send(answers)
-                && answers.iter().any(|a| !matches!(a, Ok(false)))
-            {
-                let _ = inner.release_all(&resource, &token, true).await;
-            }
-        });
-        // Only a runtime shutting down drops the task before it answers.
-        rx.await.map_err(|_| Error::Abandoned)
     }
 }
 
@@ -414,43 +391,28 @@ impl Inner {
     /// Compare-and-delete on every master, publishing the release to waiters when
     /// `publish`; true when a majority still held `token`.
     async fn release_all(&self, resource: &str, token: &Token, publish: bool) -> Result<bool> {
-        let channel = publish.then_some(self.options.channel.as_str());
-        let answers = join_all(
-            self.masters
-                .iter()
-                .map(|m| m.release(resource, token.as_bytes(), channel)),
-        )
-        .await;
-        majority(answers, self.masters.len())
+        let channel = publish.then(|| self.options.channel.clone());
+        let (resource, token) = (resource.to_owned(), token.clone());
+        vote::ask(&self.masters, move |master| {
+            let (resource, token, channel) = (resource.clone(), token.clone(), channel.clone());
+            async move {
+                master
+                    .release(&resource, token.as_bytes(), channel.as_deref())
+                    .await
+            }
+        })
+        .majority()
+        .await
     }
 
     /// Compare-and-pexpire on every master; true when a majority still held `token`.
     async fn extend_all(&self, resource: &str, token: &Token, expiry: Duration) -> Result<bool> {
-        let answers = join_all(
-            self.masters
-                .iter()
-                .map(|m| m.extend(resource, token.as_bytes(), expiry)),
-        )
-        .await;
-        majority(answers, self.masters.len())
-    }
-}
-
-/// True when a majority answered `true`, false when a majority can no longer
-/// have (even counting the masters that failed), and otherwise the first error:
-/// the outcome is unknown.
-fn majority(answers: Vec<Result<bool>>, masters: usize) -> Result<bool> {
-    let needed = quorum(masters);
-    let yes = answers.iter().filter(|a| matches!(a, Ok(true))).count();
-    let failed = answers.iter().filter(|a| a.is_err()).count();
-    if yes >= needed {
-        return Ok(true);
-    }
-    if yes + failed < needed {
-        return Ok(false);
-    }
-    match answers.into_iter().find_map(|a| a.err()) {
-        Some(e) => Err(e),
-        None => Ok(false),
+        let (resource, token) = (resource.to_owned(), token.clone());
+        vote::ask(&self.masters, move |master| {
+            let (resource, token) = (resource.clone(), token.clone());
+            async move { master.extend(&resource, token.as_bytes(), expiry).await }
+        })
+        .majority()
+        .await
     }
 }
