@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use locked_cache::{Builder, LoadError, LockedCache};
-use support::{Fleet, RedisServer, eventually, join_all_checked, unique_prefix};
+use support::{Fleet, RedisServer, TcpProxy, eventually, join_all_checked, unique_prefix};
 use tokio::sync::{Barrier, Notify};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -206,6 +206,74 @@ async fn a_lost_lock_is_signalled_and_its_stale_write_is_fenced_off() {
     assert_eq!(
         a.get::<String>("k").await.unwrap().as_deref(),
         Some("new"),
+        "the holder that lost its lock overwrote a newer value"
+    );
+    assert_eq!(a.stats().lock_lost, 1);
+    assert_eq!(b.stats().lock_lost, 0);
+}
+
+/// The holder is cut off from Redis (its link stalls, as in a long GC pause or a
+/// partition) for longer than the lock expiry. Another process takes the lock
+/// and stores a newer value. When the link resumes, the holder's loader is told
+/// the lock was lost, its caller gets the value it loaded, its write is refused
+/// by the fence, and the loss is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_cut_off_past_its_lock_expiry_is_told_and_fenced_off() {
+    let server = RedisServer::start();
+    let proxy = TcpProxy::start(server.addr()).await;
+    let prefix = unique_prefix("partition");
+    let expiry = Duration::from_millis(400);
+    let a = builder(vec![proxy.url()], &prefix)
+        .lock_expiry(expiry)
+        .build()
+        .await
+        .unwrap();
+    let b = builder(vec![server.url()], &prefix)
+        .lock_expiry(expiry)
+        .build()
+        .await
+        .unwrap();
+    let (started, proceed) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let first = tokio::spawn({
+        let (a, started, proceed) = (a.clone(), Arc::clone(&started), Arc::clone(&proceed));
+        async move {
+            a.get_or_load_with("k", |ctx| async move {
+                started.notify_one();
+                proceed.notified().await;
+                let _ = tokio::time::timeout(Duration::from_secs(3), ctx.lock_lost()).await;
+                Ok::<_, String>((ctx.is_lock_lost(), "stale".to_owned()))
+            })
+            .await
+        }
+    });
+    started.notified().await;
+    proxy.stall();
+    // Past the expiry: the holder's lock is gone from Redis.
+    assert!(
+        eventually(expiry * 2, || async {
+            server
+                .query::<Option<String>>(&["GET", &a.lock_key("k")])
+                .is_none()
+        })
+        .await,
+        "the cut-off holder's lock did not expire"
+    );
+    let newer: String = b
+        .get_or_load("k", || async { Ok::<_, String>("fresh".to_owned()) })
+        .await
+        .unwrap();
+    assert_eq!(newer, "fresh");
+    proxy.resume();
+    proceed.notify_one();
+    let (lost, stale) = join_all_checked(vec![first]).await.remove(0).unwrap();
+    assert!(lost, "the holder was not told that its lock was lost");
+    assert_eq!(
+        stale, "stale",
+        "the holder's caller gets the value it loaded"
+    );
+    assert_eq!(
+        b.get::<String>("k").await.unwrap().as_deref(),
+        Some("fresh"),
         "the holder that lost its lock overwrote a newer value"
     );
     assert_eq!(a.stats().lock_lost, 1);
