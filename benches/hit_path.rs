@@ -7,16 +7,18 @@
 //!    multiplexed connection for each command, as the cache does). Each caller
 //!    has its own key (so in-process coalescing never merges hits), and the raw
 //!    side returns the bytes without decoding them: the baseline is the bare
-//!    round trip. A custom harness, not criterion: N tasks run for a fixed time,
-//!    raw and cache alternate over several rounds (ABBA order), and the ratio is
-//!    the median of the per-round ratios, which cancels most of the drift of a
-//!    shared 2-core machine. Redis commands per hit come from `INFO
-//!    commandstats` deltas of every cache round, counting *every* command
-//!    (`PING` included) except the harness's `INFO`/`CONFIG`: one round trip
-//!    shows as 1.00.
+//!    round trip. `LockedCache::get` (the same read without the in-process
+//!    flight) runs as a third side, to show where the difference goes. A custom
+//!    harness, not criterion: N tasks run for a fixed time, the sides take turns
+//!    over several rounds (rotating order), and the ratio is the median of the
+//!    per-round ratios, which cancels most of the drift of a shared 2-core
+//!    machine. Redis commands per hit come from `INFO commandstats` deltas of
+//!    every round, counting *every* command (`PING` included) except the
+//!    harness's `INFO`/`CONFIG`: one round trip shows as 1.00.
 //! 2. **Micro benchmarks** (criterion): codec encode/decode, a hit on the
 //!    embedded in-memory store, and lock acquire (+ release) on 1, 3 and 5
-//!    masters.
+//!    masters, next to the floor: plain redis-rs `SET NX PX` sent to the same
+//!    servers in parallel.
 //!
 //! The bench starts its own `redis-server` processes on free loopback ports
 //! (the test support in `tests/support/`). Run it with
@@ -58,8 +60,8 @@ USAGE: cargo bench --bench hit_path -- [FLAGS]
 
   --callers LIST      concurrent callers                           [1,16,64]
   --sizes LIST        value sizes, bytes                           [100,1024,65536]
-  --rounds N          raw/cache rounds per configuration            [10]
-  --round-ms T        duration of one round of one side, ms         [300]
+  --rounds N          rounds per configuration (each side once)    [16]
+  --round-ms T        duration of one round of one side, ms         [150]
   --threads N         tokio worker threads                          [2]
   --masters LIST      lock benchmarks: master counts                [1,3,5]
   --skip-throughput   only the micro benchmarks
@@ -104,8 +106,8 @@ fn main() {
     let o = Options {
         callers: flags.list("callers", if smoke { &[1, 16] } else { &[1, 16, 64] }),
         sizes: flags.list("sizes", if smoke { &[100] } else { &[100, 1024, 65536] }),
-        rounds: flags.get("rounds", if smoke { 2 } else { 10 }),
-        round: Duration::from_millis(flags.get("round-ms", if smoke { 50 } else { 300 })),
+        rounds: flags.get("rounds", if smoke { 2 } else { 16 }),
+        round: Duration::from_millis(flags.get("round-ms", if smoke { 50 } else { 150 })),
         threads: flags.get("threads", 2),
         masters: flags.list("masters", &[1, 3, 5]),
         throughput: !flags.switch("skip-throughput"),
@@ -164,9 +166,15 @@ fn key(size: usize, caller: usize) -> String {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Side {
+    /// redis-rs `GET` on a connection from the shared pool; bytes not decoded.
     Raw,
-    Cache,
+    /// `LockedCache::get`: one `GET` and decode, no flight.
+    Get,
+    /// `LockedCache::get_or_load` on a cached key.
+    GetOrLoad,
 }
+
+const SIDES: [Side; 3] = [Side::Raw, Side::Get, Side::GetOrLoad];
 
 /// One side of one round.
 struct Measured {
@@ -211,7 +219,11 @@ impl Bench {
                                     conn.get(&raw_key).await.expect("raw GET");
                                 black_box(bytes.expect("the value is stored"));
                             }
-                            Side::Cache => {
+                            Side::Get => {
+                                let v: Option<String> = cache.get(&key).await.expect("cache get");
+                                black_box(v.expect("the value is stored"));
+                            }
+                            Side::GetOrLoad => {
                                 let v: String = cache
                                     .get_or_load(&key, || async {
                                         Err::<String, &str>("a hit must not load")
@@ -263,15 +275,55 @@ async fn checkout(pool: &bb8::Pool<RedisConnectionManager>) -> MultiplexedConnec
     (*conn).clone()
 }
 
+/// Every round of one side.
+#[derive(Default)]
+struct SideRuns {
+    runs: Vec<Measured>,
+    /// Server commands during these rounds.
+    commands: u64,
+}
+
+impl SideRuns {
+    fn ops(&self) -> u64 {
+        self.runs.iter().map(|m| m.ops).sum()
+    }
+
+    fn median_rate(&self) -> f64 {
+        median(&mut self.runs.iter().map(Measured::rate).collect::<Vec<_>>())
+    }
+
+    fn commands_per_op(&self) -> f64 {
+        self.commands as f64 / self.ops().max(1) as f64
+    }
+
+    /// Latency percentile over every op of every round, µs.
+    fn latency(&self, p: f64) -> String {
+        let mut all: Vec<u32> = self
+            .runs
+            .iter()
+            .flat_map(|m| m.latencies.iter().copied())
+            .collect();
+        all.sort_unstable();
+        format!("{:.0}", f64::from(percentile(&all, p)) / 1000.0)
+    }
+
+    /// Per round: this side's ops/s ÷ the raw side's, sorted.
+    fn ratios(&self, raw: &SideRuns) -> Vec<f64> {
+        let mut ratios: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&raw.runs)
+            .map(|(m, r)| m.rate() / r.rate())
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios
+    }
+}
+
 struct Row {
     callers: usize,
     size: usize,
-    raw: Vec<Measured>,
-    cache: Vec<Measured>,
-    /// Per round: cache ops/s ÷ raw ops/s.
-    ratios: Vec<f64>,
-    cache_commands: u64,
-    raw_commands: u64,
+    sides: [SideRuns; 3],
 }
 
 fn throughput(o: &Options) -> String {
@@ -320,40 +372,23 @@ fn throughput(o: &Options) -> String {
             eprintln!("hit_path: {callers} caller(s), {size} B...");
             let row = runtime.block_on(async {
                 // Warm-up: connections opened, allocator and caches warm.
-                bench.run(Side::Raw, callers, size, o.round / 2).await;
-                bench.run(Side::Cache, callers, size, o.round / 2).await;
+                for side in SIDES {
+                    bench.run(side, callers, size, o.round / 2).await;
+                }
                 let mut row = Row {
                     callers,
                     size,
-                    raw: Vec::new(),
-                    cache: Vec::new(),
-                    ratios: Vec::new(),
-                    cache_commands: 0,
-                    raw_commands: 0,
+                    sides: Default::default(),
                 };
                 for round in 0..o.rounds {
-                    let order = if round & 1 == 0 {
-                        [Side::Raw, Side::Cache]
-                    } else {
-                        [Side::Cache, Side::Raw]
-                    };
-                    for side in order {
+                    // Each side goes first, second and last equally often.
+                    for i in 0..SIDES.len() {
+                        let index = (round + i) % SIDES.len();
                         bench.server.reset_stats();
-                        let m = bench.run(side, callers, size, o.round).await;
-                        let commands = bench.commands();
-                        match side {
-                            Side::Raw => {
-                                row.raw_commands += commands;
-                                row.raw.push(m);
-                            }
-                            Side::Cache => {
-                                row.cache_commands += commands;
-                                row.cache.push(m);
-                            }
-                        }
+                        let m = bench.run(SIDES[index], callers, size, o.round).await;
+                        row.sides[index].commands += bench.commands();
+                        row.sides[index].runs.push(m);
                     }
-                    let (raw, cache) = (row.raw.last().unwrap(), row.cache.last().unwrap());
-                    row.ratios.push(cache.rate() / raw.rate());
                 }
                 row
             });
@@ -385,71 +420,65 @@ fn size_label(size: usize) -> String {
     }
 }
 
-/// Latency percentiles over every op of every round of one side, µs.
-fn latency(ms: &[Measured], p: f64) -> String {
-    let mut all: Vec<u32> = ms
-        .iter()
-        .flat_map(|m| m.latencies.iter().copied())
-        .collect();
-    all.sort_unstable();
-    format!("{:.0}", f64::from(percentile(&all, p)) / 1000.0)
-}
-
 fn render_throughput(o: &Options, rows: &[Row]) -> String {
     let mut t = Table::new(&[
         "callers",
         "value",
         "raw GET ops/s",
         "get_or_load ops/s",
-        "ratio (median) [min–max]",
+        "ratio [min–max]",
+        "get ratio",
         "raw p50 / p99 µs",
         "get_or_load p50 / p99 µs",
-        "commands per hit (raw GET)",
+        "commands per hit",
     ]);
     let mut at_max = Vec::new();
     let max_callers = o.callers.iter().copied().max().unwrap_or(1);
     for r in rows {
-        let mut raw: Vec<f64> = r.raw.iter().map(Measured::rate).collect();
-        let mut cache: Vec<f64> = r.cache.iter().map(Measured::rate).collect();
-        let mut ratios = r.ratios.clone();
+        let [raw, get, gol] = &r.sides;
+        let mut ratios = gol.ratios(raw);
+        let (lo, hi) = (
+            ratios.first().copied().unwrap_or(0.0),
+            ratios.last().copied().unwrap_or(0.0),
+        );
         let ratio = median(&mut ratios);
+        let get_ratio = median(&mut get.ratios(raw));
         if r.callers == max_callers {
             at_max.push((r.size, ratio));
         }
-        let cache_ops: u64 = r.cache.iter().map(|m| m.ops).sum();
-        let raw_ops: u64 = r.raw.iter().map(|m| m.ops).sum();
         t.row(vec![
             r.callers.to_string(),
             size_label(r.size),
-            format!("{:.0}", median(&mut raw)),
-            format!("{:.0}", median(&mut cache)),
+            format!("{:.0}", raw.median_rate()),
+            format!("{:.0}", gol.median_rate()),
+            format!("{ratio:.3} [{lo:.2}–{hi:.2}]"),
+            format!("{get_ratio:.3}"),
+            format!("{} / {}", raw.latency(50.0), raw.latency(99.0)),
+            format!("{} / {}", gol.latency(50.0), gol.latency(99.0)),
             format!(
-                "{ratio:.3} [{:.3}–{:.3}]",
-                ratios.first().unwrap_or(&0.0),
-                ratios.last().unwrap_or(&0.0)
-            ),
-            format!("{} / {}", latency(&r.raw, 50.0), latency(&r.raw, 99.0)),
-            format!("{} / {}", latency(&r.cache, 50.0), latency(&r.cache, 99.0)),
-            format!(
-                "{:.3} ({:.3})",
-                r.cache_commands as f64 / cache_ops.max(1) as f64,
-                r.raw_commands as f64 / raw_ops.max(1) as f64
+                "{:.3} (get {:.3}, raw {:.3})",
+                gol.commands_per_op(),
+                get.commands_per_op(),
+                raw.commands_per_op()
             ),
         ]);
     }
     let mut out = format!(
         "### Hits: `get_or_load` vs raw redis-rs `GET`, same connections\n\n\
-         {} rounds of {} ms per side and configuration, ABBA order; {} tokio worker threads; \
-         one redis-server; each caller on its own key; ops/s are medians over rounds.\n\n",
+         {} rounds of {} ms per side and configuration, the sides in rotating order; {} tokio \
+         worker threads; one redis-server; each caller on its own key. ops/s are medians over \
+         rounds; *ratio* = median over rounds of get_or_load ÷ raw in the same round (min–max \
+         of the rounds in brackets); *get ratio* the same for `LockedCache::get` (one `GET` and \
+         decode, without `get_or_load`'s in-process flight).\n\n",
         o.rounds,
         o.round.as_millis(),
         o.threads
     );
     out.push_str(&t.markdown());
     out.push_str(
-        "\n*Commands per hit*: every command the server counted during the cache rounds \
+        "\n*Commands per hit*: every command the server counted during the get_or_load rounds \
          (`PING`, `HELLO`, `CLIENT` included; only the harness's `INFO`/`CONFIG` left out) \
-         divided by the hits; in parentheses the same for the raw rounds.\n\n",
+         divided by the hits; the same for the `get` and raw rounds in parentheses.\n\n",
     );
     for (size, ratio) in at_max {
         out.push_str(&format!(

@@ -147,6 +147,19 @@ struct Counters {
 }
 
 impl Counters {
+    /// The counts from `earlier` to `self`.
+    fn since(&self, earlier: &Counters) -> Counters {
+        Counters {
+            hits: self.hits - earlier.hits,
+            misses: self.misses - earlier.misses,
+            loads: self.loads - earlier.loads,
+            coalesced: self.coalesced - earlier.coalesced,
+            lock_attempts: self.lock_attempts - earlier.lock_attempts,
+            lock_timeouts: self.lock_timeouts - earlier.lock_timeouts,
+            wakeups: self.wakeups - earlier.wakeups,
+        }
+    }
+
     fn add(&mut self, o: &Counters) {
         self.hits += o.hits;
         self.misses += o.misses;
@@ -170,6 +183,9 @@ struct WorkerReport {
     commands: Vec<u32>,
     /// Cold only, per call: whether the caller's own loader ran.
     loaded: Vec<bool>,
+    /// Cold only: of `commands`, the lock commands inferred per caller (the lock
+    /// may send them from tasks of its own), to check against the process total.
+    lock_commands: u64,
     /// UNIX µs: when the first and the last task started their calls, and
     /// when the last ended.
     first_start_us: u64,
@@ -444,6 +460,19 @@ impl Run {
             .max()
             .unwrap_or(0);
         Duration::from_micros(last.saturating_sub(first))
+    }
+
+    fn inferred_lock_commands(&self) -> u64 {
+        self.reports.iter().map(|r| r.lock_commands).sum()
+    }
+
+    /// `SET NX` and release scripts the processes sent.
+    fn client_lock_commands(&self) -> u64 {
+        self.reports
+            .iter()
+            .flat_map(|r| ["set_nx", "release"].map(|op| r.client_commands.get(op)))
+            .flatten()
+            .sum()
     }
 
     fn server_total(&self) -> u64 {
@@ -798,7 +827,11 @@ fn render(o: &Options, runs: &[Run], date: &str, env: &str, took: Duration) -> S
              masters, divided by callers; it counts the commands a Lua script runs inside Redis too \
              (the bench's `INCR` run counter and the harness's `INFO`/`CONFIG` are left out). \
              *Client*: commands sent on each caller's behalf, counted by a `Store` wrapper, so the \
-             median exists (a caller served by another caller's flight sends none). *Start \
+             median exists (a caller served by another caller's flight sends none). The lock may send \
+             its `SET NX` and release from tasks of its own, out of that count's reach: they are \
+             inferred per caller from its reads and double checks, and *lock commands: per caller / \
+             process* checks the sum against every `SET NX` and release the processes sent (more on \
+             the right = undos of split votes, not attributed). *Start \
              spread*: from the first caller's start to the last one's, over all processes.\n"
         );
         let mut t = Table::new(&[
@@ -808,6 +841,7 @@ fn render(o: &Options, runs: &[Run], date: &str, env: &str, took: Duration) -> S
             "lock attempts",
             "wake-ups",
             "coalesced",
+            "lock commands: per caller / process",
             "start spread ms",
         ]);
         for r in &cold {
@@ -825,6 +859,11 @@ fn render(o: &Options, runs: &[Run], date: &str, env: &str, took: Duration) -> S
                 c.lock_attempts.to_string(),
                 c.wakeups.to_string(),
                 c.coalesced.to_string(),
+                format!(
+                    "{} / {}",
+                    r.inferred_lock_commands(),
+                    r.client_lock_commands()
+                ),
                 common::ms_of(r.start_spread()),
             ]);
         }

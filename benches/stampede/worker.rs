@@ -30,8 +30,37 @@ tokio::task_local! {
 
 #[derive(Default)]
 struct Meter {
-    commands: Cell<u32>,
+    /// Store operations sent from the caller's own task, by index into [`OPS`].
+    ops: [Cell<u32>; OPS.len()],
     loaded: Cell<bool>,
+}
+
+impl Meter {
+    fn op(&self, op: usize) -> u32 {
+        self.ops[op].get()
+    }
+
+    /// Commands sent on this caller's behalf, with `masters` lock masters;
+    /// returns (all, of which lock commands).
+    ///
+    /// The lock may send its commands (`SET NX`, the release script) from tasks
+    /// of its own (so that a cancelled caller leaves no lock behind), out of the
+    /// caller's task-local reach. So the value commands are counted in the
+    /// caller's task, and the lock commands inferred from the cache's loop: the
+    /// first read, then per attempt either a wait and a read (held) or the double
+    /// check under the lock (acquired), which is released once. Hence attempts =
+    /// reads − 1 + double checks, releases = double checks, each sent to every
+    /// master. The sum over callers is checked against the process-wide counts.
+    fn commands(&self, masters: u32) -> (u32, u32) {
+        let value = [GET, SET, DELETE, GET_OR_FENCE, SET_FENCED]
+            .iter()
+            .map(|&op| self.op(op))
+            .sum::<u32>();
+        let (reads, fences) = (self.op(GET), self.op(GET_OR_FENCE));
+        let attempts = if reads == 0 { 0 } else { reads - 1 + fences };
+        let lock = masters * (attempts + fences);
+        (value + lock, lock)
+    }
 }
 
 /// Runs the worker described by `config_json` and exits the process.
@@ -142,6 +171,7 @@ async fn run(config: WorkerConfig) -> WorkerReport {
     let start = Instant::now() + Duration::from_micros(start_us.saturating_sub(unix_micros()));
 
     let before = counts.snapshot();
+    let stats_before = cache_counters(&ctx);
     let deadline = Duration::from_secs(ctx.config.deadline_s);
     let mut report = match tokio::time::timeout(deadline, measure(&ctx, start, start_us)).await {
         Ok(report) => report,
@@ -154,19 +184,25 @@ async fn run(config: WorkerConfig) -> WorkerReport {
         .map(|((name, a), (_, b))| (name.to_owned(), a - b))
         .filter(|(_, n)| *n > 0)
         .collect();
-    if let Some(cache) = &ctx.cache {
-        let s = cache.stats();
-        report.cache = Counters {
-            hits: s.hits,
-            misses: s.misses,
-            loads: s.loads,
-            coalesced: s.coalesced,
-            lock_attempts: s.lock_attempts,
-            lock_timeouts: s.lock_timeouts,
-            wakeups: s.wakeups,
-        };
-    }
+    report.cache = cache_counters(&ctx).since(&stats_before);
     report
+}
+
+/// The cache's counters now (all zero for the unprotected strategy).
+fn cache_counters(ctx: &Ctx) -> Counters {
+    let Some(cache) = &ctx.cache else {
+        return Counters::default();
+    };
+    let s = cache.stats();
+    Counters {
+        hits: s.hits,
+        misses: s.misses,
+        loads: s.loads,
+        coalesced: s.coalesced,
+        lock_attempts: s.lock_attempts,
+        lock_timeouts: s.lock_timeouts,
+        wakeups: s.wakeups,
+    }
 }
 
 /// Opens the pools' connections and loads the Lua scripts, as a process that
@@ -229,6 +265,8 @@ async fn call(ctx: &Ctx, key: &str, counter: &str) -> Result<String, String> {
 struct Measured {
     latency: Duration,
     commands: u32,
+    /// Of `commands`, the lock commands inferred from the cache's loop.
+    lock_commands: u32,
     loaded: bool,
     error: Option<String>,
 }
@@ -239,10 +277,17 @@ async fn measured_call(ctx: &Ctx, key: &str) -> Measured {
         .scope(Meter::default(), async {
             let result = call(ctx, key, &ctx.loads_key).await;
             let latency = started.elapsed();
-            let (commands, loaded) = METER.with(|m| (m.commands.get(), m.loaded.get()));
+            let masters = if ctx.cache.is_some() {
+                ctx.config.urls.len() as u32
+            } else {
+                0
+            };
+            let ((commands, lock_commands), loaded) =
+                METER.with(|m| (m.commands(masters), m.loaded.get()));
             Measured {
                 latency,
                 commands,
+                lock_commands,
                 loaded,
                 error: result.err(),
             }
@@ -298,6 +343,7 @@ async fn cold(ctx: &Arc<Ctx>, start: Instant) -> WorkerReport {
         report.last_end_us = report.last_end_us.max(ended);
         report.latencies_us.push(m.latency.as_micros() as u32);
         report.commands.push(m.commands);
+        report.lock_commands += u64::from(m.lock_commands);
         report.loaded.push(m.loaded);
         if let Some(e) = m.error {
             report.errors += 1;
@@ -407,6 +453,16 @@ const OPS: [&str; 9] = [
     "subscribe",
 ];
 
+const GET: usize = 0;
+const SET: usize = 1;
+const DELETE: usize = 2;
+const SET_NX: usize = 3;
+const RELEASE: usize = 4;
+const EXTEND: usize = 5;
+const GET_OR_FENCE: usize = 6;
+const SET_FENCED: usize = 7;
+const SUBSCRIBE: usize = 8;
+
 #[derive(Debug, Default)]
 struct OpCounts([AtomicU64; OPS.len()]);
 
@@ -433,7 +489,7 @@ struct CountingStore {
 impl CountingStore {
     fn count(&self, op: usize) {
         self.counts.0[op].fetch_add(1, Ordering::Relaxed);
-        let _ = METER.try_with(|m| m.commands.set(m.commands.get() + 1));
+        let _ = METER.try_with(|m| m.ops[op].set(m.ops[op].get() + 1));
     }
 }
 
@@ -442,32 +498,32 @@ type StoreResult<T> = locked_cache::Result<T>;
 #[async_trait]
 impl Store for CountingStore {
     async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.count(0);
+        self.count(GET);
         self.inner.get(key).await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()> {
-        self.count(1);
+        self.count(SET);
         self.inner.set(key, value, ttl).await
     }
 
     async fn delete(&self, key: &str) -> StoreResult<bool> {
-        self.count(2);
+        self.count(DELETE);
         self.inner.delete(key).await
     }
 
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> StoreResult<bool> {
-        self.count(3);
+        self.count(SET_NX);
         self.inner.set_nx(key, token, expiry).await
     }
 
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> StoreResult<bool> {
-        self.count(4);
+        self.count(RELEASE);
         self.inner.release(key, token, channel).await
     }
 
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> StoreResult<bool> {
-        self.count(5);
+        self.count(EXTEND);
         self.inner.extend(key, token, expiry).await
     }
 
@@ -478,7 +534,7 @@ impl Store for CountingStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> StoreResult<Option<Vec<u8>>> {
-        self.count(6);
+        self.count(GET_OR_FENCE);
         self.inner
             .get_or_fence(key, fence_key, token, fence_expiry)
             .await
@@ -492,14 +548,14 @@ impl Store for CountingStore {
         fence_key: &str,
         token: &[u8],
     ) -> StoreResult<bool> {
-        self.count(7);
+        self.count(SET_FENCED);
         self.inner
             .set_fenced(key, value, ttl, fence_key, token)
             .await
     }
 
     async fn subscribe(&self, channel: &str) -> StoreResult<mpsc::Receiver<Vec<u8>>> {
-        self.count(8);
+        self.count(SUBSCRIBE);
         self.inner.subscribe(channel).await
     }
 
