@@ -16,6 +16,8 @@ pub struct Stats {
     pub(crate) lock_lost: AtomicU64,
     pub(crate) corrupt_values: AtomicU64,
     pub(crate) fail_open_loads: AtomicU64,
+    pub(crate) writes_refused: AtomicU64,
+    pub(crate) store_errors: AtomicU64,
 }
 
 /// A copy of the counters at one instant. All counts are since the cache was built.
@@ -39,8 +41,9 @@ pub struct StatsSnapshot {
     pub lock_timeouts: u64,
     /// Release messages that woke at least one waiter of this process.
     pub wakeups: u64,
-    /// Loads whose lock was lost before the value was stored (extension refused
-    /// or the fence taken by a newer holder). The value was returned, not stored.
+    /// Loads whose lock was lost (an extension was refused by the masters) before
+    /// the value was stored. The value was returned, and stored only if no newer
+    /// holder took the fence (see `writes_refused`).
     pub lock_lost: u64,
     /// Stored values that could not be decoded (foreign bytes, another type,
     /// truncated, wrong Redis type) and were treated as misses.
@@ -48,6 +51,13 @@ pub struct StatsSnapshot {
     /// Loads run without the lock because the quorum was lost and the policy is
     /// [`QuorumLossPolicy::FailOpen`](crate::QuorumLossPolicy::FailOpen).
     pub fail_open_loads: u64,
+    /// Loaded values not stored because the key's fence was taken meanwhile: by a
+    /// newer lock holder (this one lost its lock), or by `set`/`invalidate`. The
+    /// callers got the value; it was not written.
+    pub writes_refused: u64,
+    /// Loaded values not stored because the store failed (Redis down, timeout).
+    /// The callers got the value; it was not cached.
+    pub store_errors: u64,
 }
 
 impl Stats {
@@ -66,6 +76,8 @@ impl Stats {
             lock_lost: get(&self.lock_lost),
             corrupt_values: get(&self.corrupt_values),
             fail_open_loads: get(&self.fail_open_loads),
+            writes_refused: get(&self.writes_refused),
+            store_errors: get(&self.store_errors),
         }
     }
 

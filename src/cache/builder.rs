@@ -338,6 +338,7 @@ impl<C: Codec> Builder<C> {
                 key_prefix: self.key_prefix,
                 max_value_size: self.max_value_size,
                 max_key_len: self.max_key_len,
+                command_timeout: self.command_timeout,
                 coalesce: self.coalesce,
                 quorum_loss: self.quorum_loss,
                 codec: self.codec,

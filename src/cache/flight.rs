@@ -16,11 +16,14 @@ use tokio::sync::watch;
 
 use crate::error::Error;
 
+/// A stored value (header + payload), shared without copying.
+pub type Bytes = Arc<Vec<u8>>;
+
 /// What a flight ended with.
 #[derive(Clone)]
 pub enum Outcome {
     /// The value, as stored (header + payload).
-    Value(Arc<[u8]>),
+    Value(Bytes),
     /// The loader's error, type-erased; followers downcast it to their `E`.
     LoaderError(Arc<dyn Any + Send + Sync>),
     /// The cache failed.

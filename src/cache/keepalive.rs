@@ -1,12 +1,12 @@
 //! Keeps a lock (and its write fence) alive while a loader runs, and signals when
 //! it was lost.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::lock::LockGuard;
+use crate::lock::{LockGuard, validity};
 use crate::store::SharedStore;
 
 /// A background task that extends the lock and the fence every `expiry / 3`.
@@ -17,37 +17,58 @@ pub struct KeepAlive {
 }
 
 impl KeepAlive {
+    /// Extends the lock (to `expiry`) and the fence (to `fence_expiry`) every
+    /// third of the lock expiry. The lock counts as lost when the masters refuse an
+    /// extension, or when extensions keep failing (masters unreachable) until the
+    /// last known validity has run out.
     pub fn start(
         guard: &LockGuard,
         value_store: SharedStore,
         fence_key: String,
         expiry: Duration,
+        fence_expiry: Duration,
     ) -> KeepAlive {
         let extender = guard.extender();
         let token = guard.token().to_vec();
+        let mut valid_until = Instant::now() + guard.validity_left();
         let (lost_tx, lost) = watch::channel(false);
         let task = tokio::spawn(async move {
             let cadence = expiry / 3;
+            let lost = |why: &str| {
+                tracing::warn!(
+                    fence = fence_key,
+                    why,
+                    "lock lost while loading; the value will be stored only if no newer holder took the fence"
+                );
+                lost_tx.send_replace(true);
+            };
             loop {
                 tokio::time::sleep(cadence).await;
+                let started = Instant::now();
                 let (lock, fence) = tokio::join!(
-                    extender.extend(expiry),
-                    value_store.extend(&fence_key, &token, expiry)
+                    extender.extend(expiry, valid_until),
+                    value_store.extend(&fence_key, &token, fence_expiry)
                 );
-                match (lock, fence) {
-                    (Ok(true), Ok(true)) => continue,
-                    (Ok(false), _) | (_, Ok(false)) => {
-                        tracing::warn!(
-                            fence = fence_key,
-                            "lock lost while loading (extension refused); the value will be stored only if no newer holder took the fence"
-                        );
-                        lost_tx.send_replace(true);
-                        return;
+                match lock {
+                    Ok(true) => {
+                        let elapsed = started.elapsed();
+                        if let Some(v) = validity(expiry, elapsed) {
+                            valid_until = started + elapsed + v;
+                        }
                     }
-                    (Err(e), _) | (_, Err(e)) => {
-                        // Unknown: keep trying; the fenced write decides in the end.
+                    Ok(false) => return lost("extension refused"),
+                    Err(e) if Instant::now() >= valid_until => {
+                        return lost(&format!("extensions failed until the lock expired: {e}"));
+                    }
+                    Err(e) => {
                         tracing::warn!(fence = fence_key, error = %e, "extending the lock failed; retrying");
                     }
+                }
+                // A fence that is gone while the lock holds (the value server
+                // restarted, or set/invalidate superseded this load) is left gone:
+                // the write will be refused, which is right in both cases.
+                if let Err(e) = fence {
+                    tracing::debug!(fence = fence_key, error = %e, "extending the fence failed");
                 }
             }
         });
@@ -59,7 +80,7 @@ impl KeepAlive {
         self.lost.clone()
     }
 
-    /// True once an extension was refused.
+    /// True once the lock was lost.
     pub fn lost(&self) -> bool {
         *self.lost.borrow()
     }

@@ -36,10 +36,10 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, BincodeCodec, Codec};
 use crate::error::{Error, LoadError, Result};
-use crate::lock::{Attempt, LockGuard, Redlock};
+use crate::lock::{Attempt, LockGuard, Redlock, Token};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::SharedStore;
-use flight::{Flights, Outcome, Role};
+use flight::{Bytes, Flights, Outcome, Role};
 use keepalive::KeepAlive;
 use keys::Keys;
 
@@ -93,6 +93,7 @@ struct Inner<C> {
     key_prefix: String,
     max_value_size: usize,
     max_key_len: usize,
+    command_timeout: Duration,
     coalesce: bool,
     quorum_loss: QuorumLossPolicy,
     codec: C,
@@ -216,16 +217,37 @@ impl<C: Codec> LockedCache<C> {
     {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        // One deadline per call, for waiting on someone else's load: in this
+        // process (as a follower) or in another (for the lock).
+        let started = Instant::now();
+        let deadline = started + inner.lock.options().wait;
         if !inner.coalesce {
-            return inner.lead(key, loader).await.map(|(value, _)| value);
+            return inner
+                .lead(key, loader, started, deadline)
+                .await
+                .map(|(value, _)| value);
         }
+        let mut counted = false;
         let leader = loop {
             let rx = match inner.flights.join(key) {
                 Role::Leader(leader) => break leader,
                 Role::Follower(rx) => rx,
             };
-            Stats::add(&inner.stats.coalesced);
-            match flight::outcome(rx).await {
+            if !std::mem::replace(&mut counted, true) {
+                Stats::add(&inner.stats.coalesced);
+            }
+            // The leader gives up on the lock at the same deadline, after at most
+            // one more attempt: leave it that long to hand over its own outcome.
+            let give_up = deadline + inner.command_timeout;
+            let Ok(outcome) = tokio::time::timeout_at(give_up.into(), flight::outcome(rx)).await
+            else {
+                Stats::add(&inner.stats.lock_timeouts);
+                return Err(LoadError::Cache(Error::LockTimeout {
+                    resource: Keys::new(&inner.key_prefix, key).lock,
+                    waited: started.elapsed(),
+                }));
+            };
+            match outcome {
                 Outcome::Value(bytes) => {
                     return codec::decode(&inner.codec, &bytes)
                         .map_err(|e| LoadError::Cache(e.into()));
@@ -239,7 +261,7 @@ impl<C: Codec> LockedCache<C> {
                 Outcome::Abandoned => continue,
             }
         };
-        let result = inner.lead(key, loader).await;
+        let result = inner.lead(key, loader, started, deadline).await;
         leader.finish(match &result {
             Ok((_, bytes)) => Outcome::Value(Arc::clone(bytes)),
             Err(LoadError::Loader(e)) => {
@@ -262,7 +284,9 @@ impl<C: Codec> LockedCache<C> {
     }
 
     /// Stores `value` under `key` with the cache's TTL, unconditionally (no lock):
-    /// for writers that know the fresh value, such as after an update.
+    /// for writers that know the fresh value, such as after an update. A load of
+    /// `key` already running when this is called will not overwrite it (its write
+    /// is fenced out); its callers still get the value it loaded.
     pub async fn set<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
         self.set_with_ttl(key, value, self.inner.ttl).await
     }
@@ -283,21 +307,23 @@ impl<C: Codec> LockedCache<C> {
             ));
         }
         let bytes = inner.encode(key, value)?;
-        inner
-            .value_store
-            .set(&Keys::new(&inner.key_prefix, key).value, &bytes, ttl)
-            .await
+        let keys = Keys::new(&inner.key_prefix, key);
+        // Fence first: a load already running must not overwrite this value with
+        // what it read before the change.
+        inner.value_store.delete(&keys.fence).await?;
+        inner.value_store.set(&keys.value, &bytes, ttl).await
     }
 
     /// Removes the value under `key`; the next `get_or_load` loads it again.
-    /// True when there was a value.
+    /// A load already running when this is called does not store its value (it
+    /// read the data before the change). True when there was a value.
     pub async fn invalidate(&self, key: &str) -> Result<bool> {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        inner
-            .value_store
-            .delete(&Keys::new(&inner.key_prefix, key).value)
-            .await
+        let keys = Keys::new(&inner.key_prefix, key);
+        // Fence first: a load already running must not store what it read before.
+        inner.value_store.delete(&keys.fence).await?;
+        inner.value_store.delete(&keys.value).await
     }
 
     /// The distributed lock the cache uses, for locking of your own.
@@ -324,7 +350,7 @@ impl<C: Codec> LockedCache<C> {
 impl<C: Codec> Inner<C> {
     /// Reads and decodes the value at `value_key`. A value that does not decode,
     /// or a key of another Redis type, is a miss (reported and counted).
-    async fn read<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(T, Arc<[u8]>)>> {
+    async fn read<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(T, Bytes)>> {
         match self.value_store.get(value_key).await {
             Ok(Some(bytes)) => Ok(self.decode_or_report(value_key, bytes)),
             Ok(None) => Ok(None),
@@ -340,9 +366,9 @@ impl<C: Codec> Inner<C> {
         &self,
         value_key: &str,
         bytes: Vec<u8>,
-    ) -> Option<(T, Arc<[u8]>)> {
+    ) -> Option<(T, Bytes)> {
         match codec::decode(&self.codec, &bytes) {
-            Ok(value) => Some((value, bytes.into())),
+            Ok(value) => Some((value, Arc::new(bytes))),
             Err(e) => {
                 self.report_corrupt(value_key, &e);
                 None
@@ -369,7 +395,13 @@ impl<C: Codec> Inner<C> {
 
     /// The leader's path: read; on a miss lock, re-read, load, store, release.
     /// Returns the value and its stored bytes (for the followers).
-    async fn lead<T, E, F, Fut>(&self, key: &str, loader: F) -> Result<(T, Arc<[u8]>), LoadError<E>>
+    async fn lead<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<(T, Bytes), LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(LoadContext) -> Fut,
@@ -381,7 +413,7 @@ impl<C: Codec> Inner<C> {
             return Ok(found);
         }
         Stats::add(&self.stats.misses);
-        let guard = match self.wait_for_lock(&keys).await? {
+        let guard = match self.wait_for_lock(&keys, started, deadline).await? {
             Locked::Guard(guard) => guard,
             Locked::ValueAppeared(found) => {
                 Stats::add(&self.stats.hits);
@@ -393,10 +425,13 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Waits for the lock, re-reading the value after every wake-up or retry.
-    async fn wait_for_lock<T: DeserializeOwned>(&self, keys: &Keys) -> Result<Locked<T>> {
+    async fn wait_for_lock<T: DeserializeOwned>(
+        &self,
+        keys: &Keys,
+        started: Instant,
+        deadline: Instant,
+    ) -> Result<Locked<T>> {
         let options = self.lock.options();
-        let started = Instant::now();
-        let deadline = started + options.wait;
         // Registered before the first attempt: a release after it wakes us.
         let waiter = self.lock.waiter(&keys.lock);
         loop {
@@ -429,7 +464,7 @@ impl<C: Codec> Inner<C> {
         keys: &Keys,
         guard: LockGuard,
         loader: F,
-    ) -> Result<(T, Arc<[u8]>), LoadError<E>>
+    ) -> Result<(T, Bytes), LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(LoadContext) -> Fut,
@@ -443,6 +478,8 @@ impl<C: Codec> Inner<C> {
             .value_store
             .get_or_fence(&keys.value, &keys.fence, guard.token(), fence_expiry)
             .await;
+        // The fence is taken either way (a corrupt value is reloaded under it);
+        // a key of another Redis type reads as missing here.
         match found {
             Ok(Some(bytes)) => {
                 if let Some(found) = self.decode_or_report(&keys.value, bytes) {
@@ -450,28 +487,8 @@ impl<C: Codec> Inner<C> {
                     release(guard).await;
                     return Ok(found);
                 }
-                // Corrupt: the script returned it without fencing; fence now.
-                if let Err(e) = self
-                    .value_store
-                    .set(&keys.fence, guard.token(), fence_expiry)
-                    .await
-                {
-                    release(guard).await;
-                    return Err(e.into());
-                }
             }
             Ok(None) => {}
-            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
-                self.report_corrupt(&keys.value, &e);
-                if let Err(e) = self
-                    .value_store
-                    .set(&keys.fence, guard.token(), fence_expiry)
-                    .await
-                {
-                    release(guard).await;
-                    return Err(e.into());
-                }
-            }
             Err(e) => {
                 release(guard).await;
                 return Err(e.into());
@@ -483,6 +500,7 @@ impl<C: Codec> Inner<C> {
             Arc::clone(&self.value_store),
             keys.fence.clone(),
             expiry,
+            fence_expiry,
         );
         Stats::add(&self.stats.loads);
         let loaded = run_loader(
@@ -520,13 +538,17 @@ impl<C: Codec> Inner<C> {
                 Stats::add(&self.stats.lock_lost);
             }
             Ok(false) => {
-                Stats::add(&self.stats.lock_lost);
+                Stats::add(&self.stats.writes_refused);
+                if lost_during_load {
+                    Stats::add(&self.stats.lock_lost);
+                }
                 tracing::warn!(
                     key = keys.value,
-                    "lock lost during the load and a newer holder took over: value returned, not stored"
+                    "the fence was taken during the load (a newer holder, or set/invalidate): value returned, not stored"
                 );
             }
             Err(e) => {
+                Stats::add(&self.stats.store_errors);
                 tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
             }
         }
@@ -540,7 +562,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         keys: &Keys,
         loader: F,
-    ) -> Result<(T, Arc<[u8]>), LoadError<E>>
+    ) -> Result<(T, Bytes), LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(LoadContext) -> Fut,
@@ -560,8 +582,33 @@ impl<C: Codec> Inner<C> {
             }
         };
         let bytes = self.encode(key, &value)?;
-        if let Err(e) = self.value_store.set(&keys.value, &bytes, self.ttl).await {
-            tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
+        // Fenced all the same: a holder that takes the lock meanwhile (the masters
+        // coming back) takes the fence, and its value is not overwritten by ours.
+        let fence_expiry = self.lock.options().expiry * 2;
+        let stored = match Token::new() {
+            Ok(token) => match self
+                .value_store
+                .get_or_fence(&keys.value, &keys.fence, token.as_bytes(), fence_expiry)
+                .await
+            {
+                Ok(_) => {
+                    self.value_store
+                        .set_fenced(&keys.value, &bytes, self.ttl, &keys.fence, token.as_bytes())
+                        .await
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(Error::InvalidConfig(format!(
+                "the OS random number generator failed: {e}"
+            ))),
+        };
+        match stored {
+            Ok(true) => {}
+            Ok(false) => Stats::add(&self.stats.writes_refused),
+            Err(e) => {
+                Stats::add(&self.stats.store_errors);
+                tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
+            }
         }
         Ok((value, bytes.into()))
     }
@@ -582,7 +629,7 @@ async fn run_loader<Fut: Future>(stats: &Stats, load: Fut) -> Fut::Output {
 /// How a wait for the lock ended.
 enum Locked<T> {
     Guard(LockGuard),
-    ValueAppeared((T, Arc<[u8]>)),
+    ValueAppeared((T, Bytes)),
     QuorumLost,
 }
 

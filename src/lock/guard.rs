@@ -73,7 +73,7 @@ impl LockGuard {
         let started = Instant::now();
         let extended = self
             .inner
-            .extend_all(&self.resource, &self.token, expiry)
+            .extend_all(&self.resource, &self.token, expiry, self.valid_until)
             .await?;
         let elapsed = started.elapsed();
         if extended && let Some(v) = validity(expiry, elapsed) {
@@ -140,9 +140,10 @@ pub(crate) struct Extender {
 }
 
 impl Extender {
-    pub(crate) async fn extend(&self, expiry: Duration) -> Result<bool> {
+    /// Extends to `expiry`; `valid_until` is the validity the caller knows of.
+    pub(crate) async fn extend(&self, expiry: Duration, valid_until: Instant) -> Result<bool> {
         self.inner
-            .extend_all(&self.resource, &self.token, expiry)
+            .extend_all(&self.resource, &self.token, expiry, valid_until)
             .await
     }
 }

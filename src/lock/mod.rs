@@ -32,7 +32,8 @@ mod vote;
 mod wakeups;
 
 pub use guard::LockGuard;
-use quorum::{quorum, validity};
+use quorum::quorum;
+pub(crate) use quorum::validity;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ use crate::stats::Stats;
 use crate::store::redis::ConnectionOptions;
 use crate::store::{MemoryStore, RedisStore, SharedStore};
 use local::Lines;
-use token::Token;
+pub(crate) use token::Token;
 use vote::{Ballot, Decision};
 pub(crate) use wakeups::Waiter;
 use wakeups::{Listeners, Registry};
@@ -405,14 +406,54 @@ impl Inner {
         .await
     }
 
-    /// Compare-and-pexpire on every master; true when a majority still held `token`.
-    async fn extend_all(&self, resource: &str, token: &Token, expiry: Duration) -> Result<bool> {
-        let (resource, token) = (resource.to_owned(), token.clone());
-        vote::ask(&self.masters, move |master| {
-            let (resource, token) = (resource.clone(), token.clone());
+    /// Compare-and-pexpire on every master; true when a majority holds `token`
+    /// afterwards.
+    ///
+    /// While the lock is still valid (`valid_until`, by this process's clock) and
+    /// some master still holds the token, a master that no longer has the key (it
+    /// restarted, or missed the original grant) is granted it again with
+    /// `SET NX`: the holder has had a majority all along, so nobody else can hold
+    /// the lock, and re-granting keeps a majority when another master is lost
+    /// during a long hold. After the validity, or with the token gone from every
+    /// master, nothing is re-granted: the lock counts as lost.
+    async fn extend_all(
+        &self,
+        resource: &str,
+        token: &Token,
+        expiry: Duration,
+        valid_until: Instant,
+    ) -> Result<bool> {
+        let (owned_resource, owned_token) = (resource.to_owned(), token.clone());
+        let mut votes = vote::ask(&self.masters, move |master| {
+            let (resource, token) = (owned_resource.clone(), owned_token.clone());
             async move { master.extend(&resource, token.as_bytes(), expiry).await }
-        })
-        .majority()
-        .await
+        });
+        votes.all_or_majority().await;
+        let needed = quorum(self.masters.len());
+        if votes.yes < needed
+            && votes.yes > 0
+            && !votes.refused_by.is_empty()
+            && votes.yes + votes.refused_by.len() >= needed
+            && Instant::now() < valid_until
+        {
+            let regranted = futures_util::future::join_all(
+                votes
+                    .refused_by
+                    .iter()
+                    .map(|&i| self.masters[i].set_nx(resource, token.as_bytes(), expiry)),
+            )
+            .await;
+            let more = regranted.iter().filter(|a| matches!(a, Ok(true))).count();
+            if more > 0 {
+                tracing::debug!(
+                    resource,
+                    regranted = more,
+                    "lock re-granted on masters that had lost it"
+                );
+            }
+            votes.yes += more;
+            votes.no -= more;
+        }
+        votes.verdict()
     }
 }

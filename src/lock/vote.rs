@@ -34,21 +34,24 @@ pub enum Decision {
 
 /// The answers to one question, as they arrive.
 pub struct Votes {
-    answers: mpsc::UnboundedReceiver<Result<bool>>,
+    answers: mpsc::UnboundedReceiver<(usize, Result<bool>)>,
     masters: usize,
     pub yes: usize,
     pub no: usize,
+    /// The masters (by index) that answered no.
+    pub refused_by: Vec<usize>,
     pub failed: usize,
     pub first_error: Option<Error>,
 }
 
 impl Votes {
-    fn new(answers: mpsc::UnboundedReceiver<Result<bool>>, masters: usize) -> Votes {
+    fn new(answers: mpsc::UnboundedReceiver<(usize, Result<bool>)>, masters: usize) -> Votes {
         Votes {
             answers,
             masters,
             yes: 0,
             no: 0,
+            refused_by: Vec::new(),
             failed: 0,
             first_error: None,
         }
@@ -62,9 +65,12 @@ impl Votes {
     async fn collect_until(&mut self, done: impl Fn(&Votes) -> bool) {
         while self.answered() < self.masters && !done(self) {
             match self.answers.recv().await {
-                Some(Ok(true)) => self.yes += 1,
-                Some(Ok(false)) => self.no += 1,
-                Some(Err(e)) => {
+                Some((_, Ok(true))) => self.yes += 1,
+                Some((master, Ok(false))) => {
+                    self.no += 1;
+                    self.refused_by.push(master);
+                }
+                Some((_, Err(e))) => {
                     self.failed += 1;
                     self.first_error.get_or_insert(e);
                 }
@@ -83,6 +89,19 @@ impl Votes {
         let needed = quorum(self.masters);
         self.collect_until(|v| v.yes >= needed || v.no > v.masters - needed)
             .await;
+        self.verdict()
+    }
+
+    /// Waits until a majority said yes, or all answered.
+    pub async fn all_or_majority(&mut self) {
+        let needed = quorum(self.masters);
+        self.collect_until(|v| v.yes >= needed).await;
+    }
+
+    /// True with a majority of yes; false when that is out of reach even
+    /// counting the failed masters; otherwise the first error (unknown).
+    pub fn verdict(self) -> Result<bool> {
+        let needed = quorum(self.masters);
         if self.yes >= needed {
             return Ok(true);
         }
@@ -100,10 +119,10 @@ where
     Fut: Future<Output = Result<bool>> + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel();
-    for master in masters {
+    for (i, master) in masters.iter().enumerate() {
         let (tx, answer) = (tx.clone(), question(SharedStore::clone(master)));
         tokio::spawn(async move {
-            let _ = tx.send(answer.await);
+            let _ = tx.send((i, answer.await));
         });
     }
     Votes::new(rx, masters.len())
@@ -129,7 +148,7 @@ impl Ballot {
     ) -> Ballot {
         let (decision, decided) = watch::channel(Decision::Pending);
         let (tx, rx) = mpsc::unbounded_channel();
-        for master in masters {
+        for (i, master) in masters.iter().enumerate() {
             let (tx, mut decided) = (tx.clone(), decided.clone());
             let (master, resource, token) = (
                 SharedStore::clone(master),
@@ -140,7 +159,7 @@ impl Ballot {
             tokio::spawn(async move {
                 let answer = master.set_nx(&resource, token.as_bytes(), expiry).await;
                 let maybe_granted = !matches!(answer, Ok(false));
-                let _ = tx.send(answer);
+                let _ = tx.send((i, answer));
                 if !maybe_granted {
                     return;
                 }

@@ -170,11 +170,8 @@ impl Store for MemoryStore {
         fence_expiry: Duration,
     ) -> Result<Option<Vec<u8>>> {
         let mut state = self.lock();
-        if let Some(v) = state.live(key) {
-            return Ok(Some(v.clone()));
-        }
         state.put(fence_key, token, fence_expiry);
-        Ok(None)
+        Ok(state.live(key).cloned())
     }
 
     async fn set_fenced(

@@ -29,11 +29,9 @@ pub type SharedStore = Arc<dyn Store>;
 /// on Redis. Tokens and values are opaque bytes.
 #[async_trait]
 pub trait Store: Send + Sync + Debug + 'static {
-    /// `GET key`. A key holding another Redis type is reported as
-    /// `Ok(Some(WRONG_TYPE))`-free: implementations return [`Error::Redis`] for it,
-    /// which the cache treats as a corrupt value.
-    ///
-    /// [`Error::Redis`]: crate::Error::Redis
+    /// `GET key`. A key holding another Redis type is an error
+    /// ([`Error::Redis`](crate::Error::Redis) with code `WRONGTYPE`), which the
+    /// cache treats as a corrupt value.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
     /// `SET key value PX ttl`.
@@ -52,9 +50,10 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// Sets the expiry of `key` to `expiry` only if it holds `token`.
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool>;
 
-    /// The double check of the cache: returns the value under `key`; if there is
-    /// none, writes `token` under `fence_key` (expiring after `fence_expiry`) so that
-    /// only this holder may store the value. One round trip.
+    /// The double check of the cache, in one round trip: writes `token` under
+    /// `fence_key` (expiring after `fence_expiry`), so that only this holder may
+    /// store the value, and returns the value under `key` (`None` when missing or
+    /// of another type).
     async fn get_or_fence(
         &self,
         key: &str,

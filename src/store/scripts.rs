@@ -32,12 +32,14 @@ return 0",
 });
 
 /// KEYS[1] value, KEYS[2] fence, ARGV[1] token, ARGV[2] fence expiry ms:
-/// the value if present, else take the fence for this token.
+/// takes the fence for this token and returns the value if it is a string (a key
+/// of another type reads as missing, and is overwritten by the fenced store).
 pub static GET_OR_FENCE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
-        r"local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+        r"redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+    return redis.call('GET', KEYS[1])
+end
 return false",
     )
 });
