@@ -61,6 +61,19 @@ async fn invalid_configuration_is_rejected_with_a_typed_error() {
     assert!(rejected(b().release_channel("")).await.contains("channel"));
     assert!(rejected(b().redis("not a url")).await.contains("redis url"));
     assert!(
+        rejected(
+            b().redis("redis://127.0.0.1:7001")
+                .redis("redis://127.0.0.1:7001")
+        )
+        .await
+        .contains("twice")
+    );
+    assert!(
+        rejected(b().retry_time(Duration::from_secs(7200)))
+            .await
+            .contains("retry")
+    );
+    assert!(
         rejected(b().redis("http://127.0.0.1:1"))
             .await
             .contains("redis url")

@@ -292,6 +292,20 @@ impl<C: Codec> Builder<C> {
         if self.max_value_size == 0 || self.max_key_len == 0 {
             return invalid("maximum value size and key length must be positive".into());
         }
+        let mut urls: Vec<&str> = self
+            .masters
+            .iter()
+            .filter_map(|m| match m {
+                Master::Url(url) | Master::Pool(url, _) => Some(url.as_str()),
+                Master::Store(_) => None,
+            })
+            .collect();
+        urls.sort_unstable();
+        if let Some(twice) = urls.windows(2).find(|w| w[0] == w[1]) {
+            // The same server twice would count its vote twice (and every lock
+            // attempt would refuse itself): masters must be independent.
+            return invalid(format!("master {} is given twice", redact(twice[0])));
+        }
         self.lock.validate()?;
         keys::check_prefix(&self.key_prefix)
     }

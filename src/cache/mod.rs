@@ -367,6 +367,15 @@ impl<C: Codec> Inner<C> {
         value_key: &str,
         bytes: Vec<u8>,
     ) -> Option<(T, Bytes)> {
+        if bytes.len() > self.max_value_size {
+            let error = format!(
+                "{} bytes, over the maximum value size of {}",
+                bytes.len(),
+                self.max_value_size
+            );
+            self.report_corrupt(value_key, &error);
+            return None;
+        }
         match codec::decode(&self.codec, &bytes) {
             Ok(value) => Some((value, Arc::new(bytes))),
             Err(e) => {

@@ -38,7 +38,9 @@ pub(crate) use quorum::validity;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::defaults::{DEFAULT_CHANNEL, DEFAULT_LOCK_EXPIRY, DEFAULT_RETRY, DEFAULT_WAIT};
+use crate::defaults::{
+    DEFAULT_CHANNEL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LOCK_EXPIRY, DEFAULT_RETRY, DEFAULT_WAIT,
+};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 use crate::store::redis::ConnectionOptions;
@@ -93,8 +95,8 @@ impl LockOptions {
     pub fn validate(&self) -> Result<()> {
         let invalid = |m: &str| Err(Error::InvalidConfig(m.to_owned()));
         check_expiry(self.expiry)?;
-        if self.retry.is_zero() {
-            return invalid("retry time must be positive");
+        if self.retry.is_zero() || self.retry > Duration::from_secs(3600) {
+            return invalid("retry time must be positive and at most 1 h");
         }
         check_wait(self.wait)?;
         if self.channel.is_empty() {
@@ -176,7 +178,7 @@ impl Redlock {
 
     /// A lock over the given stores, one per master.
     pub async fn new(masters: Vec<SharedStore>, options: LockOptions) -> Result<Redlock> {
-        Redlock::with_stats(masters, options, Arc::default(), Duration::from_secs(1)).await
+        Redlock::with_stats(masters, options, Arc::default(), DEFAULT_CONNECT_TIMEOUT).await
     }
 
     /// As [`new`](Redlock::new), counting into `stats`, and waiting up to
@@ -281,7 +283,8 @@ impl Redlock {
     }
 
     /// One attempt, no waiting: `Ok(None)` when someone else (in this process or
-    /// another) holds the lock.
+    /// another) holds the lock, or when competing attempts split the votes so that
+    /// nobody got a majority (try again shortly).
     pub async fn try_acquire(&self, resource: &str, expiry: Duration) -> Result<Option<LockGuard>> {
         check_expiry(expiry)?;
         let Some(turn) = self.inner.lines.try_turn(resource) else {

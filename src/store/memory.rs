@@ -96,7 +96,7 @@ impl State {
             key.to_owned(),
             Entry {
                 value: value.to_vec(),
-                expires_at: now + ttl,
+                expires_at: deadline(now, ttl),
             },
         );
     }
@@ -104,6 +104,13 @@ impl State {
     fn holds(&mut self, key: &str, token: &[u8]) -> bool {
         self.live(key).is_some_and(|v| v == token)
     }
+}
+
+/// `now + ttl`, or a century from now for a TTL too large for an `Instant`.
+fn deadline(now: Instant, ttl: Duration) -> Instant {
+    now.checked_add(ttl)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }
 
 #[async_trait]
@@ -157,7 +164,7 @@ impl Store for MemoryStore {
             return Ok(false);
         }
         if let Some(entry) = state.entries.get_mut(key) {
-            entry.expires_at = Instant::now() + expiry;
+            entry.expires_at = deadline(Instant::now(), expiry);
         }
         Ok(true)
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
 use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisError};
 use tokio::sync::mpsc;
 
@@ -52,6 +53,12 @@ impl RedisStore {
     /// an unreachable server shows up as errors on use, not here.
     pub fn open(url: &str, options: ConnectionOptions) -> Result<RedisStore> {
         let server = redact(url);
+        if options.pool_size == 0 {
+            return Err(Error::InvalidConfig("pool size must be at least 1".into()));
+        }
+        if options.connect_timeout.is_zero() || options.command_timeout.is_zero() {
+            return Err(Error::InvalidConfig("timeouts must be positive".into()));
+        }
         let info = url
             .into_connection_info()
             .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
@@ -96,29 +103,42 @@ impl RedisStore {
 
     /// Runs one command (or script) on a pooled connection, bounded by the
     /// command timeout; a connection that failed is retired from the pool.
+    ///
+    /// A command that fails because its connection was already dead (Redis
+    /// restarted since the connection was made) is sent once more on a fresh
+    /// connection, so the first call after a restart does not fail. Every command
+    /// locked-cache sends gives the same answer when repeated, or a harmless one
+    /// (a lock granted on the first try reads as held; see `Store`).
     async fn run<T, F, Fut>(&self, command: &'static str, f: F) -> Result<T>
     where
-        F: FnOnce(Connection) -> Fut,
-        Fut: Future<Output = (Connection, Result<T, RedisError>)>,
+        F: Fn(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
     {
-        let connection = self.connection().await?;
-        let broken = connection.retirer();
-        match tokio::time::timeout(self.options.command_timeout, f(connection)).await {
-            Ok((connection, Ok(v))) => {
-                drop(connection);
-                Ok(v)
-            }
-            Ok((connection, Err(e))) => {
-                connection.note_error(&e);
-                Err(Error::Redis(e))
-            }
-            Err(_) => {
-                broken.mark_broken();
-                Err(Error::CommandTimeout {
-                    command,
-                    server: self.server.clone(),
-                    timeout: self.options.command_timeout,
-                })
+        let mut retried = false;
+        loop {
+            let connection = self.connection().await?;
+            let answer =
+                tokio::time::timeout(self.options.command_timeout, f(connection.conn.clone()))
+                    .await;
+            match answer {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => {
+                    connection.note_error(&e);
+                    let dead = (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout();
+                    if dead && !std::mem::replace(&mut retried, true) {
+                        tracing::debug!(server = self.server, command, error = %e, "connection was dead; retrying once on a fresh one");
+                        continue;
+                    }
+                    return Err(Error::Redis(e));
+                }
+                Err(_) => {
+                    connection.retirer().mark_broken();
+                    return Err(Error::CommandTimeout {
+                        command,
+                        server: self.server.clone(),
+                        timeout: self.options.command_timeout,
+                    });
+                }
             }
         }
     }
@@ -128,9 +148,9 @@ impl RedisStore {
         command: &'static str,
         cmd: redis::Cmd,
     ) -> Result<T> {
-        self.run(command, |mut c| async move {
-            let r = cmd.query_async(&mut c.conn).await;
-            (c, r)
+        self.run(command, |mut conn| {
+            let cmd = &cmd;
+            async move { cmd.query_async(&mut conn).await }
         })
         .await
     }
@@ -171,31 +191,28 @@ impl Store for RedisStore {
 
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
         // The script publishes only when the channel is not empty.
-        let (key, channel) = (key.to_owned(), channel.unwrap_or("").to_owned());
-        let token = token.to_vec();
-        self.run("EVALSHA release", |mut c| async move {
-            let r: Result<i64, _> = scripts::RELEASE
-                .key(&key)
-                .arg(&token)
-                .arg(&channel)
-                .invoke_async(&mut c.conn)
-                .await;
-            (c, r.map(|n| n == 1))
+        let channel = channel.unwrap_or("");
+        self.run("EVALSHA release", |mut conn| async move {
+            let released: i64 = scripts::RELEASE
+                .key(key)
+                .arg(token)
+                .arg(channel)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(released == 1)
         })
         .await
     }
 
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        let key = key.to_owned();
-        let token = token.to_vec();
-        self.run("EVALSHA extend", |mut c| async move {
-            let r: Result<i64, _> = scripts::EXTEND
-                .key(&key)
-                .arg(&token)
+        self.run("EVALSHA extend", |mut conn| async move {
+            let extended: i64 = scripts::EXTEND
+                .key(key)
+                .arg(token)
                 .arg(millis(expiry))
-                .invoke_async(&mut c.conn)
-                .await;
-            (c, r.map(|n| n == 1))
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(extended == 1)
         })
         .await
     }
@@ -207,17 +224,14 @@ impl Store for RedisStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Option<Vec<u8>>> {
-        let (key, fence_key) = (key.to_owned(), fence_key.to_owned());
-        let token = token.to_vec();
-        self.run("EVALSHA get_or_fence", |mut c| async move {
-            let r = scripts::GET_OR_FENCE
-                .key(&key)
-                .key(&fence_key)
-                .arg(&token)
+        self.run("EVALSHA get_or_fence", |mut conn| async move {
+            scripts::GET_OR_FENCE
+                .key(key)
+                .key(fence_key)
+                .arg(token)
                 .arg(millis(fence_expiry))
-                .invoke_async(&mut c.conn)
-                .await;
-            (c, r)
+                .invoke_async(&mut conn)
+                .await
         })
         .await
     }
@@ -230,18 +244,16 @@ impl Store for RedisStore {
         fence_key: &str,
         token: &[u8],
     ) -> Result<bool> {
-        let (key, fence_key) = (key.to_owned(), fence_key.to_owned());
-        let (token, value) = (token.to_vec(), value.to_vec());
-        self.run("EVALSHA set_fenced", |mut c| async move {
-            let r: Result<i64, _> = scripts::SET_FENCED
-                .key(&key)
-                .key(&fence_key)
-                .arg(&token)
-                .arg(&value)
+        self.run("EVALSHA set_fenced", |mut conn| async move {
+            let stored: i64 = scripts::SET_FENCED
+                .key(key)
+                .key(fence_key)
+                .arg(token)
+                .arg(value)
                 .arg(millis(ttl))
-                .invoke_async(&mut c.conn)
-                .await;
-            (c, r.map(|n| n == 1))
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(stored == 1)
         })
         .await
     }
