@@ -15,6 +15,9 @@ use super::pool::{Connection, Pool};
 use super::{Store, scripts};
 use crate::error::{Error, Result};
 
+/// How often an idle wake-up subscription is checked with a PING.
+const SUBSCRIPTION_PING_EVERY: Duration = Duration::from_secs(10);
+
 /// Settings of the connections to one Redis server.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionOptions {
@@ -272,11 +275,24 @@ impl Store for RedisStore {
             .await
             .map_err(|_| timed_out())??;
         let (tx, rx) = mpsc::channel(1024);
+        let ping_timeout = self.options.command_timeout;
         tokio::spawn(async move {
-            let mut messages = pubsub.into_on_message();
+            let (mut sink, mut messages) = pubsub.split();
+            // A connection dropped silently (a NAT or firewall forgetting it) would
+            // leave the subscription dead but looking alive: PING it now and then
+            // and end the subscription when it does not answer, so the listener
+            // reconnects and wakes every waiter.
+            let mut health = tokio::time::interval(SUBSCRIPTION_PING_EVERY);
+            health.tick().await;
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    _ = health.tick() => {
+                        let pong = tokio::time::timeout(ping_timeout, sink.ping::<redis::Value>()).await;
+                        if !matches!(pong, Ok(Ok(_))) {
+                            return;
+                        }
+                    }
                     message = messages.next() => match message {
                         Some(m) => {
                             if tx.send(m.get_payload_bytes().to_vec()).await.is_err() {
