@@ -23,7 +23,9 @@ pub struct LockGuard {
     valid_until: Instant,
     released: bool,
     /// This task's turn in the process's line for the lock; dropped (letting the
-    /// next task in) after the release was sent.
+    /// next task in) when the guard is: after an explicit release completed, or
+    /// right after a dropped guard spawned its release (the next task then
+    /// waits for that release's wake-up or its retry).
     turn: Option<Turn>,
 }
 

@@ -37,10 +37,12 @@ impl Lines {
     /// not come in time.
     pub async fn wait_turn(self: &Arc<Self>, resource: &str, deadline: Instant) -> Option<Turn> {
         let line = self.line(resource);
-        let guard = tokio::time::timeout_at(deadline.into(), line.lock_owned()).await;
+        let guard = tokio::time::timeout_at(deadline.into(), Arc::clone(&line).lock_owned()).await;
         match guard {
             Ok(guard) => Some(self.turn(resource, guard)),
             Err(_) => {
+                // Our handle must go before the check, or the line never looks idle.
+                drop(line);
                 self.forget_if_idle(resource);
                 None
             }
