@@ -65,8 +65,8 @@ async fn followers_share_one_load_and_one_lock_in_process() {
         Duration::from_millis(100),
     )
     .await;
-    // Warm up: the first use of each Lua script costs a NOSCRIPT reply and a
-    // SCRIPT LOAD; measure the steady state.
+    // Warm up: the pool's first connection loads the Lua scripts (SCRIPT LOAD);
+    // measure the steady state.
     let _: u64 = cache
         .get_or_load("warm", || async { Ok::<_, String>(0u64) })
         .await

@@ -43,6 +43,12 @@ impl bb8::ManageConnection for Manager {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        let mut load = redis::pipe();
+        for source in super::scripts::ALL {
+            load.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+        }
+        let mut conn = inner.clone();
+        load.query_async::<()>(&mut conn).await?;
         Ok(Conn {
             inner,
             broken: Arc::new(AtomicBool::new(false)),
