@@ -422,6 +422,46 @@ async fn bad_keys_and_oversized_values_get_typed_errors(backend: Backend) {
     );
 }
 
+/// A load that read the data before an update must not overwrite what `set`
+/// stored after it, nor refill a key `invalidate` emptied after it: its caller
+/// gets what it loaded; the cache keeps the newer state.
+async fn set_and_invalidate_during_a_load_win_over_it(backend: Backend) {
+    let cache = backend.cache(&unique_prefix("supersede"), MINUTE).await;
+    for invalidate in [false, true] {
+        let key = if invalidate { "inval" } else { "set" };
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let loading = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .get_or_load::<User, String, _, _>(key, || async move {
+                        started_tx.send(()).unwrap();
+                        finish_rx.await.unwrap();
+                        Ok(user(1))
+                    })
+                    .await
+            }
+        });
+        started_rx.await.unwrap();
+        if invalidate {
+            cache.invalidate(key).await.unwrap();
+        } else {
+            cache.set(key, &user(2)).await.unwrap();
+        }
+        finish_tx.send(()).unwrap();
+        let loaded = join_all_checked(vec![loading]).await.remove(0).unwrap();
+        assert_eq!(loaded, user(1), "the caller gets what its loader returned");
+        let stored = cache.get::<User>(key).await.unwrap();
+        let expected = if invalidate { None } else { Some(user(2)) };
+        assert_eq!(
+            stored, expected,
+            "{key}: the stale load overwrote the newer state"
+        );
+    }
+    assert_eq!(cache.stats().writes_refused, 2);
+}
+
 /// Runs each behaviour against both backends.
 macro_rules! on_both_backends {
     ($($name:ident $(($arg:expr))?),* $(,)?) => {
@@ -464,4 +504,5 @@ on_both_backends!(
     invalidate_forces_one_reload,
     undecodable_bytes_are_reloaded_and_overwritten,
     bad_keys_and_oversized_values_get_typed_errors,
+    set_and_invalidate_during_a_load_win_over_it,
 );

@@ -294,3 +294,50 @@ async fn the_value_master_down_fails_calls_with_a_typed_connection_error() {
     eprintln!("value master down: typed error after {took:?}");
     assert_eq!(runs.load(Ordering::SeqCst), 0);
 }
+
+/// One master stalls (the TCP link to it holds every byte): it neither answers
+/// nor refuses. A majority still answers at once, so a miss, a hit and the
+/// release do not wait for the stalled master's command timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_minority_master_does_not_slow_misses_down() {
+    let fleet = Fleet::start(3);
+    let proxy = support::TcpProxy::start(fleet.servers[2].addr()).await;
+    let urls = vec![
+        fleet.urls()[0].clone(),
+        fleet.urls()[1].clone(),
+        proxy.url(),
+    ];
+    let cache = LockedCache::builder()
+        .masters(urls)
+        .key_prefix(unique_prefix("stalled"))
+        .ttl(MINUTE)
+        .command_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(Notify::new());
+    // Warm the connection to the proxied master, then stall it.
+    let _: String = cache
+        .get_or_load("warm", loader(&runs, &started, Duration::ZERO))
+        .await
+        .unwrap();
+    proxy.stall();
+    for key in ["cold-1", "cold-2", "cold-3"] {
+        let began = Instant::now();
+        let v: String = cache
+            .get_or_load(key, loader(&runs, &started, Duration::ZERO))
+            .await
+            .unwrap();
+        let took = began.elapsed();
+        assert_eq!(v, "fresh");
+        eprintln!("miss with one master stalled: {took:?}");
+        assert!(
+            took < Duration::from_millis(500),
+            "{key}: a miss waited for the stalled master: {took:?}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    assert_eq!(cache.stats().lock_lost, 0);
+    proxy.resume();
+}
