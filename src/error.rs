@@ -76,6 +76,9 @@ pub enum Error {
     /// The builder was given a configuration that cannot work.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A custom [`Store`](crate::Store) failed (build it with [`Error::store`]).
+    #[error("store: {0}")]
+    Store(Arc<dyn std::error::Error + Send + Sync>),
     /// The task that ran a shared load was cancelled or panicked and no other caller
     /// could take over. Not returned by the current implementation except when the
     /// runtime is shutting down; kept for forward compatibility.
@@ -84,6 +87,11 @@ pub enum Error {
 }
 
 impl Error {
+    /// Wraps the error of a custom [`Store`](crate::Store) implementation.
+    pub fn store(error: impl std::error::Error + Send + Sync + 'static) -> Error {
+        Error::Store(Arc::new(error))
+    }
+
     /// True when the failure is a timeout: lock wait, pool checkout or a command.
     pub fn is_timeout(&self) -> bool {
         match self {
@@ -192,3 +200,46 @@ impl<E> LoadError<E> {
 
 /// Shorthand for results of the library's own operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predicates_classify_the_variants() {
+        let timeout = Error::LockTimeout {
+            resource: "lock.k".into(),
+            waited: Duration::from_secs(1),
+        };
+        assert!(timeout.is_timeout() && !timeout.is_connection_error());
+        let pool = Error::PoolTimeout {
+            server: "redis://h".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(pool.is_timeout() && pool.is_connection_error());
+        let quorum = Error::QuorumNotReached {
+            resource: "lock.k".into(),
+            reachable: 1,
+            masters: 3,
+            quorum: 2,
+        };
+        assert!(quorum.is_quorum_error() && !quorum.is_timeout());
+        assert!(Error::InvalidKey("".into()).is_invalid_input());
+        let custom = Error::store(std::io::Error::other("disk on fire"));
+        assert_eq!(custom.to_string(), "store: disk on fire");
+        assert!(!custom.is_invalid_input());
+        let refused = Error::Redis(redis::RedisError::from(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        )));
+        assert!(refused.is_connection_error());
+    }
+
+    #[test]
+    fn load_error_keeps_the_callers_type() {
+        let e: LoadError<std::io::Error> = LoadError::Loader(Arc::new(std::io::Error::other("db")));
+        assert_eq!(e.loader_error().unwrap().to_string(), "db");
+        assert!(e.cache_error().is_none());
+        let c: LoadError<std::io::Error> = Error::Abandoned.into();
+        assert!(c.cache_error().is_some() && c.clone().loader_error().is_none());
+    }
+}
