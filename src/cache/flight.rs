@@ -63,6 +63,12 @@ impl Flights {
         })
     }
 
+    /// True when a load of `key` is in flight in this process.
+    pub fn in_flight(&self, key: &str) -> bool {
+        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(key)
+    }
+
     fn remove(&self, key: &str, slot: &Arc<Slot>) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {

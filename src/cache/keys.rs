@@ -19,9 +19,17 @@ pub struct Keys {
     pub fence: String,
 }
 
+/// The value key alone, for the hit path.
+pub fn value_key(prefix: &str, key: &str) -> String {
+    let mut value = String::with_capacity(prefix.len() + key.len());
+    value.push_str(prefix);
+    value.push_str(key);
+    value
+}
+
 impl Keys {
     pub fn new(prefix: &str, key: &str) -> Keys {
-        let value = format!("{prefix}{key}");
+        let value = value_key(prefix, key);
         Keys {
             lock: format!("{LOCK_PREFIX}{value}"),
             fence: format!("{FENCE_PREFIX}{value}"),

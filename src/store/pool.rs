@@ -169,6 +169,12 @@ impl Connection {
         }
     }
 
+    /// True for connections of our own pool, which carry the command timeout as
+    /// their redis-rs response timeout.
+    pub fn has_response_timeout(&self) -> bool {
+        self.broken.is_some()
+    }
+
     /// A handle that can retire the pooled connection after this one was moved
     /// into a command that then timed out.
     pub fn retirer(&self) -> Retirer {

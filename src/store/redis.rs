@@ -120,11 +120,23 @@ impl RedisStore {
         let mut retried = false;
         loop {
             let connection = self.connection().await?;
-            let answer =
-                tokio::time::timeout(self.options.command_timeout, f(connection.conn.clone()))
-                    .await;
+            let answer = if connection.has_response_timeout() {
+                // Our own connections time out by themselves (redis-rs response
+                // timeout = command timeout); no second timer on the hot path.
+                Ok(f(connection.conn.clone()).await)
+            } else {
+                tokio::time::timeout(self.options.command_timeout, f(connection.conn.clone())).await
+            };
             match answer {
                 Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if e.is_timeout() => {
+                    connection.note_error(&e);
+                    return Err(Error::CommandTimeout {
+                        command,
+                        server: self.server.clone(),
+                        timeout: self.options.command_timeout,
+                    });
+                }
                 Ok(Err(e)) => {
                     connection.note_error(&e);
                     let dead = (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout();
