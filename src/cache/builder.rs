@@ -116,8 +116,11 @@ impl<C: Codec> Builder<C> {
 
     /// Adds a master through a bb8-redis pool you already have. `url` names the
     /// same server and is used for the wake-up subscription. The pool keeps its
-    /// own settings (bb8-redis PINGs on every checkout by default, which costs a
-    /// round trip per command; build it with `test_on_check_out(false)` to avoid it).
+    /// own settings: bb8-redis PINGs on every checkout by default (a round trip
+    /// per command, but it is also what replaces connections after a Redis
+    /// restart: bb8-redis never marks a connection broken, so keep it on), and its
+    /// connections' response timeout (redis-rs default 500 ms) bounds each
+    /// command instead of [`command_timeout`](Builder::command_timeout).
     pub fn redis_pool(
         mut self,
         url: impl Into<String>,
@@ -233,7 +236,9 @@ impl<C: Codec> Builder<C> {
         self
     }
 
-    /// Bound on each Redis command's answer. Defaults to
+    /// Bound on each Redis command's answer (the response timeout of the
+    /// connections the cache opens; a pool given with
+    /// [`redis_pool`](Builder::redis_pool) keeps its own). Defaults to
     /// [`DEFAULT_COMMAND_TIMEOUT`] (1 s). Shorter: faster failure on a stalled
     /// server; too short fails on large values or a slow network.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {

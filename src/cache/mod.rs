@@ -221,6 +221,16 @@ impl<C: Codec> LockedCache<C> {
     {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        // A hit needs no flight: with no load of this key in flight here, read
+        // directly (one round trip, nothing shared to set up). A miss joins the
+        // flight, whose leader reads once more before taking the lock.
+        if inner.coalesce && !inner.flights.in_flight(key) {
+            let value_key = keys::value_key(&inner.key_prefix, key);
+            if let Some((value, _)) = inner.read(&value_key).await? {
+                Stats::add(&inner.stats.hits);
+                return Ok(value);
+            }
+        }
         // One deadline per call, for waiting on someone else's load: in this
         // process (as a follower) or in another (for the lock).
         let started = Instant::now();
@@ -230,16 +240,6 @@ impl<C: Codec> LockedCache<C> {
                 .lead(key, loader, started, deadline)
                 .await
                 .map(|(value, _)| value);
-        }
-        // A hit needs no flight: with no load of this key in flight here, read
-        // directly (one round trip, nothing shared to set up). A miss joins the
-        // flight, whose leader reads once more before taking the lock.
-        if !inner.flights.in_flight(key) {
-            let value_key = keys::value_key(&inner.key_prefix, key);
-            if let Some((value, _)) = inner.read(&value_key).await? {
-                Stats::add(&inner.stats.hits);
-                return Ok(value);
-            }
         }
         let mut counted = false;
         let leader = loop {

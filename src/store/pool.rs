@@ -168,27 +168,4 @@ impl Connection {
             flag.store(true, Ordering::Relaxed);
         }
     }
-
-    /// True for connections of our own pool, which carry the command timeout as
-    /// their redis-rs response timeout.
-    pub fn has_response_timeout(&self) -> bool {
-        self.broken.is_some()
-    }
-
-    /// A handle that can retire the pooled connection after this one was moved
-    /// into a command that then timed out.
-    pub fn retirer(&self) -> Retirer {
-        Retirer(self.broken.clone())
-    }
-}
-
-/// See [`Connection::retirer`].
-pub struct Retirer(Option<Arc<AtomicBool>>);
-
-impl Retirer {
-    pub fn mark_broken(&self) {
-        if let Some(flag) = &self.0 {
-            flag.store(true, Ordering::Relaxed);
-        }
-    }
 }

@@ -120,16 +120,11 @@ impl RedisStore {
         let mut retried = false;
         loop {
             let connection = self.connection().await?;
-            let answer = if connection.has_response_timeout() {
-                // Our own connections time out by themselves (redis-rs response
-                // timeout = command timeout); no second timer on the hot path.
-                Ok(f(connection.conn.clone()).await)
-            } else {
-                tokio::time::timeout(self.options.command_timeout, f(connection.conn.clone())).await
-            };
-            match answer {
-                Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if e.is_timeout() => {
+            // Bounded by the connection's own response timeout: the command
+            // timeout on our pool's connections, the pool's setting on a user's.
+            match f(connection.conn.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_timeout() => {
                     connection.note_error(&e);
                     return Err(Error::CommandTimeout {
                         command,
@@ -137,7 +132,7 @@ impl RedisStore {
                         timeout: self.options.command_timeout,
                     });
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     connection.note_error(&e);
                     let dead = (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout();
                     if dead && !std::mem::replace(&mut retried, true) {
@@ -145,14 +140,6 @@ impl RedisStore {
                         continue;
                     }
                     return Err(Error::Redis(e));
-                }
-                Err(_) => {
-                    connection.retirer().mark_broken();
-                    return Err(Error::CommandTimeout {
-                        command,
-                        server: self.server.clone(),
-                        timeout: self.options.command_timeout,
-                    });
                 }
             }
         }
