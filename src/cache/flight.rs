@@ -10,7 +10,6 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -39,9 +38,6 @@ type Slot = watch::Sender<Option<Outcome>>;
 #[derive(Default)]
 pub struct Flights {
     map: Mutex<HashMap<String, Arc<Slot>>>,
-    /// Flights in the map, so that a hit with no load in flight anywhere in
-    /// this cache skips the map (and its mutex) entirely.
-    active: AtomicUsize,
 }
 
 /// A caller's part in a flight.
@@ -59,7 +55,6 @@ impl Flights {
         }
         let slot = Arc::new(watch::channel(None).0);
         map.insert(key.to_owned(), Arc::clone(&slot));
-        self.active.fetch_add(1, Ordering::Relaxed);
         Role::Leader(Leader {
             flights: self,
             key: key.to_owned(),
@@ -68,20 +63,10 @@ impl Flights {
         })
     }
 
-    /// True when a load of `key` is in flight in this process.
-    pub fn in_flight(&self, key: &str) -> bool {
-        if self.active.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        map.contains_key(key)
-    }
-
     fn remove(&self, key: &str, slot: &Arc<Slot>) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         if map.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             map.remove(key);
-            self.active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

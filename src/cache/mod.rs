@@ -2,10 +2,10 @@
 //!
 //! The data path of a call, top to bottom:
 //!
-//! 1. [`LockedCache::get_or_load_with`] reads the value (`GET`, one round trip)
-//!    unless a load of the key is in flight here; a hit ends there.
-//! 2. A miss joins the key's in-process flight (`flight.rs`); followers wait for
-//!    the leader's outcome. The leader ([`Inner::lead`]) reads once more.
+//! 1. [`LockedCache::get_or_load_with`] joins the key's in-process flight
+//!    (`flight.rs`); followers wait for the leader's outcome.
+//! 2. The leader ([`Inner::lead`]) reads the value (`GET`, one round trip); a hit
+//!    ends here.
 //! 3. On a miss it registers for release wake-ups and takes the lock
 //!    ([`Redlock`], `lock/`: `SET NX PX` on every master), sleeping between
 //!    attempts until a release is published or the retry time passes, and
@@ -119,11 +119,10 @@ impl<C: Codec> LockedCache<C> {
     ///
     /// # Concurrent callers
     ///
-    /// Each call first reads the key (one `GET`) unless a load of the key is
-    /// already in flight in this process. On a miss, concurrent calls for the same
-    /// key share one *flight*: only its leader takes the lock and runs its loader;
-    /// the others wait for its outcome and never run theirs, and calls arriving
-    /// while it runs join it without touching Redis. Callers in other processes
+    /// In one process, concurrent calls for the same key share one *flight*: only
+    /// its leader reads Redis, takes the lock and runs its loader; the others wait
+    /// for its outcome and never run theirs (a cold stampede of N callers costs
+    /// one read and one lock per process, not N). Callers in other processes
     /// wait for the lock; when the holder releases it, they are woken by pub/sub at
     /// once (or at their next retry if the message was lost), find the value and
     /// return it. Nobody waits longer than the wait time for someone else's load
@@ -221,16 +220,6 @@ impl<C: Codec> LockedCache<C> {
     {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        // A hit needs no flight: with no load of this key in flight here, read
-        // directly (one round trip, nothing shared to set up). A miss joins the
-        // flight, whose leader reads once more before taking the lock.
-        if inner.coalesce && !inner.flights.in_flight(key) {
-            let value_key = keys::value_key(&inner.key_prefix, key);
-            if let Some((value, _)) = inner.read(&value_key).await? {
-                Stats::add(&inner.stats.hits);
-                return Ok(value);
-            }
-        }
         // One deadline per call, for waiting on someone else's load: in this
         // process (as a follower) or in another (for the lock).
         let started = Instant::now();
