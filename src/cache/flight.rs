@@ -10,6 +10,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -34,10 +35,32 @@ pub enum Outcome {
 
 type Slot = watch::Sender<Option<Outcome>>;
 
+/// Independent parts of the map, so that concurrent calls for different keys
+/// rarely wait on the same mutex.
+const SHARDS: usize = 16;
+
+/// A flight in the map. Its channel is made when the first follower arrives, so
+/// a hit that nobody waits on allocates no channel.
+struct Entry {
+    id: u64,
+    slot: Option<Slot>,
+}
+
+type Shard = Mutex<HashMap<Arc<str>, Entry>>;
+
 /// The flights of one cache, by key.
-#[derive(Default)]
 pub struct Flights {
-    map: Mutex<HashMap<String, Arc<Slot>>>,
+    shards: [Shard; SHARDS],
+    next_id: AtomicU64,
+}
+
+impl Default for Flights {
+    fn default() -> Self {
+        Flights {
+            shards: std::array::from_fn(|_| Mutex::default()),
+            next_id: AtomicU64::new(0),
+        }
+    }
 }
 
 /// A caller's part in a flight.
@@ -47,54 +70,69 @@ pub enum Role<'a> {
 }
 
 impl Flights {
-    /// Joins the flight for `key`, leading it if there is none.
-    pub fn join(&self, key: &str) -> Role<'_> {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = map.get(key) {
-            return Role::Follower(slot.subscribe());
-        }
-        let slot = Arc::new(watch::channel(None).0);
-        map.insert(key.to_owned(), Arc::clone(&slot));
-        Role::Leader(Leader {
-            flights: self,
-            key: key.to_owned(),
-            slot,
-            finished: false,
-        })
+    fn shard(&self, key: &str) -> &Shard {
+        // FNV-1a: cheap, and only spreads keys over the shards.
+        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        &self.shards[(hash % SHARDS as u64) as usize]
     }
 
-    fn remove(&self, key: &str, slot: &Arc<Slot>) {
-        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            map.remove(key);
+    /// Joins the flight for `key`, leading it if there is none.
+    pub fn join(&self, key: &str) -> Role<'_> {
+        let shard = self.shard(key);
+        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = map.get_mut(key) {
+            let slot = entry.slot.get_or_insert_with(|| watch::channel(None).0);
+            return Role::Follower(slot.subscribe());
         }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let key: Arc<str> = Arc::from(key);
+        map.insert(Arc::clone(&key), Entry { id, slot: None });
+        Role::Leader(Leader {
+            shard,
+            key,
+            id,
+            finished: false,
+        })
     }
 }
 
 /// The leader's handle: [`finish`](Leader::finish) hands the outcome to the
 /// followers; dropping it unfinished abandons the flight.
 pub struct Leader<'a> {
-    flights: &'a Flights,
-    key: String,
-    slot: Arc<Slot>,
+    shard: &'a Shard,
+    key: Arc<str>,
+    id: u64,
     finished: bool,
 }
 
 impl Leader<'_> {
     pub fn finish(mut self, outcome: Outcome) {
         self.finished = true;
-        // Remove first: a call arriving after this point starts a fresh flight
-        // (and reads the store) instead of receiving a finished outcome.
-        self.flights.remove(&self.key, &self.slot);
-        self.slot.send_replace(Some(outcome));
+        self.close(outcome);
+    }
+
+    /// Removes the flight (a call arriving after this starts a fresh one and
+    /// reads the store) and hands `outcome` to its followers, if any.
+    fn close(&self, outcome: Outcome) {
+        let slot = {
+            let mut map = self.shard.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(&self.key) {
+                Some(entry) if entry.id == self.id => map.remove(&self.key).and_then(|e| e.slot),
+                _ => None,
+            }
+        };
+        if let Some(slot) = slot {
+            slot.send_replace(Some(outcome));
+        }
     }
 }
 
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.flights.remove(&self.key, &self.slot);
-            self.slot.send_replace(Some(Outcome::Abandoned));
+            self.close(Outcome::Abandoned);
         }
     }
 }

@@ -29,7 +29,11 @@ pub fn value_key(prefix: &str, key: &str) -> String {
 
 impl Keys {
     pub fn new(prefix: &str, key: &str) -> Keys {
-        let value = value_key(prefix, key);
+        Keys::with_value_key(value_key(prefix, key))
+    }
+
+    /// The lock and fence keys that go with `value` (a value key).
+    pub fn with_value_key(value: String) -> Keys {
         Keys {
             lock: format!("{LOCK_PREFIX}{value}"),
             fence: format!("{FENCE_PREFIX}{value}"),

@@ -419,12 +419,13 @@ impl<C: Codec> Inner<C> {
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let keys = Keys::new(&self.key_prefix, key);
-        if let Some(found) = self.read(&keys.value).await? {
+        let value_key = keys::value_key(&self.key_prefix, key);
+        if let Some(found) = self.read(&value_key).await? {
             Stats::add(&self.stats.hits);
             return Ok(found);
         }
         Stats::add(&self.stats.misses);
+        let keys = Keys::with_value_key(value_key);
         let guard = match self.wait_for_lock(&keys, started, deadline).await? {
             Locked::Guard(guard) => guard,
             Locked::ValueAppeared(found) => {
