@@ -95,6 +95,12 @@ pub struct Connection {
     broken: Option<Arc<AtomicBool>>,
 }
 
+/// What is left of a [`Connection`] once its multiplexed connection was taken
+/// for a command: the means to retire the pooled original.
+pub struct Health {
+    broken: Option<Arc<AtomicBool>>,
+}
+
 impl Pool {
     pub fn own(
         client: Client,
@@ -156,6 +162,18 @@ fn run_error(e: bb8::RunError<RedisError>) -> Option<RedisError> {
 }
 
 impl Connection {
+    /// The connection to send on, and what reports its failure.
+    pub fn split(self) -> (MultiplexedConnection, Health) {
+        (
+            self.conn,
+            Health {
+                broken: self.broken,
+            },
+        )
+    }
+}
+
+impl Health {
     /// Retires the pooled connection when `err` means it can no longer be used
     /// (I/O error, dropped connection, or no answer within the command timeout).
     pub fn note_error(&self, err: &RedisError) {

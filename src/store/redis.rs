@@ -119,10 +119,10 @@ impl RedisStore {
     {
         let mut retried = false;
         loop {
-            let connection = self.connection().await?;
+            let (conn, connection) = self.connection().await?.split();
             // Bounded by the connection's own response timeout: the command
             // timeout on our pool's connections, the pool's setting on a user's.
-            match f(connection.conn.clone()).await {
+            match f(conn).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_timeout() => {
                     connection.note_error(&e);
