@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use locked_cache::{Error, LoadError, LockedCache, MemoryStore, RedisStore, SharedStore};
 use serde::{Deserialize, Serialize};
-use support::{RedisServer, join_all_checked, unique_prefix};
+use support::{RedisServer, counting_loader, join_all_checked, unique_prefix};
 
 /// Where the caches of one test keep their data.
 enum Backend {
@@ -66,22 +66,6 @@ fn user(id: u64) -> User {
 }
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// A loader that counts its runs and takes `delay`.
-fn counting_loader(
-    runs: &Arc<AtomicU32>,
-    delay: Duration,
-    value: User,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<User, String>> + Send>> + use<> {
-    let runs = Arc::clone(runs);
-    move || {
-        Box::pin(async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            tokio::time::sleep(delay).await;
-            Ok(value)
-        })
-    }
-}
 
 async fn hit_returns_the_stored_value_without_loading(backend: Backend) {
     let cache = backend.cache(&unique_prefix("hit"), MINUTE).await;

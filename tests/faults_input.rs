@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use locked_cache::codec::{self, BincodeCodec};
 use locked_cache::{Error, LoadError, LockedCache, MemoryStore, RedisStore, SharedStore, Store};
 use support::capture::capture;
-use support::{RedisServer, join_all_checked, unique_prefix};
+use support::{RedisServer, counting, join_all_checked, unique_prefix};
 use tracing::Level;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -27,20 +27,6 @@ fn current_thread() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn counting(
-    runs: &Arc<AtomicU32>,
-    value: &str,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + use<>
-{
-    let (runs, value) = (Arc::clone(runs), value.to_owned());
-    move || {
-        Box::pin(async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok(value)
-        })
-    }
 }
 
 /// A list, a hash, a set, a sorted set and a stream under value keys: `get` sees

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use locked_cache::{LoadError, LockedCache};
-use support::{RedisServer, TcpProxy, eventually, join_all_checked, unique_prefix};
+use support::{RedisServer, TcpProxy, counting, eventually, join_all_checked, unique_prefix};
 use tokio::sync::Notify;
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -33,20 +33,6 @@ async fn cache_at(url: String, prefix: &str) -> LockedCache {
         .build()
         .await
         .expect("build")
-}
-
-fn counting(
-    runs: &Arc<AtomicU32>,
-    value: &str,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + use<>
-{
-    let (runs, value) = (Arc::clone(runs), value.to_owned());
-    move || {
-        Box::pin(async move {
-            runs.fetch_add(1, Ordering::SeqCst);
-            Ok(value)
-        })
-    }
 }
 
 /// Waits until `cache` reads `key` as `expected` again; returns how long it took.

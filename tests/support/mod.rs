@@ -91,3 +91,33 @@ pub fn describe(payload: Option<&(dyn Any + Send)>) -> String {
             .unwrap_or_else(|| "panicked (non-string payload)".to_owned()),
     }
 }
+
+/// A boxed loader, as `get_or_load` takes it.
+pub type Loader<T> =
+    Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send>> + Send>;
+
+/// A loader that counts its runs in `runs`, takes `delay`, and returns `value`.
+pub fn counting_loader<T: Send + 'static>(
+    runs: &std::sync::Arc<std::sync::atomic::AtomicU32>,
+    delay: Duration,
+    value: T,
+) -> Loader<T> {
+    let runs = std::sync::Arc::clone(runs);
+    Box::new(move || {
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            Ok(value)
+        })
+    })
+}
+
+/// [`counting_loader`] of a string, with no delay.
+pub fn counting(
+    runs: &std::sync::Arc<std::sync::atomic::AtomicU32>,
+    value: &str,
+) -> Loader<String> {
+    counting_loader(runs, Duration::ZERO, value.to_owned())
+}
