@@ -36,9 +36,15 @@ pub enum Error {
         /// Majority needed.
         quorum: usize,
     },
-    /// Redis answered with an error, or the connection failed.
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    /// Redis answered with an error, or the connection to it failed.
+    #[error("redis {server}: {source}")]
+    Redis {
+        /// The server (password redacted).
+        server: String,
+        /// What redis-rs reported.
+        #[source]
+        source: redis::RedisError,
+    },
     /// No connection could be had from the pool within the connect timeout.
     #[error("no connection to {server} within {timeout:?}")]
     PoolTimeout {
@@ -98,7 +104,7 @@ impl Error {
             Error::LockTimeout { .. }
             | Error::PoolTimeout { .. }
             | Error::CommandTimeout { .. } => true,
-            Error::Redis(e) => e.is_timeout(),
+            Error::Redis { source, .. } => source.is_timeout(),
             _ => false,
         }
     }
@@ -108,7 +114,7 @@ impl Error {
     pub fn is_connection_error(&self) -> bool {
         match self {
             Error::PoolTimeout { .. } | Error::CommandTimeout { .. } => true,
-            Error::Redis(e) => {
+            Error::Redis { source: e, .. } => {
                 e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal()
             }
             _ => false,
@@ -228,10 +234,17 @@ mod tests {
         let custom = Error::store(std::io::Error::other("disk on fire"));
         assert_eq!(custom.to_string(), "store: disk on fire");
         assert!(!custom.is_invalid_input());
-        let refused = Error::Redis(redis::RedisError::from(std::io::Error::from(
-            std::io::ErrorKind::ConnectionRefused,
-        )));
+        let refused = Error::Redis {
+            server: "redis://h".into(),
+            source: redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::ConnectionRefused,
+            )),
+        };
         assert!(refused.is_connection_error());
+        assert!(
+            refused.to_string().starts_with("redis redis://h: "),
+            "{refused}"
+        );
     }
 
     #[test]

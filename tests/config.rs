@@ -104,11 +104,24 @@ async fn passwords_never_appear_in_debug_output_or_errors() {
         .expect_err("nothing listens on port 1");
     assert!(err.is_connection_error(), "{err:?}");
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
-    let bad = LockedCache::builder()
-        .redis("redis://:hunter2@[::1")
-        .build()
-        .await;
-    assert!(!format!("{bad:?}").contains("hunter2"), "{bad:?}");
+    for malformed in [
+        "redis://:hunter2@[::1",
+        "user:hunter2@127.0.0.1:6379",
+        "redis:/:hunter2@127.0.0.1:6379",
+        "redis://:hun/ter2@127.0.0.1:6379",
+    ] {
+        let bad = LockedCache::builder().redis(malformed).build().await;
+        let error = bad
+            .as_ref()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        let shown = format!("{bad:?} {error}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("ter2"),
+            "{malformed}: {shown}"
+        );
+    }
 }
 
 #[test]

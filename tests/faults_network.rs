@@ -340,3 +340,40 @@ async fn redis_killed_mid_load_and_restarted_fails_typed_then_recovers_without_a
         "redis killed: loaded value returned {returned:?} after the kill; calls failed within {slowest:?}; recovered {recovered:?} after the restart"
     );
 }
+
+/// `ping` finds a wrong setup at startup: a master that is down, or a server
+/// that wants a password, each named in a plain error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_names_the_server_that_is_down_or_refuses() {
+    let mut fleet = support::Fleet::start(3);
+    let cache = LockedCache::builder()
+        .masters(fleet.urls())
+        .key_prefix(unique_prefix("ping"))
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    cache.ping().await.expect("all up");
+    fleet.kill(2);
+    let down = fleet.servers[2].url();
+    let err = cache.ping().await.expect_err("a master is down");
+    assert!(err.is_connection_error(), "{err:?}");
+    assert!(err.to_string().contains(&down), "{err} should name {down}");
+
+    let guarded = RedisServer::start();
+    let _: () = guarded.query(&["CONFIG", "SET", "requirepass", "hunter2"]);
+    let no_password = LockedCache::builder()
+        .redis(guarded.url())
+        .wake_ups(false)
+        .build()
+        .await
+        .unwrap();
+    let err = no_password
+        .ping()
+        .await
+        .expect_err("a password is required");
+    let text = err.to_string();
+    assert!(text.contains(&guarded.url()), "{text}");
+    assert!(text.contains("NOAUTH"), "{text}");
+    assert!(!text.contains("Pipeline"), "{text}");
+}

@@ -341,6 +341,19 @@ impl<C: Codec> Builder<C> {
                 })
                 .collect::<Result<Vec<_>>>()?
         };
+        if masters.len() > 1 && masters.len() % 2 == 0 {
+            tracing::warn!(
+                masters = masters.len(),
+                "an even number of masters tolerates no more failures than one fewer; use 3 or 5"
+            );
+        }
+        if self.lock.wait <= self.lock.expiry {
+            tracing::warn!(
+                wait = ?self.lock.wait,
+                expiry = ?self.lock.expiry,
+                "wait time not above the lock expiry: waiters give up before a crashed holder's lock expires"
+            );
+        }
         let value_store = match &self.cache_url {
             Some(url) => Arc::new(RedisStore::open(url, options)?) as SharedStore,
             None => Arc::clone(&masters[0]),

@@ -280,10 +280,13 @@ impl<C: Codec> LockedCache<C> {
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        Ok(inner
-            .read(&keys::value_key(&inner.key_prefix, key))
-            .await?
-            .map(|(value, _)| value))
+        let found = inner.read(&keys::value_key(&inner.key_prefix, key)).await?;
+        Stats::add(if found.is_some() {
+            &inner.stats.hits
+        } else {
+            &inner.stats.misses
+        });
+        Ok(found.map(|(value, _)| value))
     }
 
     /// Stores `value` under `key` with the cache's TTL, unconditionally (no lock):
@@ -329,7 +332,17 @@ impl<C: Codec> LockedCache<C> {
         inner.value_store.delete(&keys.value).await
     }
 
-    /// The distributed lock the cache uses, for locking of your own.
+    /// Checks that the value server and every lock master answer, and returns
+    /// the first failure (which names its server). The cache connects lazily, so
+    /// a wrong URL or password otherwise shows up only on the first call: call
+    /// this at startup to fail fast.
+    pub async fn ping(&self) -> Result<()> {
+        let (value, lock) = tokio::join!(self.inner.value_store.ping(), self.inner.lock.ping());
+        value.and(lock)
+    }
+
+    /// The distributed lock the cache uses, for locking of your own. Lock names
+    /// are used as Redis keys as given (the cache's key prefix is not added).
     pub fn lock(&self) -> &Redlock {
         &self.inner.lock
     }
@@ -355,9 +368,9 @@ impl<C: Codec> Inner<C> {
     /// or a key of another Redis type, is a miss (reported and counted).
     async fn read<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(T, Bytes)>> {
         match self.value_store.get(value_key).await {
-            Ok(Some(bytes)) => Ok(self.decode_or_report(value_key, bytes)),
+            Ok(Some(bytes)) => Ok(self.decode_or_report(value_key, bytes, true)),
             Ok(None) => Ok(None),
-            Err(Error::Redis(e)) if e.code() == Some("WRONGTYPE") => {
+            Err(Error::Redis { source: e, .. }) if e.code() == Some("WRONGTYPE") => {
                 self.report_corrupt(value_key, &e);
                 Ok(None)
             }
@@ -365,24 +378,33 @@ impl<C: Codec> Inner<C> {
         }
     }
 
+    /// Decodes a stored value; an undecodable one is `None`, and reported when
+    /// `report` (the re-check under the lock does not report the bytes the first
+    /// read already did).
     fn decode_or_report<T: DeserializeOwned>(
         &self,
         value_key: &str,
         bytes: Vec<u8>,
+        report: bool,
     ) -> Option<(T, Bytes)> {
+        let report_corrupt = |error: &dyn fmt::Display| {
+            if report {
+                self.report_corrupt(value_key, error);
+            }
+        };
         if bytes.len() > self.max_value_size {
             let error = format!(
                 "{} bytes, over the maximum value size of {}",
                 bytes.len(),
                 self.max_value_size
             );
-            self.report_corrupt(value_key, &error);
+            report_corrupt(&error);
             return None;
         }
         match codec::decode(&self.codec, &bytes) {
             Ok(value) => Some((value, Arc::new(bytes))),
             Err(e) => {
-                self.report_corrupt(value_key, &e);
+                report_corrupt(&e);
                 None
             }
         }
@@ -495,7 +517,7 @@ impl<C: Codec> Inner<C> {
         // a key of another Redis type reads as missing here.
         match found {
             Ok(Some(bytes)) => {
-                if let Some(found) = self.decode_or_report(&keys.value, bytes) {
+                if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
                     Stats::add(&self.stats.hits);
                     release(guard).await;
                     return Ok(found);

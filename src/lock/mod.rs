@@ -229,6 +229,15 @@ impl Redlock {
         self.inner.masters.len()
     }
 
+    /// Checks that every master answers, and returns the first failure (which
+    /// names its server). Building connects lazily, so this is the way to find a
+    /// wrong URL or password at startup rather than on the first lock.
+    pub async fn ping(&self) -> Result<()> {
+        let answers =
+            futures_util::future::join_all(self.inner.masters.iter().map(|m| m.ping())).await;
+        answers.into_iter().collect()
+    }
+
     /// Wake-up subscriptions currently connected (0 with wake-ups off).
     pub fn subscriptions(&self) -> usize {
         self.inner.listeners.as_ref().map_or(0, |l| l.subscribed())

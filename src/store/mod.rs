@@ -30,7 +30,7 @@ pub type SharedStore = Arc<dyn Store>;
 #[async_trait]
 pub trait Store: Send + Sync + Debug + 'static {
     /// `GET key`. A key holding another Redis type is an error
-    /// ([`Error::Redis`](crate::Error::Redis) with code `WRONGTYPE`), which the
+    /// ([`Error::Redis`](crate::Error::Redis) whose source has code `WRONGTYPE`), which the
     /// cache treats as a corrupt value.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
@@ -78,6 +78,12 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// returned receiver; the receiver closes when the subscription is lost
     /// (connection dropped), and the caller subscribes again.
     async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>>;
+
+    /// Checks that the server answers (Redis: `PING`). The embedded store always
+    /// does.
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// A human-readable name of the server, password redacted.
     fn server(&self) -> &str;

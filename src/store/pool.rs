@@ -43,11 +43,19 @@ impl bb8::ManageConnection for Manager {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        // The first script alone, so that a refusal (NOAUTH: a password is
+        // required) comes back as itself, not as a pipeline of four failures.
+        let mut conn = inner.clone();
+        let (first, rest) = super::scripts::ALL.split_at(1);
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(first)
+            .query_async::<()>(&mut conn)
+            .await?;
         let mut load = redis::pipe();
-        for source in super::scripts::ALL {
+        for source in rest {
             load.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
         }
-        let mut conn = inner.clone();
         load.query_async::<()>(&mut conn).await?;
         Ok(Conn {
             inner,

@@ -94,9 +94,16 @@ impl RedisStore {
         Ok(store)
     }
 
+    fn redis_error(&self, source: RedisError) -> Error {
+        Error::Redis {
+            server: self.server.clone(),
+            source,
+        }
+    }
+
     async fn connection(&self) -> Result<Connection> {
         self.pool.get().await.map_err(|e| match e {
-            Some(e) => Error::Redis(e),
+            Some(e) => self.redis_error(e),
             None => Error::PoolTimeout {
                 server: self.server.clone(),
                 timeout: self.options.connect_timeout,
@@ -139,7 +146,7 @@ impl RedisStore {
                         tracing::debug!(server = self.server, command, error = %e, "connection was dead; retrying once on a fresh one");
                         continue;
                     }
-                    return Err(Error::Redis(e));
+                    return Err(self.redis_error(e));
                 }
             }
         }
@@ -269,10 +276,12 @@ impl Store for RedisStore {
         };
         let mut pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
             .await
-            .map_err(|_| timed_out())??;
+            .map_err(|_| timed_out())?
+            .map_err(|e| self.redis_error(e))?;
         tokio::time::timeout(timeout, pubsub.subscribe(channel))
             .await
-            .map_err(|_| timed_out())??;
+            .map_err(|_| timed_out())?
+            .map_err(|e| self.redis_error(e))?;
         let (tx, rx) = mpsc::channel(1024);
         let ping_timeout = self.options.command_timeout;
         tokio::spawn(async move {
@@ -306,29 +315,34 @@ impl Store for RedisStore {
         Ok(rx)
     }
 
+    async fn ping(&self) -> Result<()> {
+        self.query("PING", redis::cmd("PING")).await
+    }
+
     fn server(&self) -> &str {
         &self.server
     }
 }
 
-/// `url` with any password replaced by `***`, for logs and errors.
+/// `url` with any password replaced by `***`, for logs and errors. Errs on the
+/// side of hiding: everything between the scheme and the last `@` is user
+/// information, whether or not the URL is well formed (no scheme, a `/` in the
+/// password, `redis:/` with one slash...); a user name before a `:` is kept.
 pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some(at) = url.rfind('@') else {
         return url.to_owned();
     };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_owned();
+    let start = url[..at]
+        .find("://")
+        .map(|i| i + 3)
+        .or_else(|| url[..at].find(":/").map(|i| i + 2))
+        .unwrap_or(0);
+    let userinfo = &url[start..at];
+    let hidden = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_owned(),
     };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or("");
-    let hidden = if userinfo.contains(':') {
-        format!("{user}:***")
-    } else {
-        "***".to_owned()
-    };
-    format!("{}{}{}", &url[..scheme_end + 3], hidden, &rest[at..])
+    format!("{}{hidden}{}", &url[..start], &url[at..])
 }
 
 #[cfg(test)]
@@ -348,5 +362,13 @@ mod tests {
         assert_eq!(redact("rediss://token@host"), "rediss://***@host");
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
         assert_eq!(redact("not a url"), "not a url");
+        // Malformed URLs hide the secret too.
+        assert_eq!(
+            redact("user:s3cret@127.0.0.1:6379"),
+            "user:***@127.0.0.1:6379"
+        );
+        assert_eq!(redact("redis:/:s3cret@h:1"), "redis:/:***@h:1");
+        assert_eq!(redact("redis://:pa/ss@h:1"), "redis://:***@h:1");
+        assert_eq!(redact("redis://:p@ss@h:1/0"), "redis://:***@h:1/0");
     }
 }
