@@ -162,10 +162,12 @@ impl<C: Codec> Builder<C> {
         self
     }
 
-    /// How long a miss waits for the lock before failing with
+    /// How long a call waits for someone else's load (the lock held by another
+    /// process, or an in-process leader still loading) before failing with
     /// [`Error::LockTimeout`]. Defaults to [`DEFAULT_WAIT`] (10 s). Keep it above
-    /// the lock expiry so that waiters outlive a crashed holder. Shorter: callers
-    /// fail sooner when a load is slow.
+    /// the lock expiry so that waiters outlive a crashed holder (`build()` logs a
+    /// warning otherwise). Shorter: callers fail sooner when a load is slow; zero:
+    /// a miss that finds the lock held fails at once.
     pub fn wait_time(mut self, wait: Duration) -> Self {
         self.lock.wait = wait;
         self
