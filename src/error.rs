@@ -85,10 +85,9 @@ pub enum Error {
     /// A custom [`Store`](crate::Store) failed (build it with [`Error::store`]).
     #[error("store: {0}")]
     Store(Arc<dyn std::error::Error + Send + Sync>),
-    /// The task that ran a shared load was cancelled or panicked and no other caller
-    /// could take over. Not returned by the current implementation except when the
-    /// runtime is shutting down; kept for forward compatibility.
-    #[error("the shared load was abandoned")]
+    /// A background task the call depended on (the one sending a lock command
+    /// to a master) ended without an answer: the tokio runtime is shutting down.
+    #[error("a background task ended without an answer (runtime shutting down)")]
     Abandoned,
 }
 
