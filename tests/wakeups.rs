@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use locked_cache::{LockedCache, RedisStore, SharedStore, Store};
+use locked_cache::{LockedCache, RedisStore};
+use support::store::{Hook, Observed, Op};
 use support::{RedisServer, eventually, join_all_checked, unique_prefix};
 use tokio::sync::{mpsc, oneshot};
 
@@ -172,88 +172,6 @@ async fn a_waiter_in_another_process_wakes_as_soon_as_the_value_is_stored() {
     assert!(waiter.stats().wakeups >= 1);
 }
 
-/// A store that runs a hook right after a chosen `SET NX` answered: used to
-/// release the lock exactly between a waiter's failed attempt and its sleep.
-#[derive(Debug)]
-struct Interposer {
-    inner: SharedStore,
-    after_set_nx: Mutex<Option<mpsc::UnboundedSender<oneshot::Sender<()>>>>,
-}
-
-#[async_trait]
-impl Store for Interposer {
-    async fn get(&self, key: &str) -> locked_cache::Result<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> locked_cache::Result<()> {
-        self.inner.set(key, value, ttl).await
-    }
-    async fn delete(&self, key: &str) -> locked_cache::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn set_nx(
-        &self,
-        key: &str,
-        token: &[u8],
-        expiry: Duration,
-    ) -> locked_cache::Result<bool> {
-        let answer = self.inner.set_nx(key, token, expiry).await;
-        let hook = self.after_set_nx.lock().unwrap().take();
-        if let Some(hook) = hook {
-            // Let the test release the lock now, and wait until it has.
-            let (done_tx, done_rx) = oneshot::channel();
-            hook.send(done_tx).unwrap();
-            done_rx.await.unwrap();
-        }
-        answer
-    }
-    async fn release(
-        &self,
-        key: &str,
-        token: &[u8],
-        channel: Option<&str>,
-    ) -> locked_cache::Result<bool> {
-        self.inner.release(key, token, channel).await
-    }
-    async fn extend(
-        &self,
-        key: &str,
-        token: &[u8],
-        expiry: Duration,
-    ) -> locked_cache::Result<bool> {
-        self.inner.extend(key, token, expiry).await
-    }
-    async fn get_or_fence(
-        &self,
-        key: &str,
-        fence_key: &str,
-        token: &[u8],
-        fence_expiry: Duration,
-    ) -> locked_cache::Result<Option<Vec<u8>>> {
-        self.inner
-            .get_or_fence(key, fence_key, token, fence_expiry)
-            .await
-    }
-    async fn set_fenced(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        fence_key: &str,
-        token: &[u8],
-    ) -> locked_cache::Result<bool> {
-        self.inner
-            .set_fenced(key, value, ttl, fence_key, token)
-            .await
-    }
-    async fn subscribe(&self, channel: &str) -> locked_cache::Result<mpsc::Receiver<Vec<u8>>> {
-        self.inner.subscribe(channel).await
-    }
-    fn server(&self) -> &str {
-        self.inner.server()
-    }
-}
-
 /// The lost wake-up race: the holder stores the value and releases the lock
 /// right after the waiter's attempt failed and before it sleeps. The waiter was
 /// registered before its attempt, so it still wakes at once (retry time: 5 s).
@@ -262,11 +180,26 @@ async fn a_release_between_the_check_and_the_sleep_is_not_lost() {
     let server = RedisServer::start();
     let prefix = unique_prefix("race");
     let holder = cache_on(&server, &prefix, Duration::from_secs(5)).await;
-    let (hook_tx, mut hook_rx) = mpsc::unbounded_channel();
-    let interposer = Arc::new(Interposer {
-        inner: Arc::new(RedisStore::open(&server.url(), Default::default()).unwrap()),
-        after_set_nx: Mutex::new(Some(hook_tx)),
+    // After the waiter's first SET NX answered, hand control to the test and
+    // wait until it says go on.
+    let (hook_tx, mut hook_rx) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+    let first_set_nx = Arc::new(Mutex::new(Some(hook_tx)));
+    let hook: Hook = Arc::new(move |op| {
+        let hook = (op == Op::SetNx)
+            .then(|| first_set_nx.lock().unwrap().take())
+            .flatten();
+        Box::pin(async move {
+            if let Some(hook) = hook {
+                let (done_tx, done_rx) = oneshot::channel();
+                hook.send(done_tx).unwrap();
+                done_rx.await.unwrap();
+            }
+        })
     });
+    let interposer = Arc::new(Observed::new(
+        Arc::new(RedisStore::open(&server.url(), Default::default()).unwrap()),
+        hook,
+    ));
     let waiter = LockedCache::builder()
         .store(interposer)
         .key_prefix(&prefix)

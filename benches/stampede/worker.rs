@@ -13,13 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use locked_cache::codec::{self, BincodeCodec};
 use locked_cache::{ConnectionOptions, LockedCache, RedisStore, SharedStore, Store};
 use redis::aio::MultiplexedConnection;
-use tokio::sync::mpsc;
 
 use crate::common::unix_micros;
+use crate::support::store::{Hook, Observed, Op};
 use crate::{Counters, Scenario, Strategy, WorkerConfig, WorkerReport};
 
 tokio::task_local! {
@@ -104,16 +103,13 @@ struct Ctx {
 
 async fn run(config: WorkerConfig) -> WorkerReport {
     let counts = Arc::new(OpCounts::default());
-    let stores: Vec<Arc<CountingStore>> = config
+    let stores: Vec<Arc<Observed>> = config
         .urls
         .iter()
         .map(|url| {
             let inner = RedisStore::open(url, ConnectionOptions::default())
                 .unwrap_or_else(|e| fail(&format!("open {url}: {e}")));
-            Arc::new(CountingStore {
-                inner,
-                counts: Arc::clone(&counts),
-            })
+            Arc::new(counting_store(inner, &counts))
         })
         .collect();
     let ttl = match config.scenario {
@@ -208,7 +204,7 @@ fn cache_counters(ctx: &Ctx) -> Counters {
 /// Opens the pools' connections and loads the Lua scripts, as a process that
 /// has served traffic before would have: a miss on a key of its own (lock,
 /// double check, fenced store, release), then concurrent reads on every master.
-async fn warm_up(ctx: &Arc<Ctx>, stores: &[Arc<CountingStore>]) {
+async fn warm_up(ctx: &Arc<Ctx>, stores: &[Arc<Observed>]) {
     let key = format!("warm:{}", ctx.config.worker_index);
     let counter = format!("{}bench:warm-up-loads", ctx.config.prefix);
     if let Err(e) = call(ctx, &key, &counter).await {
@@ -440,28 +436,23 @@ impl Zipf {
     }
 }
 
-/// Store operations, counted process-wide and per caller.
-const OPS: [&str; 9] = [
-    "get",
-    "set",
-    "delete",
-    "set_nx",
-    "release",
-    "extend",
-    "get_or_fence",
-    "set_fenced",
-    "subscribe",
-];
+/// Store operations, counted process-wide and per caller, in the order of
+/// [`Op::ALL`].
+const OPS: [&str; Op::ALL.len()] = {
+    let mut names = [""; Op::ALL.len()];
+    let mut i = 0;
+    while i < names.len() {
+        names[i] = Op::ALL[i].name();
+        i += 1;
+    }
+    names
+};
 
-const GET: usize = 0;
-const SET: usize = 1;
-const DELETE: usize = 2;
-const SET_NX: usize = 3;
-const RELEASE: usize = 4;
-const EXTEND: usize = 5;
-const GET_OR_FENCE: usize = 6;
-const SET_FENCED: usize = 7;
-const SUBSCRIBE: usize = 8;
+const GET: usize = Op::Get.index();
+const SET: usize = Op::Set.index();
+const DELETE: usize = Op::Delete.index();
+const GET_OR_FENCE: usize = Op::GetOrFence.index();
+const SET_FENCED: usize = Op::SetFenced.index();
 
 #[derive(Debug, Default)]
 struct OpCounts([AtomicU64; OPS.len()]);
@@ -480,86 +471,13 @@ impl OpCounts {
 /// task-local [`METER`] when the call runs inside a measured caller's task
 /// (commands the library sends from tasks of its own are counted only
 /// per process).
-#[derive(Debug)]
-struct CountingStore {
-    inner: RedisStore,
-    counts: Arc<OpCounts>,
-}
-
-impl CountingStore {
-    fn count(&self, op: usize) {
-        self.counts.0[op].fetch_add(1, Ordering::Relaxed);
-        let _ = METER.try_with(|m| m.ops[op].set(m.ops[op].get() + 1));
-    }
-}
-
-type StoreResult<T> = locked_cache::Result<T>;
-
-#[async_trait]
-impl Store for CountingStore {
-    async fn get(&self, key: &str) -> StoreResult<Option<Vec<u8>>> {
-        self.count(GET);
-        self.inner.get(key).await
-    }
-
-    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> StoreResult<()> {
-        self.count(SET);
-        self.inner.set(key, value, ttl).await
-    }
-
-    async fn delete(&self, key: &str) -> StoreResult<bool> {
-        self.count(DELETE);
-        self.inner.delete(key).await
-    }
-
-    async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> StoreResult<bool> {
-        self.count(SET_NX);
-        self.inner.set_nx(key, token, expiry).await
-    }
-
-    async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> StoreResult<bool> {
-        self.count(RELEASE);
-        self.inner.release(key, token, channel).await
-    }
-
-    async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> StoreResult<bool> {
-        self.count(EXTEND);
-        self.inner.extend(key, token, expiry).await
-    }
-
-    async fn get_or_fence(
-        &self,
-        key: &str,
-        fence_key: &str,
-        token: &[u8],
-        fence_expiry: Duration,
-    ) -> StoreResult<Option<Vec<u8>>> {
-        self.count(GET_OR_FENCE);
-        self.inner
-            .get_or_fence(key, fence_key, token, fence_expiry)
-            .await
-    }
-
-    async fn set_fenced(
-        &self,
-        key: &str,
-        value: &[u8],
-        ttl: Duration,
-        fence_key: &str,
-        token: &[u8],
-    ) -> StoreResult<bool> {
-        self.count(SET_FENCED);
-        self.inner
-            .set_fenced(key, value, ttl, fence_key, token)
-            .await
-    }
-
-    async fn subscribe(&self, channel: &str) -> StoreResult<mpsc::Receiver<Vec<u8>>> {
-        self.count(SUBSCRIBE);
-        self.inner.subscribe(channel).await
-    }
-
-    fn server(&self) -> &str {
-        self.inner.server()
-    }
+fn counting_store(inner: RedisStore, counts: &Arc<OpCounts>) -> Observed {
+    let counts = Arc::clone(counts);
+    let hook: Hook = Arc::new(move |op| {
+        let i = op.index();
+        counts.0[i].fetch_add(1, Ordering::Relaxed);
+        let _ = METER.try_with(|m| m.ops[i].set(m.ops[i].get() + 1));
+        Box::pin(async {})
+    });
+    Observed::new(Arc::new(inner), hook)
 }
