@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use locked_cache::{Error, LockOptions, LockedCache, Redlock};
+use locked_cache::{Error, LoadError, LockOptions, LockedCache, Redlock};
 
 async fn rejected(builder: locked_cache::Builder) -> String {
     match builder.build().await {
@@ -69,6 +69,16 @@ async fn invalid_configuration_is_rejected_with_a_typed_error() {
         .contains("twice")
     );
     assert!(
+        rejected(b().command_timeout(Duration::MAX))
+            .await
+            .contains("timeout")
+    );
+    assert!(
+        rejected(b().connect_timeout(Duration::from_secs(7200)))
+            .await
+            .contains("timeout")
+    );
+    assert!(
         rejected(b().retry_time(Duration::from_secs(7200)))
             .await
             .contains("retry")
@@ -122,6 +132,30 @@ async fn passwords_never_appear_in_debug_output_or_errors() {
             "{malformed}: {shown}"
         );
     }
+}
+
+/// A short prefix joined with a key must not reach the lock or fence key
+/// space, where the key's value would overwrite another key's lock.
+#[tokio::test]
+async fn keys_that_would_land_in_the_lock_key_space_are_refused() {
+    let cache = LockedCache::builder()
+        .key_prefix("lo")
+        .build()
+        .await
+        .unwrap();
+    let err = cache
+        .get_or_load("ck.lofoo", || async { Ok::<_, String>(1u8) })
+        .await
+        .expect_err("lo + ck.lofoo = lock.lofoo, the lock key of foo");
+    assert!(
+        matches!(err, LoadError::Cache(Error::InvalidKey(_))),
+        "{err:?}"
+    );
+    assert!(matches!(
+        cache.invalidate("ck.x").await,
+        Err(Error::InvalidKey(_))
+    ));
+    assert!(matches!(cache.set("cker", &1u8).await, Ok(())));
 }
 
 #[test]

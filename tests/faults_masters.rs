@@ -341,3 +341,39 @@ async fn a_stalled_minority_master_does_not_slow_misses_down() {
     assert_eq!(cache.stats().lock_lost, 0);
     proxy.resume();
 }
+
+/// Fail-open loads take the fence before loading: a `set` made while such a
+/// load runs (the fresh value after an update) is not overwritten by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_during_a_fail_open_load_is_not_overwritten() {
+    let mut fleet = Fleet::start(3);
+    let cache = builder(&fleet, &unique_prefix("failopenset"))
+        .quorum_loss(QuorumLossPolicy::FailOpen)
+        .build()
+        .await
+        .unwrap();
+    fleet.kill(1);
+    fleet.kill(2);
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(Notify::new());
+    let load = loader(&runs, &started, Duration::from_millis(200));
+    let loading = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.get_or_load("k", load).await }
+    });
+    started.notified().await;
+    cache.set("k", &"updated".to_owned()).await.unwrap();
+    let loaded = join_all_checked(vec![loading]).await.remove(0).unwrap();
+    assert_eq!(loaded, "fresh", "the caller gets what its loader returned");
+    assert_eq!(
+        cache.get::<String>("k").await.unwrap().as_deref(),
+        Some("updated"),
+        "the fail-open load overwrote a newer value"
+    );
+    let stats = cache.stats();
+    assert_eq!(
+        (stats.fail_open_loads, stats.writes_refused),
+        (1, 1),
+        "{stats:?}"
+    );
+}

@@ -293,8 +293,13 @@ impl<C: Codec> Builder<C> {
         if self.pool_size == 0 {
             return invalid("pool size must be at least 1".into());
         }
-        if self.connect_timeout.is_zero() || self.command_timeout.is_zero() {
-            return invalid("timeouts must be positive".into());
+        let hour = Duration::from_secs(3600);
+        if self.connect_timeout.is_zero()
+            || self.command_timeout.is_zero()
+            || self.connect_timeout > hour
+            || self.command_timeout > hour
+        {
+            return invalid("timeouts must be positive and at most 1 h".into());
         }
         if self.max_value_size == 0 || self.max_key_len == 0 {
             return invalid("maximum value size and key length must be positive".into());

@@ -10,9 +10,12 @@ use crate::lock::{LockGuard, validity};
 use crate::store::SharedStore;
 
 /// A background task that extends the lock and the fence every `expiry / 3`.
-/// Aborted on drop, so a cancelled or panicking load leaves no task behind.
+/// [`stop`](KeepAlive::stop) lets an extension in flight finish (so no re-grant
+/// can land after the release); dropping it instead aborts the task, so a
+/// cancelled or panicking load leaves no task behind.
 pub struct KeepAlive {
-    task: JoinHandle<()>,
+    task: Option<JoinHandle<()>>,
+    stop: watch::Sender<bool>,
     lost: watch::Receiver<bool>,
 }
 
@@ -32,8 +35,11 @@ impl KeepAlive {
         let token = guard.token().to_vec();
         let mut valid_until = Instant::now() + guard.validity_left();
         let (lost_tx, lost) = watch::channel(false);
+        let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let cadence = expiry / 3;
+            // After a slow acquisition little validity may be left: extend early.
+            let mut next = cadence.min(valid_until.saturating_duration_since(Instant::now()) / 2);
             let lost = |why: &str| {
                 tracing::warn!(
                     fence = fence_key,
@@ -43,7 +49,10 @@ impl KeepAlive {
                 lost_tx.send_replace(true);
             };
             loop {
-                tokio::time::sleep(cadence).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(std::mem::replace(&mut next, cadence)) => {}
+                    _ = stopped.wait_for(|s| *s) => return,
+                }
                 let started = Instant::now();
                 let (lock, fence) = tokio::join!(
                     extender.extend(expiry, valid_until),
@@ -72,23 +81,34 @@ impl KeepAlive {
                 }
             }
         });
-        KeepAlive { task, lost }
+        KeepAlive {
+            task: Some(task),
+            stop,
+            lost,
+        }
+    }
+
+    /// Stops extending, after the extension in flight (if any) has answered.
+    /// Returns whether the lock was lost.
+    pub async fn stop(mut self) -> bool {
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        *self.lost.borrow()
     }
 
     /// A receiver that turns `true` once the lock was lost.
     pub fn lost_signal(&self) -> watch::Receiver<bool> {
         self.lost.clone()
     }
-
-    /// True once the lock was lost.
-    pub fn lost(&self) -> bool {
-        *self.lost.borrow()
-    }
 }
 
 impl Drop for KeepAlive {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 

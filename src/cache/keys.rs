@@ -1,10 +1,10 @@
 //! The Redis keys behind one cache key, and the checks a key must pass.
 //!
 //! For a cache key `k` and prefix `p`, the value lives at `pk`, the lock at
-//! `lock.pk` and the write fence at `fence.pk`. Value keys all start with the
-//! prefix, so they never collide with lock or fence keys as long as the prefix
-//! does not start with `lock.` or `fence.` (checked when the cache is built).
-//! With an empty prefix, cache keys starting with those are refused instead.
+//! `lock.pk` and the write fence at `fence.pk`. A value key must therefore never
+//! itself start with `lock.` or `fence.`: a prefix that does is refused when the
+//! cache is built, and a key that would make `pk` do so (with an empty or short
+//! prefix, such as `lo` + `ck.x`) is refused with [`Error::InvalidKey`].
 
 use crate::error::{Error, Result};
 
@@ -65,12 +65,24 @@ pub fn check_key(prefix: &str, key: &str, max_len: usize) -> Result<()> {
             key.len()
         )));
     }
-    if prefix.is_empty() && (key.starts_with(LOCK_PREFIX) || key.starts_with(FENCE_PREFIX)) {
+    if [LOCK_PREFIX, FENCE_PREFIX]
+        .iter()
+        .any(|reserved| joined_starts_with(prefix, key, reserved))
+    {
         return Err(Error::InvalidKey(format!(
-            "with an empty prefix, keys must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}`"
+            "prefix + key must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}` (the lock and fence key spaces)"
         )));
     }
     Ok(())
+}
+
+/// Whether `a + b` starts with `pattern` (ASCII), without joining them.
+fn joined_starts_with(a: &str, b: &str, pattern: &str) -> bool {
+    if a.len() >= pattern.len() {
+        a.starts_with(pattern)
+    } else {
+        pattern.starts_with(a) && b.as_bytes().starts_with(&pattern.as_bytes()[a.len()..])
+    }
 }
 
 #[cfg(test)]
@@ -93,6 +105,11 @@ mod tests {
         assert!(check_key("lc:", "lock.x", 10).is_ok());
         assert!(check_key("", "lock.x", 10).is_err());
         assert!(check_key("", "fence.x", 10).is_err());
+        // A short prefix joined with the key can reach the reserved spaces too.
+        assert!(check_key("lo", "ck.lofoo", 10).is_err());
+        assert!(check_key("fe", "nce.x", 10).is_err());
+        assert!(check_key("lo", "cker", 10).is_ok());
+        assert!(check_key("l", "ock", 10).is_ok());
         assert!(check_prefix("lock.app:").is_err());
         assert!(check_prefix("app:").is_ok());
     }

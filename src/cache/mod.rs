@@ -125,8 +125,9 @@ impl<C: Codec> LockedCache<C> {
     /// one read and one lock per process, not N). Callers in other processes
     /// wait for the lock; when the holder releases it, they are woken by pub/sub at
     /// once (or at their next retry if the message was lost), find the value and
-    /// return it. Nobody waits longer than the wait time for someone else's load
-    /// (followers of a slow loader get [`Error::LockTimeout`] too).
+    /// return it. Nobody waits much longer than the wait time for someone else's
+    /// load (at most two command timeouts more, for a last read and attempt);
+    /// followers of a slow loader get [`Error::LockTimeout`] too.
     ///
     /// # Errors
     ///
@@ -240,8 +241,9 @@ impl<C: Codec> LockedCache<C> {
                 Stats::add(&inner.stats.coalesced);
             }
             // The leader gives up on the lock at the same deadline, after at most
-            // one more attempt: leave it that long to hand over its own outcome.
-            let give_up = deadline + inner.command_timeout;
+            // one more read and one more attempt: leave it that long to hand over
+            // its own outcome.
+            let give_up = deadline + inner.command_timeout * 2;
             let Ok(outcome) = tokio::time::timeout_at(give_up.into(), flight::outcome(rx)).await
             else {
                 Stats::add(&inner.stats.lock_timeouts);
@@ -543,8 +545,7 @@ impl<C: Codec> Inner<C> {
             loader(LoadContext::new(Some(keepalive.lost_signal()))),
         )
         .await;
-        let lost_during_load = keepalive.lost();
-        drop(keepalive);
+        let lost_during_load = keepalive.stop().await;
 
         let value = match loaded {
             Ok(value) => value,
@@ -603,6 +604,32 @@ impl<C: Codec> Inner<C> {
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        // Take the fence *before* loading (and look once more for a value): a
+        // `set`/`invalidate`, or a holder that gets the lock when the masters
+        // come back, takes the fence after us, and then our stale write is
+        // refused. Without the value server nothing can be stored anyway.
+        let fence_expiry = self.lock.options().expiry * 2;
+        let token = Token::new().map_err(|e| {
+            Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
+        })?;
+        let fenced = match self
+            .value_store
+            .get_or_fence(&keys.value, &keys.fence, token.as_bytes(), fence_expiry)
+            .await
+        {
+            Ok(Some(bytes)) => {
+                if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
+                    Stats::add(&self.stats.hits);
+                    return Ok(found);
+                }
+                true
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::warn!(key = keys.value, error = %e, "the value server failed too; the loaded value will not be cached");
+                false
+            }
+        };
         Stats::add(&self.stats.fail_open_loads);
         Stats::add(&self.stats.loads);
         tracing::warn!(
@@ -617,33 +644,21 @@ impl<C: Codec> Inner<C> {
             }
         };
         let bytes = self.encode(key, &value)?;
-        // Fenced all the same: a holder that takes the lock meanwhile (the masters
-        // coming back) takes the fence, and its value is not overwritten by ours.
-        let fence_expiry = self.lock.options().expiry * 2;
-        let stored = match Token::new() {
-            Ok(token) => match self
+        if fenced {
+            let stored = self
                 .value_store
-                .get_or_fence(&keys.value, &keys.fence, token.as_bytes(), fence_expiry)
-                .await
-            {
-                Ok(_) => {
-                    self.value_store
-                        .set_fenced(&keys.value, &bytes, self.ttl, &keys.fence, token.as_bytes())
-                        .await
+                .set_fenced(&keys.value, &bytes, self.ttl, &keys.fence, token.as_bytes())
+                .await;
+            match stored {
+                Ok(true) => {}
+                Ok(false) => Stats::add(&self.stats.writes_refused),
+                Err(e) => {
+                    Stats::add(&self.stats.store_errors);
+                    tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
                 }
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(Error::InvalidConfig(format!(
-                "the OS random number generator failed: {e}"
-            ))),
-        };
-        match stored {
-            Ok(true) => {}
-            Ok(false) => Stats::add(&self.stats.writes_refused),
-            Err(e) => {
-                Stats::add(&self.stats.store_errors);
-                tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
             }
+        } else {
+            Stats::add(&self.stats.store_errors);
         }
         Ok((value, bytes.into()))
     }

@@ -59,8 +59,15 @@ impl RedisStore {
         if options.pool_size == 0 {
             return Err(Error::InvalidConfig("pool size must be at least 1".into()));
         }
-        if options.connect_timeout.is_zero() || options.command_timeout.is_zero() {
-            return Err(Error::InvalidConfig("timeouts must be positive".into()));
+        let hour = Duration::from_secs(3600);
+        if options.connect_timeout.is_zero()
+            || options.command_timeout.is_zero()
+            || options.connect_timeout > hour
+            || options.command_timeout > hour
+        {
+            return Err(Error::InvalidConfig(
+                "timeouts must be positive and at most 1 h".into(),
+            ));
         }
         let info = url
             .into_connection_info()
@@ -114,12 +121,15 @@ impl RedisStore {
     /// Runs one command (or script) on a pooled connection, bounded by the
     /// command timeout; a connection that failed is retired from the pool.
     ///
-    /// A command that fails because its connection was already dead (Redis
+    /// With [`Repeat::Safe`], a command that fails on a dead connection (Redis
     /// restarted since the connection was made) is sent once more on a fresh
-    /// connection, so the first call after a restart does not fail. Every command
-    /// locked-cache sends gives the same answer when repeated, or a harmless one
-    /// (a lock granted on the first try reads as held; see `Store`).
-    async fn run<T, F, Fut>(&self, command: &'static str, f: F) -> Result<T>
+    /// connection, so the first call after a restart does not fail. A dropped
+    /// connection may also have carried the command before it died, so only
+    /// commands whose repetition answers the same are repeated: not `SET NX` (a
+    /// lock granted on the first try would read as refused and never be undone),
+    /// not the release, the fenced store or `DEL` (they would report "nothing
+    /// there").
+    async fn run<T, F, Fut>(&self, command: &'static str, repeat: Repeat, f: F) -> Result<T>
     where
         F: Fn(MultiplexedConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
@@ -142,7 +152,7 @@ impl RedisStore {
                 Err(e) => {
                     connection.note_error(&e);
                     let dead = (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout();
-                    if dead && !std::mem::replace(&mut retried, true) {
+                    if dead && repeat == Repeat::Safe && !std::mem::replace(&mut retried, true) {
                         tracing::debug!(server = self.server, command, error = %e, "connection was dead; retrying once on a fresh one");
                         continue;
                     }
@@ -155,14 +165,25 @@ impl RedisStore {
     async fn query<T: FromRedisValue + Send>(
         &self,
         command: &'static str,
+        repeat: Repeat,
         cmd: redis::Cmd,
     ) -> Result<T> {
-        self.run(command, |mut conn| {
+        self.run(command, repeat, |mut conn| {
             let cmd = &cmd;
             async move { cmd.query_async(&mut conn).await }
         })
         .await
     }
+}
+
+/// Whether a command may be sent again after its connection died under it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    /// Repeating it answers the same (reads, plain SET, compare-and-pexpire,
+    /// the re-check that takes the fence with the same token).
+    Safe,
+    /// A repetition could misreport the first execution.
+    Unsafe,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -173,17 +194,19 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.query("GET", redis::Cmd::get(key)).await
+        self.query("GET", Repeat::Safe, redis::Cmd::get(key)).await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
-        self.query("SET", cmd).await
+        self.query("SET", Repeat::Safe, cmd).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let n: u64 = self.query("DEL", redis::Cmd::del(key)).await?;
+        let n: u64 = self
+            .query("DEL", Repeat::Unsafe, redis::Cmd::del(key))
+            .await?;
         Ok(n > 0)
     }
 
@@ -194,14 +217,14 @@ impl Store for RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(millis(expiry));
-        let reply: Option<String> = self.query("SET NX", cmd).await?;
+        let reply: Option<String> = self.query("SET NX", Repeat::Unsafe, cmd).await?;
         Ok(reply.is_some())
     }
 
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
         // The script publishes only when the channel is not empty.
         let channel = channel.unwrap_or("");
-        self.run("EVALSHA release", |mut conn| async move {
+        self.run("EVALSHA release", Repeat::Unsafe, |mut conn| async move {
             let released: i64 = scripts::RELEASE
                 .key(key)
                 .arg(token)
@@ -214,7 +237,7 @@ impl Store for RedisStore {
     }
 
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        self.run("EVALSHA extend", |mut conn| async move {
+        self.run("EVALSHA extend", Repeat::Safe, |mut conn| async move {
             let extended: i64 = scripts::EXTEND
                 .key(key)
                 .arg(token)
@@ -233,15 +256,19 @@ impl Store for RedisStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Option<Vec<u8>>> {
-        self.run("EVALSHA get_or_fence", |mut conn| async move {
-            scripts::GET_OR_FENCE
-                .key(key)
-                .key(fence_key)
-                .arg(token)
-                .arg(millis(fence_expiry))
-                .invoke_async(&mut conn)
-                .await
-        })
+        self.run(
+            "EVALSHA get_or_fence",
+            Repeat::Safe,
+            |mut conn| async move {
+                scripts::GET_OR_FENCE
+                    .key(key)
+                    .key(fence_key)
+                    .arg(token)
+                    .arg(millis(fence_expiry))
+                    .invoke_async(&mut conn)
+                    .await
+            },
+        )
         .await
     }
 
@@ -253,17 +280,21 @@ impl Store for RedisStore {
         fence_key: &str,
         token: &[u8],
     ) -> Result<bool> {
-        self.run("EVALSHA set_fenced", |mut conn| async move {
-            let stored: i64 = scripts::SET_FENCED
-                .key(key)
-                .key(fence_key)
-                .arg(token)
-                .arg(value)
-                .arg(millis(ttl))
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(stored == 1)
-        })
+        self.run(
+            "EVALSHA set_fenced",
+            Repeat::Unsafe,
+            |mut conn| async move {
+                let stored: i64 = scripts::SET_FENCED
+                    .key(key)
+                    .key(fence_key)
+                    .arg(token)
+                    .arg(value)
+                    .arg(millis(ttl))
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(stored == 1)
+            },
+        )
         .await
     }
 
@@ -316,7 +347,7 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.query("PING", redis::cmd("PING")).await
+        self.query("PING", Repeat::Safe, redis::cmd("PING")).await
     }
 
     fn server(&self) -> &str {
@@ -329,8 +360,9 @@ impl Store for RedisStore {
 /// information, whether or not the URL is well formed (no scheme, a `/` in the
 /// password, `redis:/` with one slash...); a user name before a `:` is kept.
 pub fn redact(url: &str) -> String {
+    let url = redact_query_password(url);
     let Some(at) = url.rfind('@') else {
-        return url.to_owned();
+        return url;
     };
     let start = url[..at]
         .find("://")
@@ -343,6 +375,21 @@ pub fn redact(url: &str) -> String {
         None => "***".to_owned(),
     };
     format!("{}{hidden}{}", &url[..start], &url[at..])
+}
+
+/// Masks `pass=` / `password=` query parameters (`redis+unix:///s?pass=x`).
+fn redact_query_password(url: &str) -> String {
+    let Some(query_start) = url.find('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = url[query_start + 1..]
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if name == "pass" || name == "password" => format!("{name}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{}?{}", &url[..query_start], params.join("&"))
 }
 
 #[cfg(test)]
@@ -370,5 +417,9 @@ mod tests {
         assert_eq!(redact("redis:/:s3cret@h:1"), "redis:/:***@h:1");
         assert_eq!(redact("redis://:pa/ss@h:1"), "redis://:***@h:1");
         assert_eq!(redact("redis://:p@ss@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(
+            redact("redis+unix:///tmp/r.sock?db=1&pass=s3cret"),
+            "redis+unix:///tmp/r.sock?db=1&pass=***"
+        );
     }
 }
