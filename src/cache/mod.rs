@@ -226,10 +226,11 @@ impl<C: Codec> LockedCache<C> {
         let started = Instant::now();
         let deadline = started + inner.lock.options().wait;
         if !inner.coalesce {
-            return inner
+            return Ok(inner
                 .lead(key, loader, started, deadline)
-                .await
-                .map(|(value, _)| value);
+                .await?
+                .finish()
+                .await);
         }
         let mut counted = false;
         let leader = loop {
@@ -267,14 +268,15 @@ impl<C: Codec> LockedCache<C> {
             }
         };
         let result = inner.lead(key, loader, started, deadline).await;
+        // Followers get the outcome first; then the lock is released.
         leader.finish(match &result {
-            Ok((_, bytes)) => Outcome::Value(Arc::clone(bytes)),
+            Ok(led) => Outcome::Value(Arc::clone(&led.bytes)),
             Err(LoadError::Loader(e)) => {
                 Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
             }
             Err(LoadError::Cache(e)) => Outcome::Failed(e.clone()),
         });
-        result.map(|(value, _)| value)
+        Ok(result?.finish().await)
     }
 
     /// The value under `key`, if there is one that decodes. One round trip; no
@@ -437,7 +439,7 @@ impl<C: Codec> Inner<C> {
         loader: F,
         started: Instant,
         deadline: Instant,
-    ) -> Result<(T, Bytes), LoadError<E>>
+    ) -> Result<Led<T>, LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(LoadContext) -> Fut,
@@ -446,7 +448,7 @@ impl<C: Codec> Inner<C> {
         let value_key = keys::value_key(&self.key_prefix, key);
         if let Some(found) = self.read(&value_key).await? {
             Stats::add(&self.stats.hits);
-            return Ok(found);
+            return Ok(Led::unlocked(found.0, found.1));
         }
         Stats::add(&self.stats.misses);
         let keys = Keys::with_value_key(value_key);
@@ -454,7 +456,7 @@ impl<C: Codec> Inner<C> {
             Locked::Guard(guard) => guard,
             Locked::ValueAppeared(found) => {
                 Stats::add(&self.stats.hits);
-                return Ok(found);
+                return Ok(Led::unlocked(found.0, found.1));
             }
             Locked::QuorumLost => return self.load_unlocked(key, &keys, loader).await,
         };
@@ -501,7 +503,7 @@ impl<C: Codec> Inner<C> {
         keys: &Keys,
         guard: LockGuard,
         loader: F,
-    ) -> Result<(T, Bytes), LoadError<E>>
+    ) -> Result<Led<T>, LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(LoadContext) -> Fut,
@@ -522,7 +524,7 @@ impl<C: Codec> Inner<C> {
                 if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
                     Stats::add(&self.stats.hits);
                     release(guard).await;
-                    return Ok(found);
+                    return Ok(Led::unlocked(found.0, found.1));
                 }
             }
             Ok(None) => {}
@@ -588,8 +590,12 @@ impl<C: Codec> Inner<C> {
                 tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
             }
         }
-        release(guard).await;
-        Ok((value, bytes.into()))
+        // Released by the caller, after the flight's followers have the value.
+        Ok(Led {
+            value,
+            bytes: bytes.into(),
+            unlock: Some(guard),
+        })
     }
 
     /// Fail-open path: the quorum is lost, load without the lock.
@@ -598,7 +604,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         keys: &Keys,
         loader: F,
-    ) -> Result<(T, Bytes), LoadError<E>>
+    ) -> Result<Led<T>, LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce(LoadContext) -> Fut,
@@ -620,7 +626,7 @@ impl<C: Codec> Inner<C> {
             Ok(Some(bytes)) => {
                 if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
                     Stats::add(&self.stats.hits);
-                    return Ok(found);
+                    return Ok(Led::unlocked(found.0, found.1));
                 }
                 true
             }
@@ -660,7 +666,33 @@ impl<C: Codec> Inner<C> {
         } else {
             Stats::add(&self.stats.store_errors);
         }
-        Ok((value, bytes.into()))
+        Ok(Led::unlocked(value, bytes.into()))
+    }
+}
+
+/// What a leader got: the value, its stored bytes (for the followers), and the
+/// lock to release once the followers have them.
+struct Led<T> {
+    value: T,
+    bytes: Bytes,
+    unlock: Option<LockGuard>,
+}
+
+impl<T> Led<T> {
+    fn unlocked(value: T, bytes: Bytes) -> Led<T> {
+        Led {
+            value,
+            bytes,
+            unlock: None,
+        }
+    }
+
+    /// Releases the lock, if held, and hands over the value.
+    async fn finish(self) -> T {
+        if let Some(guard) = self.unlock {
+            release(guard).await;
+        }
+        self.value
     }
 }
 
