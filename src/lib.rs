@@ -48,7 +48,7 @@ pub use defaults::*;
 pub use error::{CodecError, Error, LoadError, Result};
 pub use lock::{LockGuard, LockOptions, Redlock};
 pub use stats::StatsSnapshot;
-pub use store::{ConnectionOptions, MemoryStore, RedisStore, SharedStore, Store};
+pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -38,7 +38,7 @@ use crate::codec::{self, BincodeCodec, Codec};
 use crate::error::{Error, LoadError, Result};
 use crate::lock::{Attempt, LockGuard, Redlock, Token};
 use crate::stats::{Stats, StatsSnapshot};
-use crate::store::SharedStore;
+use crate::store::{Publish, SharedStore};
 use flight::{Bytes, Flights, Outcome, Role};
 use keepalive::KeepAlive;
 use keys::Keys;
@@ -463,6 +463,16 @@ impl<C: Codec> Inner<C> {
         self.load_locked(key, &keys, guard, loader).await
     }
 
+    /// The wake-up the fenced store publishes: waiters of the key's lock learn of
+    /// the value the moment it is stored, a round trip before the release.
+    fn wake_up<'k>(&'k self, keys: &'k Keys) -> Option<Publish<'k>> {
+        let options = self.lock.options();
+        options.wake_ups.then_some(Publish {
+            channel: &options.channel,
+            payload: &keys.lock,
+        })
+    }
+
     /// Waits for the lock, re-reading the value after every wake-up or retry.
     async fn wait_for_lock<T: DeserializeOwned>(
         &self,
@@ -566,7 +576,14 @@ impl<C: Codec> Inner<C> {
         };
         let stored = self
             .value_store
-            .set_fenced(&keys.value, &bytes, self.ttl, &keys.fence, guard.token())
+            .set_fenced(
+                &keys.value,
+                &bytes,
+                self.ttl,
+                &keys.fence,
+                guard.token(),
+                self.wake_up(keys),
+            )
             .await;
         match stored {
             Ok(true) if !lost_during_load => {}
@@ -653,7 +670,14 @@ impl<C: Codec> Inner<C> {
         if fenced {
             let stored = self
                 .value_store
-                .set_fenced(&keys.value, &bytes, self.ttl, &keys.fence, token.as_bytes())
+                .set_fenced(
+                    &keys.value,
+                    &bytes,
+                    self.ttl,
+                    &keys.fence,
+                    token.as_bytes(),
+                    self.wake_up(keys),
+                )
                 .await;
             match stored {
                 Ok(true) => {}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
-use super::Store;
+use super::{Publish, Store};
 use crate::error::Result;
 
 /// Sweep expired entries once per this many writes, so that keys nobody reads
@@ -188,13 +188,21 @@ impl Store for MemoryStore {
         ttl: Duration,
         fence_key: &str,
         token: &[u8],
+        publish: Option<Publish<'_>>,
     ) -> Result<bool> {
-        let mut state = self.lock();
-        if !state.holds(fence_key, token) {
-            return Ok(false);
+        {
+            let mut state = self.lock();
+            if !state.holds(fence_key, token) {
+                return Ok(false);
+            }
+            state.put(key, value, ttl);
+            state.entries.remove(fence_key);
         }
-        state.put(key, value, ttl);
-        state.entries.remove(fence_key);
+        if let Some(p) = publish {
+            let _ = self
+                .published
+                .send((p.channel.to_owned(), p.payload.as_bytes().to_vec()));
+        }
         Ok(true)
     }
 

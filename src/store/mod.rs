@@ -22,6 +22,15 @@ use tokio::sync::mpsc;
 
 use crate::error::Result;
 
+/// A message to publish together with a write: `payload` on `channel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish<'a> {
+    /// The pub/sub channel.
+    pub channel: &'a str,
+    /// The message (for lock wake-ups: the lock key).
+    pub payload: &'a str,
+}
+
 /// A store shared by the lock, the cache and their background tasks.
 pub type SharedStore = Arc<dyn Store>;
 
@@ -63,8 +72,10 @@ pub trait Store: Send + Sync + Debug + 'static {
     ) -> Result<Option<Vec<u8>>>;
 
     /// Stores `value` under `key` with `ttl` only if `fence_key` still holds
-    /// `token`, then deletes the fence. False (and nothing written) when a newer
-    /// holder took the fence.
+    /// `token`, then deletes the fence and, given a [`Publish`], publishes it (so
+    /// waiters wake as soon as the value is stored, not when the lock is
+    /// released). False (and nothing written or published) when a newer holder
+    /// took the fence.
     async fn set_fenced(
         &self,
         key: &str,
@@ -72,6 +83,7 @@ pub trait Store: Send + Sync + Debug + 'static {
         ttl: Duration,
         fence_key: &str,
         token: &[u8],
+        publish: Option<Publish<'_>>,
     ) -> Result<bool>;
 
     /// Subscribes to `channel` on a connection of its own. Messages arrive on the

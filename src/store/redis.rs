@@ -12,7 +12,7 @@ use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisError};
 use tokio::sync::mpsc;
 
 use super::pool::{Connection, Pool};
-use super::{Store, scripts};
+use super::{Publish, Store, scripts};
 use crate::error::{Error, Result};
 
 /// How often an idle wake-up subscription is checked with a PING.
@@ -279,7 +279,9 @@ impl Store for RedisStore {
         ttl: Duration,
         fence_key: &str,
         token: &[u8],
+        publish: Option<Publish<'_>>,
     ) -> Result<bool> {
+        let (channel, payload) = publish.map_or(("", ""), |p| (p.channel, p.payload));
         self.run(
             "EVALSHA set_fenced",
             Repeat::Unsafe,
@@ -290,6 +292,8 @@ impl Store for RedisStore {
                     .arg(token)
                     .arg(value)
                     .arg(millis(ttl))
+                    .arg(channel)
+                    .arg(payload)
                     .invoke_async(&mut conn)
                     .await?;
                 Ok(stored == 1)

@@ -37,12 +37,16 @@ if redis.call('TYPE', KEYS[1]).ok == 'string' then
 end
 return false";
 
-/// KEYS[1] value, KEYS[2] fence, ARGV[1] token, ARGV[2] value, ARGV[3] ttl ms:
-/// store the value only while the fence is still ours.
+/// KEYS[1] value, KEYS[2] fence, ARGV[1] token, ARGV[2] value, ARGV[3] ttl ms,
+/// ARGV[4] channel (or empty), ARGV[5] message: store the value only while the
+/// fence is still ours, then publish.
 pub static SET_FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(SET_FENCED_LUA));
 const SET_FENCED_LUA: &str = r"if redis.call('GET', KEYS[2]) == ARGV[1] then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
     redis.call('DEL', KEYS[2])
+    if ARGV[4] ~= '' then
+        redis.call('PUBLISH', ARGV[4], ARGV[5])
+    end
     return 1
 end
 return 0";

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use locked_cache::{Result, SharedStore, Store};
+use locked_cache::{Publish, Result, SharedStore, Store};
 use tokio::sync::mpsc;
 
 /// The operations of the [`Store`] trait, in a fixed order ([`Op::index`]).
@@ -140,10 +140,11 @@ impl Store for Observed {
         ttl: Duration,
         fence_key: &str,
         token: &[u8],
+        publish: Option<Publish<'_>>,
     ) -> Result<bool> {
         let answer = self
             .inner
-            .set_fenced(key, value, ttl, fence_key, token)
+            .set_fenced(key, value, ttl, fence_key, token, publish)
             .await;
         self.after(Op::SetFenced, answer).await
     }
