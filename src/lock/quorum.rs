@@ -24,7 +24,7 @@ pub fn validity(expiry: Duration, elapsed: Duration) -> Option<Duration> {
 
 /// Base pause after a split vote (some masters granted, no majority): short,
 /// since the lock is free and nobody will publish its release.
-pub const SPLIT_VOTE_RETRY: Duration = Duration::from_millis(5);
+pub const SPLIT_VOTE_RETRY: Duration = Duration::from_millis(2);
 
 /// A retry delay drawn uniformly from 50% to 150% of `retry`, so that competing
 /// processes do not retry in lock step.
