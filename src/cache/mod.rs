@@ -463,6 +463,45 @@ impl<C: Codec> Inner<C> {
         self.load_locked(key, &keys, guard, loader).await
     }
 
+    /// Stores a loaded value through the fence and accounts for the outcome. A
+    /// refused or failed write is logged and counted, never returned: the
+    /// callers get the value they loaded either way.
+    async fn store_fenced(&self, keys: &Keys, bytes: &[u8], token: &[u8], lock_lost: bool) {
+        let stored = self
+            .value_store
+            .set_fenced(
+                &keys.value,
+                bytes,
+                self.ttl,
+                &keys.fence,
+                token,
+                self.wake_up(keys),
+            )
+            .await;
+        match stored {
+            Ok(true) if !lock_lost => {}
+            Ok(true) => {
+                // Extension was refused but nobody took over: the write was still
+                // the newest. Count the loss all the same.
+                Stats::add(&self.stats.lock_lost);
+            }
+            Ok(false) => {
+                Stats::add(&self.stats.writes_refused);
+                if lock_lost {
+                    Stats::add(&self.stats.lock_lost);
+                }
+                tracing::warn!(
+                    key = keys.value,
+                    "the fence was taken during the load (a newer holder, or set/invalidate): value returned, not stored"
+                );
+            }
+            Err(e) => {
+                Stats::add(&self.stats.store_errors);
+                tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
+            }
+        }
+    }
+
     /// The wake-up the fenced store publishes: waiters of the key's lock learn of
     /// the value the moment it is stored, a round trip before the release.
     fn wake_up<'k>(&'k self, keys: &'k Keys) -> Option<Publish<'k>> {
@@ -574,39 +613,8 @@ impl<C: Codec> Inner<C> {
                 return Err(e.into());
             }
         };
-        let stored = self
-            .value_store
-            .set_fenced(
-                &keys.value,
-                &bytes,
-                self.ttl,
-                &keys.fence,
-                guard.token(),
-                self.wake_up(keys),
-            )
+        self.store_fenced(keys, &bytes, guard.token(), lost_during_load)
             .await;
-        match stored {
-            Ok(true) if !lost_during_load => {}
-            Ok(true) => {
-                // Extension was refused but nobody took over: the write was still
-                // the newest. Count the loss all the same.
-                Stats::add(&self.stats.lock_lost);
-            }
-            Ok(false) => {
-                Stats::add(&self.stats.writes_refused);
-                if lost_during_load {
-                    Stats::add(&self.stats.lock_lost);
-                }
-                tracing::warn!(
-                    key = keys.value,
-                    "the fence was taken during the load (a newer holder, or set/invalidate): value returned, not stored"
-                );
-            }
-            Err(e) => {
-                Stats::add(&self.stats.store_errors);
-                tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
-            }
-        }
         // Released by the caller, after the flight's followers have the value.
         Ok(Led {
             value,
@@ -668,25 +676,8 @@ impl<C: Codec> Inner<C> {
         };
         let bytes = self.encode(key, &value)?;
         if fenced {
-            let stored = self
-                .value_store
-                .set_fenced(
-                    &keys.value,
-                    &bytes,
-                    self.ttl,
-                    &keys.fence,
-                    token.as_bytes(),
-                    self.wake_up(keys),
-                )
+            self.store_fenced(keys, &bytes, token.as_bytes(), false)
                 .await;
-            match stored {
-                Ok(true) => {}
-                Ok(false) => Stats::add(&self.stats.writes_refused),
-                Err(e) => {
-                    Stats::add(&self.stats.store_errors);
-                    tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
-                }
-            }
         } else {
             Stats::add(&self.stats.store_errors);
         }
