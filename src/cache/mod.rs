@@ -12,8 +12,10 @@
 //!    re-reading the value after each wake.
 //! 4. Holding the lock, it reads again and takes the write fence in one script
 //!    (`get_or_fence`); if still missing it runs the loader while `keepalive.rs`
-//!    extends the lock, stores the value with the fenced `SET` script, and
-//!    releases the lock, which publishes the wake-up.
+//!    extends the lock, and stores the value with the fenced `SET` script, which
+//!    publishes the wake-up for other processes.
+//! 5. [`LockedCache::get_or_load_with`] hands the value to the flight's
+//!    followers, then releases the lock (which publishes again).
 
 mod builder;
 mod flight;
