@@ -2,7 +2,8 @@
 //! of the process.
 //!
 //! Releasing a lock runs a Lua script that deletes the key and `PUBLISH`es the
-//! key's name on one channel. Each [`Redlock`](super::Redlock) keeps one listener
+//! key's name on one channel (the cache's fenced store publishes it too, as soon
+//! as the value is written). Each [`Redlock`](super::Redlock) keeps one listener
 //! task per master subscribed to that channel; a waiter registers its interest in a
 //! lock key *before* it checks the value or tries the lock, so a release that
 //! happens after the check always reaches it (a registered waiter keeps a permit,
