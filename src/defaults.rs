@@ -12,8 +12,14 @@ pub const DEFAULT_LOCK_EXPIRY: Duration = Duration::from_secs(5);
 /// outlives a crashed holder's lock and loads the value itself.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// Pause between lock attempts, randomised ±50%: 100 ms. Only a fallback while
-/// wake-ups are on (waiters are woken by pub/sub the moment the lock is released).
+/// wake-ups are on (waiters in other processes are woken by pub/sub the moment
+/// the value is stored, and again when the lock is released).
 pub const DEFAULT_RETRY: Duration = Duration::from_millis(100);
+/// The Redlock per-master timeout: 50 ms (1% of the default lock expiry, the
+/// upper end of the Redlock spec's "5–50 ms for a 10 s expiry"). Once a majority
+/// of masters has answered an acquisition without deciding it, the attempt
+/// waits at most this long (from its start) for the others.
+pub const DEFAULT_MASTER_TIMEOUT: Duration = Duration::from_millis(50);
 /// Pub/sub channel on which lock releases are published.
 pub const DEFAULT_CHANNEL: &str = "locked-cache:released";
 /// Prefix of every key the cache writes: `lc:`.

@@ -120,6 +120,23 @@ impl Error {
         }
     }
 
+    /// True when a Redis server answered with an error reply (`OOM` under
+    /// `maxmemory`, `NOPERM` for an ACL user, `READONLY` on a replica,
+    /// `WRONGTYPE`...): the server is up and refused the command, so a retry
+    /// will not help until its configuration or memory changes. Never counted as
+    /// an unreachable master.
+    pub fn is_error_reply(&self) -> bool {
+        matches!(self, Error::Redis { source, .. } if source.code().is_some())
+    }
+
+    /// The Redis error code of an error reply (`"OOM"`, `"NOPERM"`...).
+    pub fn redis_code(&self) -> Option<&str> {
+        match self {
+            Error::Redis { source, .. } => source.code(),
+            _ => None,
+        }
+    }
+
     /// True when the Redlock majority could not be reached.
     pub fn is_quorum_error(&self) -> bool {
         matches!(self, Error::QuorumNotReached { .. })
@@ -239,7 +256,15 @@ mod tests {
                 std::io::ErrorKind::ConnectionRefused,
             )),
         };
-        assert!(refused.is_connection_error());
+        assert!(refused.is_connection_error() && !refused.is_error_reply());
+        let oom = Error::Redis {
+            server: "redis://h".into(),
+            source: redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                "OOM command not allowed",
+            )),
+        };
+        assert!(oom.is_error_reply() && !oom.is_connection_error());
         assert!(
             refused.to_string().starts_with("redis redis://h: "),
             "{refused}"

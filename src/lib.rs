@@ -8,7 +8,7 @@
 //! caller, process and host, stores the value with a TTL, releases the lock, and
 //! every waiter gets the value: waiters in this process share the leader's
 //! outcome directly; waiters in other processes are woken by pub/sub the moment
-//! the lock is released.
+//! the value is stored (before the lock is even released).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]

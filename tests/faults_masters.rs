@@ -377,3 +377,78 @@ async fn a_set_during_a_fail_open_load_is_not_overwritten() {
         "{stats:?}"
     );
 }
+
+/// One of three masters frozen (SIGSTOP: its connections stay open, nothing
+/// answers, nothing is refused) while three caches (as three processes would)
+/// contend for the same keys, 30 times. Two contenders that split the two live
+/// masters do not wait out the command timeout for the frozen one (the
+/// per-master timeout, then no wait at all once it is known unreachable), and
+/// their retries fall out of step: no call ends in `LockTimeout`, each key
+/// loads once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contended_stampedes_with_a_stalled_minority_master_do_not_livelock() {
+    let fleet = Fleet::start(3);
+    let prefix = unique_prefix("livelock");
+    let wait = Duration::from_secs(3);
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        let cache = builder(&fleet, &prefix)
+            .lock_expiry(Duration::from_secs(2))
+            .wait_time(wait)
+            .command_timeout(Duration::from_millis(500))
+            .build()
+            .await
+            .unwrap();
+        cache.ping().await.unwrap();
+        caches.push(cache);
+    }
+    fleet.servers[2].pause();
+    let loader_time = Duration::from_millis(20);
+    let mut latencies = Vec::new();
+    let mut errors = Vec::new();
+    let mut loads_per_key = Vec::new();
+    for round in 0..30 {
+        let key = format!("k{round}");
+        let runs = Arc::new(AtomicU32::new(0));
+        let mut calls = Vec::new();
+        for cache in &caches {
+            for _ in 0..4 {
+                let (cache, key, runs) = (cache.clone(), key.clone(), Arc::clone(&runs));
+                calls.push(tokio::spawn(async move {
+                    let began = Instant::now();
+                    let r = cache
+                        .get_or_load(&key, || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(loader_time).await;
+                            Ok::<_, String>(round)
+                        })
+                        .await;
+                    (r, began.elapsed())
+                }));
+            }
+        }
+        for (r, took) in join_all_checked(calls).await {
+            latencies.push(took);
+            match r {
+                Ok(v) => assert_eq!(v, round),
+                Err(e) => errors.push(format!("{key}: {e}")),
+            }
+        }
+        loads_per_key.push(runs.load(Ordering::SeqCst));
+    }
+    fleet.servers[2].resume();
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    let lock_timeouts: u64 = caches.iter().map(|c| c.stats().lock_timeouts).sum();
+    eprintln!(
+        "30 contended stampedes (3 caches x 4 callers), 1 of 3 masters frozen, loader {loader_time:?}: \
+         {} errors, {lock_timeouts} lock timeouts, p50 {:?}, p99 {:?}, max {:?}",
+        errors.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    assert_eq!(lock_timeouts, 0);
+    assert_eq!(loads_per_key, vec![1; 30], "one load per key");
+}

@@ -296,3 +296,47 @@ async fn in_memory_lock_excludes() {
     }
     join_all_checked(tasks).await;
 }
+
+/// Nothing is kept per lock name once its calls end, however they end: an
+/// `acquire` queued behind a holder in the same process and cancelled just as
+/// its turn came (the holder released, the waiter not yet run), an acquire
+/// that timed out, and one that succeeded. 3,000 names; the per-name entries
+/// (in-process lines, registered waiters) must all be gone.
+#[tokio::test(flavor = "current_thread")]
+async fn no_entry_is_kept_per_lock_name_once_its_calls_end() {
+    let fleet = Fleet::start(1);
+    let lock = redlock(&fleet, LockOptions::default()).await;
+    let prefix = unique_prefix("names");
+    for i in 0..1000 {
+        let name = format!("lock.{prefix}{i}");
+        let holder = lock.acquire(&name).await.unwrap();
+        let queued = {
+            let (lock, name) = (lock.clone(), name.clone());
+            tokio::spawn(async move { lock.acquire(&name).await.map(drop) })
+        };
+        // Let it queue behind the holder, then hand it the turn and cancel it
+        // before it runs again (one thread: it cannot run in between).
+        tokio::task::yield_now().await;
+        assert!(holder.release().await.unwrap());
+        queued.abort();
+        assert!(queued.await.unwrap_err().is_cancelled());
+    }
+    for i in 1000..2000 {
+        let name = format!("lock.{prefix}{i}");
+        let holder = lock.acquire(&name).await.unwrap();
+        let timed_out = lock
+            .acquire_with(&name, Duration::from_secs(5), Duration::from_millis(1))
+            .await;
+        assert!(matches!(timed_out, Err(Error::LockTimeout { .. })));
+        holder.release().await.unwrap();
+    }
+    for i in 2000..3000 {
+        let name = format!("lock.{prefix}{i}");
+        drop(lock.acquire(&name).await.unwrap());
+    }
+    assert_eq!(
+        lock.retained_entries(),
+        0,
+        "entries left behind for 3,000 lock names"
+    );
+}

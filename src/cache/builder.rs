@@ -29,8 +29,13 @@ pub enum QuorumLossPolicy {
     #[default]
     FailClosed,
     /// Run the loader without the lock (still one load per key per process, by
-    /// in-process coalescing) and store the value unfenced. Availability over
-    /// protection: each process may load once.
+    /// in-process coalescing). Availability over protection: each process may
+    /// load once. The store is still fenced: the load takes the key's fence
+    /// before it starts, so a `set`/`invalidate` or a lock holder that comes
+    /// after it wins over its write. Only a majority of masters really
+    /// unreachable (connections refused or dropped, or no answer within the
+    /// command timeout) counts as a lost quorum: a master that answers with an
+    /// error reply (`OOM`, `NOPERM`) is up, and the call fails with that error.
     FailOpen,
 }
 
@@ -179,6 +184,20 @@ impl<C: Codec> Builder<C> {
     /// lower worst case, more commands per waiting process.
     pub fn retry_time(mut self, retry: Duration) -> Self {
         self.lock.retry = retry;
+        self
+    }
+
+    /// The Redlock per-master timeout: once a majority of the masters has
+    /// answered a lock attempt without deciding it (split votes), the attempt
+    /// waits at most this long for the others, so a stalled minority master
+    /// (no answer, no refusal) costs a contended attempt this, not the command
+    /// timeout; a master known to be unreachable is not waited for at all.
+    /// Defaults to [`DEFAULT_MASTER_TIMEOUT`] (50 ms), capped at a quarter of
+    /// the lock expiry. Shorter: less lost per contended attempt while a master
+    /// stalls; too short for masters that answer at very different speeds:
+    /// more split votes (retried, never failed).
+    pub fn master_timeout(mut self, timeout: Duration) -> Self {
+        self.lock.master_timeout = timeout;
         self
     }
 
@@ -380,6 +399,7 @@ impl<C: Codec> Builder<C> {
                 command_timeout: self.command_timeout,
                 coalesce: self.coalesce,
                 quorum_loss: self.quorum_loss,
+                separate_value_server: self.cache_url.is_some(),
                 codec: self.codec,
                 flights: Default::default(),
                 stats,

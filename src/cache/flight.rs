@@ -70,6 +70,14 @@ pub enum Role<'a> {
 }
 
 impl Flights {
+    /// Flights in progress (none once every call has ended).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
+    }
+
     fn shard(&self, key: &str) -> &Shard {
         // FNV-1a: cheap, and only spreads keys over the shards.
         let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {

@@ -38,7 +38,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, BincodeCodec, Codec};
 use crate::error::{Error, LoadError, Result};
-use crate::lock::{Attempt, LockGuard, Redlock, Token};
+use crate::lock::{Attempt, LockGuard, Redlock, Splits, Token};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{Publish, SharedStore};
 use flight::{Bytes, Flights, Outcome, Role};
@@ -98,6 +98,8 @@ struct Inner<C> {
     command_timeout: Duration,
     coalesce: bool,
     quorum_loss: QuorumLossPolicy,
+    /// Values live on a server of their own (`cache_url`), not on a lock master.
+    separate_value_server: bool,
     codec: C,
     flights: Flights,
     stats: Arc<Stats>,
@@ -125,9 +127,9 @@ impl<C: Codec> LockedCache<C> {
     /// its leader reads Redis, takes the lock and runs its loader; the others wait
     /// for its outcome and never run theirs (a cold stampede of N callers costs
     /// one read and one lock per process, not N). Callers in other processes
-    /// wait for the lock; when the holder releases it, they are woken by pub/sub at
-    /// once (or at their next retry if the message was lost), find the value and
-    /// return it. Nobody waits much longer than the wait time for someone else's
+    /// wait for the lock; the moment the holder stores the value they are woken
+    /// by pub/sub (or at their next retry if the message was lost), find the
+    /// value and return it, without waiting for the release. Nobody waits much longer than the wait time for someone else's
     /// load (at most two command timeouts more, for a last read and attempt);
     /// followers of a slow loader get [`Error::LockTimeout`] too.
     ///
@@ -353,6 +355,14 @@ impl<C: Codec> LockedCache<C> {
         &self.inner.lock
     }
 
+    /// Per-key entries the cache and its lock keep in memory right now
+    /// (in-process flights, lock lines, registered waiters). Zero once every
+    /// call has ended, however it ended. For tests and diagnostics.
+    #[doc(hidden)]
+    pub fn retained_entries(&self) -> usize {
+        self.inner.flights.len() + self.inner.lock.retained_entries()
+    }
+
     /// Counters of hits, loads, wake-ups, lost locks, corrupt values...
     pub fn stats(&self) -> StatsSnapshot {
         self.inner.stats.snapshot()
@@ -469,17 +479,21 @@ impl<C: Codec> Inner<C> {
     /// refused or failed write is logged and counted, never returned: the
     /// callers get the value they loaded either way.
     async fn store_fenced(&self, keys: &Keys, bytes: &[u8], token: &[u8], lock_lost: bool) {
+        // Waiters listen on the lock masters. When the value server is one of
+        // them, the store script publishes the wake-up; otherwise it is
+        // published on the masters once the value is stored.
+        let wake_up = self.wake_up(keys);
+        let (in_script, afterwards) = match wake_up {
+            Some(_) if self.separate_value_server => (None, true),
+            other => (other, false),
+        };
         let stored = self
             .value_store
-            .set_fenced(
-                &keys.value,
-                bytes,
-                self.ttl,
-                &keys.fence,
-                token,
-                self.wake_up(keys),
-            )
+            .set_fenced(&keys.value, bytes, self.ttl, &keys.fence, token, in_script)
             .await;
+        if afterwards && matches!(stored, Ok(true)) {
+            self.lock.publish_wake_up(&keys.lock);
+        }
         match stored {
             Ok(true) if !lock_lost => {}
             Ok(true) => {
@@ -524,6 +538,7 @@ impl<C: Codec> Inner<C> {
         let options = self.lock.options();
         // Registered before the first attempt: a release after it wakes us.
         let waiter = self.lock.waiter(&keys.lock);
+        let mut splits = Splits::default();
         loop {
             let outcome = self.lock.attempt(&keys.lock, options.expiry).await?;
             if let Attempt::Acquired(guard) = outcome {
@@ -538,8 +553,9 @@ impl<C: Codec> Inner<C> {
             if now >= deadline {
                 return Err(self.lock.wait_error(&keys.lock, &outcome, now - started));
             }
+            splits.after(&outcome);
             waiter
-                .wait(self.lock.retry_delay(&outcome).min(deadline - now))
+                .wait(self.lock.retry_delay(&outcome, splits).min(deadline - now))
                 .await;
             if let Some(found) = self.read(&keys.value).await? {
                 return Ok(Locked::ValueAppeared(found));

@@ -1,6 +1,7 @@
 //! [`LockGuard`]: a held Redlock, released on drop.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Inner;
@@ -22,6 +23,9 @@ pub struct LockGuard {
     token: Token,
     valid_until: Instant,
     released: bool,
+    /// Set once the release has started (explicit or on drop): a re-grant by
+    /// the keep-alive that lands after it is undone.
+    ended: Arc<AtomicBool>,
     /// This task's turn in the process's line for the lock; dropped (letting the
     /// next task in) when the guard is: after an explicit release completed, or
     /// right after a dropped guard spawned its release (the next task then
@@ -42,6 +46,7 @@ impl LockGuard {
             token,
             valid_until,
             released: false,
+            ended: Arc::default(),
             turn: None,
         }
     }
@@ -75,7 +80,13 @@ impl LockGuard {
         let started = Instant::now();
         let extended = self
             .inner
-            .extend_all(&self.resource, &self.token, expiry, self.valid_until)
+            .extend_all(
+                &self.resource,
+                &self.token,
+                expiry,
+                self.valid_until,
+                &self.ended,
+            )
             .await?;
         let elapsed = started.elapsed();
         if extended && let Some(v) = validity(expiry, elapsed) {
@@ -89,6 +100,7 @@ impl LockGuard {
     /// Deletes the lock on every master that still holds this token and publishes
     /// the release to waiters. True when a majority still held it.
     pub async fn release(mut self) -> Result<bool> {
+        self.ended.store(true, Ordering::Release);
         let released = self
             .inner
             .release_all(&self.resource, &self.token, true)
@@ -105,6 +117,7 @@ impl LockGuard {
             inner: Arc::clone(&self.inner),
             resource: self.resource.clone(),
             token: self.token.clone(),
+            ended: Arc::clone(&self.ended),
         }
     }
 
@@ -119,6 +132,7 @@ impl Drop for LockGuard {
         if self.released {
             return;
         }
+        self.ended.store(true, Ordering::Release);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -139,13 +153,20 @@ pub(crate) struct Extender {
     inner: Arc<Inner>,
     resource: String,
     token: Token,
+    ended: Arc<AtomicBool>,
 }
 
 impl Extender {
     /// Extends to `expiry`; `valid_until` is the validity the caller knows of.
     pub(crate) async fn extend(&self, expiry: Duration, valid_until: Instant) -> Result<bool> {
         self.inner
-            .extend_all(&self.resource, &self.token, expiry, valid_until)
+            .extend_all(
+                &self.resource,
+                &self.token,
+                expiry,
+                valid_until,
+                &self.ended,
+            )
             .await
     }
 }

@@ -35,18 +35,21 @@ impl Lines {
 
     /// Waits for this task's turn on `resource` until `deadline`; `None` if it did
     /// not come in time.
+    ///
+    /// However the wait ends (its turn, the deadline, or the future dropped,
+    /// even just as the turn came), the line is forgotten if nobody else holds
+    /// or awaits it: nothing is left behind per lock name.
     pub async fn wait_turn(self: &Arc<Self>, resource: &str, deadline: Instant) -> Option<Turn> {
-        let line = self.line(resource);
-        let guard = tokio::time::timeout_at(deadline.into(), Arc::clone(&line).lock_owned()).await;
-        match guard {
-            Ok(guard) => Some(self.turn(resource, guard)),
-            Err(_) => {
-                // Our handle must go before the check, or the line never looks idle.
-                drop(line);
-                self.forget_if_idle(resource);
-                None
-            }
-        }
+        let waiting = Waiting {
+            line: Some(self.line(resource)),
+            lines: self,
+            resource,
+        };
+        let line = Arc::clone(waiting.line.as_ref()?);
+        let guard = tokio::time::timeout_at(deadline.into(), line.lock_owned()).await;
+        // `waiting` drops here, on every path, and forgets an idle line.
+        drop(waiting);
+        guard.ok().map(|guard| self.turn(resource, guard))
     }
 
     /// This task's turn on `resource` if nobody in the process holds or awaits it.
@@ -77,10 +80,24 @@ impl Lines {
         }
     }
 
-    /// Lines currently kept (for tests: none should outlive their users).
-    #[cfg(test)]
+    /// Lines currently kept (none should outlive their users).
     pub fn len(&self) -> usize {
         self.lines.lock().unwrap().len()
+    }
+}
+
+/// A task waiting in a line: forgets the line, if idle, however the wait ends.
+struct Waiting<'a> {
+    line: Option<Arc<TurnLock<()>>>,
+    lines: &'a Lines,
+    resource: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        // Our handle must go before the check, or the line never looks idle.
+        drop(self.line.take());
+        self.lines.forget_if_idle(self.resource);
     }
 }
 
@@ -112,5 +129,30 @@ mod tests {
                 .is_some()
         );
         assert_eq!(lines.len(), 0);
+    }
+
+    /// A waiter cancelled just as its turn came (the holder left, the waiter
+    /// was granted the line but not yet polled) leaves no line behind.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_wait_cancelled_as_its_turn_comes_leaves_no_line() {
+        let lines = Arc::new(Lines::default());
+        for name in 0..1000 {
+            let name = format!("lock.{name}");
+            let holder = lines.try_turn(&name).unwrap();
+            let waiting = {
+                let (lines, name) = (Arc::clone(&lines), name.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    lines.wait_turn(&name, deadline).await.is_some()
+                })
+            };
+            // Let the waiter queue up, then hand it the turn and cancel it
+            // before it runs again.
+            tokio::task::yield_now().await;
+            drop(holder);
+            waiting.abort();
+            assert!(waiting.await.unwrap_err().is_cancelled());
+        }
+        assert_eq!(lines.len(), 0, "lines left behind by cancelled waits");
     }
 }

@@ -36,10 +36,12 @@ use quorum::quorum;
 pub(crate) use quorum::validity;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::defaults::{
-    DEFAULT_CHANNEL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LOCK_EXPIRY, DEFAULT_RETRY, DEFAULT_WAIT,
+    DEFAULT_CHANNEL, DEFAULT_CONNECT_TIMEOUT, DEFAULT_LOCK_EXPIRY, DEFAULT_MASTER_TIMEOUT,
+    DEFAULT_RETRY, DEFAULT_WAIT,
 };
 use crate::error::{Error, Result};
 use crate::stats::Stats;
@@ -47,7 +49,7 @@ use crate::store::redis::ConnectionOptions;
 use crate::store::{MemoryStore, RedisStore, SharedStore};
 use local::Lines;
 pub(crate) use token::Token;
-use vote::{Ballot, Decision};
+use vote::{Ballot, Decision, Health};
 pub(crate) use wakeups::Waiter;
 use wakeups::{Listeners, Registry};
 
@@ -66,10 +68,23 @@ pub struct LockOptions {
     /// twice the expiry, so that a waiter outlives a holder that crashed.
     pub wait: Duration,
     /// Pause between attempts, randomised ±50%. Defaults to [`DEFAULT_RETRY`]
-    /// (100 ms). With wake-ups on, this is only the fallback when a release
-    /// message is lost; with them off, it is how late a waiter notices the value.
-    /// Shorter: lower worst-case latency, more Redis commands per waiting process.
+    /// (100 ms). With wake-ups on, this is only the fallback when a wake-up
+    /// (the value stored, or the lock released) is lost; with them off, it is
+    /// how late a waiter notices the value. Shorter: lower worst-case latency,
+    /// more Redis commands per waiting process. After a split vote (nobody won
+    /// a majority) the pause is shorter: 1–3 ms, doubling with each split in a
+    /// row up to this.
     pub retry: Duration,
+    /// The Redlock spec's per-master timeout: once a majority of masters has
+    /// answered an acquisition without deciding it (split votes), the attempt
+    /// waits at most this long (from its start) for the rest. A master whose
+    /// last command found it unreachable is not waited for at all. Defaults to
+    /// [`DEFAULT_MASTER_TIMEOUT`] (50 ms). Shorter: a stalled minority master
+    /// costs less per contended attempt; too short on a network whose masters
+    /// answer at very different speeds: more split votes. It never fails a
+    /// call: an undecided attempt is retried. Capped at a quarter of the
+    /// expiry; must be positive and at most 1 h.
+    pub master_timeout: Duration,
     /// Wake waiters by pub/sub as soon as a lock is released. Defaults to `true`.
     /// Off: one fewer connection per master, and waiters poll every `retry`.
     pub wake_ups: bool,
@@ -84,6 +99,7 @@ impl Default for LockOptions {
             expiry: DEFAULT_LOCK_EXPIRY,
             wait: DEFAULT_WAIT,
             retry: DEFAULT_RETRY,
+            master_timeout: DEFAULT_MASTER_TIMEOUT,
             wake_ups: true,
             channel: DEFAULT_CHANNEL.to_owned(),
         }
@@ -99,6 +115,9 @@ impl LockOptions {
             return invalid("retry time must be positive and at most 1 h");
         }
         check_wait(self.wait)?;
+        if self.master_timeout.is_zero() || self.master_timeout > Duration::from_secs(3600) {
+            return invalid("master timeout must be positive and at most 1 h");
+        }
         if self.channel.is_empty() {
             return invalid("release channel must not be empty");
         }
@@ -138,6 +157,8 @@ pub struct Redlock {
 #[derive(Debug)]
 struct Inner {
     masters: Vec<SharedStore>,
+    /// Which masters were unreachable at their last command.
+    health: Arc<Health>,
     options: LockOptions,
     registry: Arc<Registry>,
     listeners: Option<Listeners>,
@@ -153,10 +174,27 @@ pub(crate) enum Attempt {
     Held {
         split: bool,
     },
-    /// Too few masters answered to reach a majority.
+    /// Too few masters are reachable to reach a majority: the others refused
+    /// the connection, dropped it, or did not answer within the command timeout.
     NoQuorum {
         reachable: usize,
     },
+}
+
+/// How many split votes in a row an acquisition has seen; the pause after the
+/// next one doubles with each (randomised), so that contenders that keep
+/// splitting the masters stop retrying in step.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Splits(u32);
+
+impl Splits {
+    /// Counts `outcome`: a split adds one, anything else starts over.
+    pub(crate) fn after(&mut self, outcome: &Attempt) {
+        self.0 = match outcome {
+            Attempt::Held { split: true } => self.0.saturating_add(1),
+            _ => 0,
+        };
+    }
 }
 
 impl Redlock {
@@ -209,6 +247,7 @@ impl Redlock {
         }
         Ok(Redlock {
             inner: Arc::new(Inner {
+                health: Health::new(masters.len()),
                 masters,
                 options,
                 registry,
@@ -236,6 +275,15 @@ impl Redlock {
         let answers =
             futures_util::future::join_all(self.inner.masters.iter().map(|m| m.ping())).await;
         answers.into_iter().collect()
+    }
+
+    /// Per-name entries this lock keeps in memory right now (in-process lines
+    /// and registered waiters). Zero once every call has ended, however it
+    /// ended: nothing grows with the number of distinct lock names. For tests
+    /// and diagnostics.
+    #[doc(hidden)]
+    pub fn retained_entries(&self) -> usize {
+        self.inner.lines.len() + self.inner.registry.len()
     }
 
     /// Wake-up subscriptions currently connected (0 with wake-ups off).
@@ -274,6 +322,7 @@ impl Redlock {
             });
         };
         let waiter = self.waiter(resource);
+        let mut splits = Splits::default();
         loop {
             let outcome = self.attempt(resource, expiry).await?;
             match outcome {
@@ -283,8 +332,9 @@ impl Redlock {
                     if now >= deadline {
                         return Err(self.wait_error(resource, &outcome, now - started));
                     }
+                    splits.after(&outcome);
                     waiter
-                        .wait(self.retry_delay(&outcome).min(deadline - now))
+                        .wait(self.retry_delay(&outcome, splits).min(deadline - now))
                         .await;
                 }
             }
@@ -318,13 +368,34 @@ impl Redlock {
         }
     }
 
+    /// Publishes a wake-up for waiters of `resource` on every master, from a
+    /// task of its own (for a value stored on a server that is not a master).
+    pub(crate) fn publish_wake_up(&self, resource: &str) {
+        if self.inner.listeners.is_none() {
+            return;
+        }
+        for master in &self.inner.masters {
+            let master = SharedStore::clone(master);
+            let (channel, resource) = (self.inner.options.channel.clone(), resource.to_owned());
+            tokio::spawn(async move {
+                if let Err(e) = master.publish(&channel, &resource).await {
+                    tracing::debug!(resource, error = %e, "publishing a wake-up failed; waiters poll");
+                }
+            });
+        }
+    }
+
     /// The randomised pause before the next attempt after `outcome`. After a
     /// split vote nobody holds the lock and no release will be published, so the
-    /// contenders retry after a short random pause instead of the retry time.
-    pub(crate) fn retry_delay(&self, outcome: &Attempt) -> Duration {
+    /// contenders retry after a short random pause instead of the retry time,
+    /// doubling with each split in a row (`splits`, counting this one) so that
+    /// contenders that keep splitting the masters fall out of step.
+    pub(crate) fn retry_delay(&self, outcome: &Attempt, splits: Splits) -> Duration {
         let retry = self.inner.options.retry;
         match outcome {
-            Attempt::Held { split: true } => quorum::jittered(retry.min(quorum::SPLIT_VOTE_RETRY)),
+            Attempt::Held { split: true } => {
+                quorum::jittered(retry.min(quorum::split_vote_retry(splits.0)))
+            }
             _ => quorum::jittered(retry),
         }
     }
@@ -356,14 +427,22 @@ impl Redlock {
         })?;
         Stats::add(&self.inner.stats.lock_attempts);
         let started = Instant::now();
+        let health = &self.inner.health;
         let mut ballot = Ballot::open(
             &self.inner.masters,
+            health,
             resource,
             &token,
             expiry,
             &self.inner.options.channel,
         );
-        ballot.count().await;
+        ballot
+            .count(
+                health,
+                started,
+                self.inner.options.master_timeout.min(expiry / 4),
+            )
+            .await;
         let elapsed = ballot.settled_at - started;
         let votes = &ballot.votes;
         let needed = quorum(self.inner.masters.len());
@@ -386,16 +465,25 @@ impl Redlock {
         if let Some(e) = &votes.first_error {
             tracing::debug!(resource, error = %e, granted = votes.yes, "lock attempt: a master failed");
         }
-        let reachable = votes.yes + votes.no;
-        Ok(if votes.no >= needed || reachable >= needed {
-            Attempt::Held {
-                // Some masters granted and no majority refused: nobody may hold
-                // the lock (the votes split), so retry soon rather than wait for
-                // a release that may never be published.
-                split: votes.yes > 0 && votes.no < needed,
-            }
-        } else {
-            Attempt::NoQuorum { reachable }
+        // Masters that answered, with an error reply or not, are up; so are those
+        // still to answer that are not known to be down (a straggler).
+        let answered = votes.yes + votes.no + votes.error_replies;
+        let reachable = answered + votes.pending_alive(health);
+        if reachable < needed {
+            return Ok(Attempt::NoQuorum { reachable });
+        }
+        if self.inner.masters.len() - votes.error_replies < needed
+            && let Some(e) = &votes.first_error_reply
+        {
+            // Enough masters are up, but refuse the command (OOM, NOPERM...):
+            // no retry will reach a majority until that changes.
+            return Err(e.clone());
+        }
+        Ok(Attempt::Held {
+            // Some masters granted and no majority refused: nobody may hold the
+            // lock (the votes split, or a straggler did not answer in time), so
+            // retry soon rather than wait for a release that may never come.
+            split: votes.yes > 0 && votes.no < needed,
         })
     }
 }
@@ -406,7 +494,7 @@ impl Inner {
     async fn release_all(&self, resource: &str, token: &Token, publish: bool) -> Result<bool> {
         let channel = publish.then(|| self.options.channel.clone());
         let (resource, token) = (resource.to_owned(), token.clone());
-        vote::ask(&self.masters, move |master| {
+        vote::ask(&self.masters, &self.health, move |master| {
             let (resource, token, channel) = (resource.clone(), token.clone(), channel.clone());
             async move {
                 master
@@ -428,15 +516,23 @@ impl Inner {
     /// the lock, and re-granting keeps a majority when another master is lost
     /// during a long hold. After the validity, or with the token gone from every
     /// master, nothing is re-granted: the lock counts as lost.
+    ///
+    /// A re-grant counts only if its answer came within the validity (a pause
+    /// between the check and the answer would otherwise count a stale vote);
+    /// one that came later is undone. Each re-grant runs on a task of its own
+    /// that undoes it if the lock was released meanwhile (`ended`), so a
+    /// keep-alive cancelled mid-re-grant cannot leave a lock behind that nobody
+    /// holds.
     async fn extend_all(
         &self,
         resource: &str,
         token: &Token,
         expiry: Duration,
         valid_until: Instant,
+        ended: &Arc<AtomicBool>,
     ) -> Result<bool> {
         let (owned_resource, owned_token) = (resource.to_owned(), token.clone());
-        let mut votes = vote::ask(&self.masters, move |master| {
+        let mut votes = vote::ask(&self.masters, &self.health, move |master| {
             let (resource, token) = (owned_resource.clone(), owned_token.clone());
             async move { master.extend(&resource, token.as_bytes(), expiry).await }
         });
@@ -448,13 +544,24 @@ impl Inner {
             && votes.yes + votes.refused_by.len() >= needed
             && Instant::now() < valid_until
         {
-            let regranted = futures_util::future::join_all(
-                votes
-                    .refused_by
-                    .iter()
-                    .map(|&i| self.masters[i].set_nx(resource, token.as_bytes(), expiry)),
-            )
-            .await;
+            let regrants = votes.refused_by.iter().map(|&i| {
+                let master = SharedStore::clone(&self.masters[i]);
+                let (resource, token, ended) =
+                    (resource.to_owned(), token.clone(), Arc::clone(ended));
+                tokio::spawn(async move {
+                    let granted = matches!(
+                        master.set_nx(&resource, token.as_bytes(), expiry).await,
+                        Ok(true)
+                    );
+                    let in_time = Instant::now() < valid_until;
+                    if granted && (!in_time || ended.load(Ordering::Acquire)) {
+                        let _ = master.release(&resource, token.as_bytes(), None).await;
+                        return false;
+                    }
+                    granted
+                })
+            });
+            let regranted = futures_util::future::join_all(regrants).await;
             let more = regranted.iter().filter(|a| matches!(a, Ok(true))).count();
             if more > 0 {
                 tracing::debug!(

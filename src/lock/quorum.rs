@@ -26,6 +26,13 @@ pub fn validity(expiry: Duration, elapsed: Duration) -> Option<Duration> {
 /// since the lock is free and nobody will publish its release.
 pub const SPLIT_VOTE_RETRY: Duration = Duration::from_millis(2);
 
+/// The pause (before jitter and the retry-time cap) after `splits` split votes
+/// in a row: [`SPLIT_VOTE_RETRY`], doubling with each further split, so that
+/// contenders that keep splitting the masters fall out of step.
+pub fn split_vote_retry(splits: u32) -> Duration {
+    SPLIT_VOTE_RETRY * (1u32 << splits.saturating_sub(1).min(10))
+}
+
 /// A retry delay drawn uniformly from 50% to 150% of `retry`, so that competing
 /// processes do not retry in lock step.
 pub fn jittered(retry: Duration) -> Duration {
@@ -56,6 +63,15 @@ mod tests {
         assert_eq!(validity(expiry, Duration::from_millis(9898)), None);
         assert_eq!(validity(expiry, Duration::from_secs(11)), None);
         assert_eq!(validity(Duration::from_millis(2), Duration::ZERO), None);
+    }
+
+    #[test]
+    fn split_pauses_double_then_stop_growing() {
+        assert_eq!(split_vote_retry(0), Duration::from_millis(2));
+        assert_eq!(split_vote_retry(1), Duration::from_millis(2));
+        assert_eq!(split_vote_retry(2), Duration::from_millis(4));
+        assert_eq!(split_vote_retry(5), Duration::from_millis(32));
+        assert_eq!(split_vote_retry(u32::MAX), Duration::from_millis(2048));
     }
 
     #[test]

@@ -11,8 +11,18 @@
 //!   cancelled `get_or_load`), the grant is undone and the release published, so
 //!   no lock is left that nobody holds.
 //! - releases and extensions simply complete.
+//!
+//! An acquisition does not wait long for a straggler: once a majority has
+//! answered without deciding (the votes split, or an error reply) and the
+//! per-master timeout has passed, it settles; and it settles at once when a
+//! majority can no longer be reached, counting masters whose last command found
+//! them unreachable ([`Health`]) as lost. This is the Redlock spec's per-master
+//! timeout: a stalled master (no answer, no refusal) costs an attempt that
+//! timeout, not the command timeout.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -32,6 +42,39 @@ pub enum Decision {
     Undo,
 }
 
+/// Which masters were unreachable at their last command (connection refused or
+/// dropped, no answer within the command timeout). An acquisition does not wait
+/// for such a master once the others have answered: it counts as lost until it
+/// answers again.
+#[derive(Debug)]
+pub struct Health {
+    down: Vec<AtomicBool>,
+}
+
+impl Health {
+    pub fn new(masters: usize) -> Arc<Health> {
+        Arc::new(Health {
+            down: (0..masters).map(|_| AtomicBool::new(false)).collect(),
+        })
+    }
+
+    fn is_down(&self, master: usize) -> bool {
+        self.down[master].load(Ordering::Relaxed)
+    }
+
+    /// Records what master `master` answered: an answer or an error reply means
+    /// it is up; a connection failure or timeout, down.
+    fn note(&self, master: usize, answer: &Result<bool>) {
+        let down = match answer {
+            Ok(_) => false,
+            Err(e) if e.is_error_reply() => false,
+            Err(e) if e.is_connection_error() => true,
+            Err(_) => return,
+        };
+        self.down[master].store(down, Ordering::Relaxed);
+    }
+}
+
 /// The answers to one question, as they arrive.
 pub struct Votes {
     answers: mpsc::UnboundedReceiver<(usize, Result<bool>)>,
@@ -40,8 +83,14 @@ pub struct Votes {
     pub no: usize,
     /// The masters (by index) that answered no.
     pub refused_by: Vec<usize>,
+    /// Masters that failed: unreachable, or answered with an error reply.
     pub failed: usize,
+    /// Of those, the ones that answered with an error reply (they are up).
+    pub error_replies: usize,
     pub first_error: Option<Error>,
+    /// The first error reply (`OOM`, `NOPERM`, `READONLY`...).
+    pub first_error_reply: Option<Error>,
+    answered_by: Vec<bool>,
 }
 
 impl Votes {
@@ -53,7 +102,10 @@ impl Votes {
             no: 0,
             refused_by: Vec::new(),
             failed: 0,
+            error_replies: 0,
             first_error: None,
+            first_error_reply: None,
+            answered_by: vec![false; masters],
         }
     }
 
@@ -61,24 +113,63 @@ impl Votes {
         self.yes + self.no + self.failed
     }
 
+    /// Masters yet to answer that are not known to be down.
+    pub fn pending_alive(&self, health: &Health) -> usize {
+        (0..self.masters)
+            .filter(|&i| !self.answered_by[i] && !health.is_down(i))
+            .count()
+    }
+
+    fn record(&mut self, master: usize, answer: Result<bool>) {
+        self.answered_by[master] = true;
+        match answer {
+            Ok(true) => self.yes += 1,
+            Ok(false) => {
+                self.no += 1;
+                self.refused_by.push(master);
+            }
+            Err(e) => {
+                self.failed += 1;
+                if e.is_error_reply() {
+                    self.error_replies += 1;
+                    self.first_error_reply.get_or_insert_with(|| e.clone());
+                }
+                self.first_error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Takes the next answer, or returns false when no more can come (every
+    /// task ended: the runtime is shutting down) or `until` passed.
+    async fn next(&mut self, until: Option<Instant>) -> bool {
+        let answer = match until {
+            Some(until) => match tokio::time::timeout_at(until.into(), self.answers.recv()).await {
+                Ok(answer) => answer,
+                Err(_) => return false,
+            },
+            None => self.answers.recv().await,
+        };
+        match answer {
+            Some((master, answer)) => {
+                self.record(master, answer);
+                true
+            }
+            None => {
+                for i in 0..self.masters {
+                    if !self.answered_by[i] {
+                        self.record(i, Err(Error::Abandoned));
+                    }
+                }
+                false
+            }
+        }
+    }
+
     /// Collects answers until `done` says the outcome is known, or all are in.
     async fn collect_until(&mut self, done: impl Fn(&Votes) -> bool) {
         while self.answered() < self.masters && !done(self) {
-            match self.answers.recv().await {
-                Some((_, Ok(true))) => self.yes += 1,
-                Some((master, Ok(false))) => {
-                    self.no += 1;
-                    self.refused_by.push(master);
-                }
-                Some((_, Err(e))) => {
-                    self.failed += 1;
-                    self.first_error.get_or_insert(e);
-                }
-                // A task ended without answering: the runtime is shutting down.
-                None => {
-                    self.failed += self.masters - self.answered();
-                    self.first_error.get_or_insert(Error::Abandoned);
-                }
+            if !self.next(None).await {
+                return;
             }
         }
     }
@@ -113,7 +204,7 @@ impl Votes {
 }
 
 /// Sends one question to every master; answers arrive on the returned [`Votes`].
-pub fn ask<F, Fut>(masters: &[SharedStore], question: F) -> Votes
+pub fn ask<F, Fut>(masters: &[SharedStore], health: &Arc<Health>, question: F) -> Votes
 where
     F: Fn(SharedStore) -> Fut,
     Fut: Future<Output = Result<bool>> + Send + 'static,
@@ -121,8 +212,11 @@ where
     let (tx, rx) = mpsc::unbounded_channel();
     for (i, master) in masters.iter().enumerate() {
         let (tx, answer) = (tx.clone(), question(SharedStore::clone(master)));
+        let health = Arc::clone(health);
         tokio::spawn(async move {
-            let _ = tx.send((i, answer.await));
+            let answer = answer.await;
+            health.note(i, &answer);
+            let _ = tx.send((i, answer));
         });
     }
     Votes::new(rx, masters.len())
@@ -141,6 +235,7 @@ impl Ballot {
     /// Sends `SET resource token NX PX expiry` to every master.
     pub fn open(
         masters: &[SharedStore],
+        health: &Arc<Health>,
         resource: &str,
         token: &Token,
         expiry: Duration,
@@ -156,8 +251,10 @@ impl Ballot {
                 token.clone(),
             );
             let channel = channel.to_owned();
+            let health = Arc::clone(health);
             tokio::spawn(async move {
                 let answer = master.set_nx(&resource, token.as_bytes(), expiry).await;
+                health.note(i, &answer);
                 let maybe_granted = !matches!(answer, Ok(false));
                 let _ = tx.send((i, answer));
                 if !maybe_granted {
@@ -179,12 +276,32 @@ impl Ballot {
         }
     }
 
-    /// Waits until a majority granted, a majority refused, or all answered.
-    pub async fn count(&mut self) {
-        let needed = quorum(self.votes.masters);
-        self.votes
-            .collect_until(|v| v.yes >= needed || v.no >= needed)
-            .await;
+    /// Waits until a majority granted, a majority refused, or all answered; or,
+    /// undecided, until a majority can no longer be reached (masters known to be
+    /// down counting as lost), or until `master_timeout` has passed since
+    /// `started` with a majority of the answers in.
+    pub async fn count(&mut self, health: &Health, started: Instant, master_timeout: Duration) {
+        let votes = &mut self.votes;
+        let needed = quorum(votes.masters);
+        let stragglers_after = started + master_timeout;
+        loop {
+            let answered = votes.answered();
+            if votes.yes >= needed || votes.no >= needed || answered == votes.masters {
+                break;
+            }
+            if votes.yes + votes.pending_alive(health) < needed {
+                break;
+            }
+            let now = Instant::now();
+            let until = (answered >= needed).then_some(stragglers_after);
+            if until.is_some_and(|until| now >= until) {
+                break;
+            }
+            // Wake at the straggler deadline even while fewer than a majority
+            // answered, to look again at which masters are known to be down.
+            let until = until.unwrap_or(stragglers_after.max(now + master_timeout));
+            votes.next(Some(until)).await;
+        }
         self.settled_at = Instant::now();
     }
 

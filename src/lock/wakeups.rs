@@ -99,6 +99,11 @@ impl Registry {
         }
     }
 
+    /// Lock keys with registered waiters (none once every wait has ended).
+    pub fn len(&self) -> usize {
+        self.map().len()
+    }
+
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Line>> {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -133,11 +133,13 @@ impl Store for MemoryStore {
 
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
         let mut state = self.lock();
-        if state.live(key).is_some() {
-            return Ok(false);
+        match state.live(key) {
+            Some(held) => Ok(held == token),
+            None => {
+                state.put(key, token, expiry);
+                Ok(true)
+            }
         }
-        state.put(key, token, expiry);
-        Ok(true)
     }
 
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
@@ -204,6 +206,13 @@ impl Store for MemoryStore {
                 .send((p.channel.to_owned(), p.payload.as_bytes().to_vec()));
         }
         Ok(true)
+    }
+
+    async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
+        let _ = self
+            .published
+            .send((channel.to_owned(), payload.as_bytes().to_vec()));
+        Ok(())
     }
 
     async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>> {

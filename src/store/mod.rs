@@ -5,6 +5,7 @@
 //! The lock and the cache only ever speak to a `Store`; every Redis command the
 //! library sends is in `redis.rs`, every Lua script in `scripts.rs`.
 
+mod eviction;
 mod memory;
 mod pool;
 pub(crate) mod redis;
@@ -46,14 +47,18 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// `SET key value PX ttl`.
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()>;
 
-    /// `DEL key`; true when a key was removed.
+    /// `DEL key`; true when a key was removed. (After a re-send the answer may
+    /// be false for a key the first send removed.)
     async fn delete(&self, key: &str) -> Result<bool>;
 
-    /// `SET key token NX PX expiry`; true when the key was free and is now ours.
+    /// `SET key token NX PX expiry`; true when the key was free and is now ours,
+    /// or already held `token` (so that a re-sent acquisition, or a re-grant,
+    /// answers true; the expiry is then left as it was).
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool>;
 
     /// Deletes `key` only if it holds `token`, and then, given a `channel`,
-    /// publishes `key` on it so that waiters wake up. True when the key was ours.
+    /// publishes `key` on it so that waiters wake up. True when the key was ours
+    /// (on Redis, also when a re-send finds the key gone: the first send removed it).
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool>;
 
     /// Sets the expiry of `key` to `expiry` only if it holds `token`.
@@ -75,7 +80,9 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// `token`, then deletes the fence and, given a [`Publish`], publishes it (so
     /// waiters wake as soon as the value is stored, not when the lock is
     /// released). False (and nothing written or published) when a newer holder
-    /// took the fence.
+    /// took the fence, or `set`/`invalidate` removed it. Sent twice, the second
+    /// answers as the first did and writes nothing (Redis marks the fence as
+    /// used by this token rather than deleting it).
     async fn set_fenced(
         &self,
         key: &str,
@@ -90,6 +97,11 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// returned receiver; the receiver closes when the subscription is lost
     /// (connection dropped), and the caller subscribes again.
     async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>>;
+
+    /// `PUBLISH channel payload`: a wake-up sent on its own, where the write it
+    /// announces went to another server (a value server set with
+    /// [`cache_url`](crate::Builder::cache_url)).
+    async fn publish(&self, channel: &str, payload: &str) -> Result<()>;
 
     /// Checks that the server answers (Redis: `PING`). The embedded store always
     /// does.

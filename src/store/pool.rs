@@ -2,12 +2,16 @@
 //! multiplexed connections.
 //!
 //! The pool we build ourselves does not PING on checkout (a hit must cost one round
-//! trip); instead a connection that failed with an I/O error is marked broken and
-//! bb8 replaces it, so the cache recovers by itself after Redis restarts.
-//! A pool the user built with bb8-redis is used as it is.
+//! trip). Instead, a connection found dead (an I/O error, a dropped connection, no
+//! answer within the command timeout) is retired, together with every pooled
+//! connection opened before it: what kills one idle connection (a server restart,
+//! Redis's idle `timeout`, `CLIENT KILL`, a proxy or load balancer dropping idle
+//! flows) usually kills its idle siblings too, and bb8 hands connections out in
+//! turn, so a retry would otherwise take the next dead one. bb8 opens fresh ones
+//! in their place. A pool the user built with bb8-redis is used as it is.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
@@ -15,12 +19,31 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::sync::watch;
 
-/// A multiplexed connection that remembers it failed. The flag is shared with the
-/// clones handed out by [`Pool::get`], so a failure seen on a clone retires the
-/// pooled connection.
+/// A multiplexed connection that remembers it failed, and the generation it was
+/// opened in. The flag is shared with the clones handed out by [`Pool::get`], so
+/// a failure seen on a clone retires the pooled connection.
 pub struct Conn {
     inner: MultiplexedConnection,
     broken: Arc<AtomicBool>,
+    generation: u64,
+}
+
+/// Connections opened before `retired_below` are retired: set past a dead
+/// connection's generation when one is found dead, so its siblings go too.
+#[derive(Debug, Default)]
+pub struct Generations {
+    current: AtomicU64,
+}
+
+impl Generations {
+    fn current(&self) -> u64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    /// Retires every connection of `generation` or older.
+    fn retire_up_to(&self, generation: u64) {
+        self.current.fetch_max(generation + 1, Ordering::AcqRel);
+    }
 }
 
 /// bb8 manager for [`Conn`], with connect and response timeouts.
@@ -29,6 +52,9 @@ pub struct Manager {
     client: Client,
     connect_timeout: Duration,
     command_timeout: Duration,
+    generations: Arc<Generations>,
+    policy_checked: Arc<AtomicBool>,
+    server: String,
 }
 
 impl bb8::ManageConnection for Manager {
@@ -36,6 +62,7 @@ impl bb8::ManageConnection for Manager {
     type Error = RedisError;
 
     async fn connect(&self) -> Result<Conn, RedisError> {
+        let generation = self.generations.current();
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout));
@@ -57,9 +84,13 @@ impl bb8::ManageConnection for Manager {
             load.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
         }
         load.query_async::<()>(&mut conn).await?;
+        if !self.policy_checked.swap(true, Ordering::AcqRel) {
+            super::eviction::check_policy(&mut conn, &self.server).await;
+        }
         Ok(Conn {
             inner,
             broken: Arc::new(AtomicBool::new(false)),
+            generation,
         })
     }
 
@@ -68,14 +99,14 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken.load(Ordering::Relaxed)
+        conn.is_retired(&self.generations)
     }
 }
 
 /// Either our own pool or one the user handed in.
 #[derive(Clone)]
 pub enum Pool {
-    Own(bb8::Pool<Manager>, ConnectErrors),
+    Own(bb8::Pool<Manager>, ConnectErrors, Arc<Generations>),
     User(bb8::Pool<RedisConnectionManager>),
 }
 
@@ -100,22 +131,30 @@ impl bb8::ErrorSink<RedisError> for ConnectErrors {
 /// that retires the pooled original when a command fails on the connection.
 pub struct Connection {
     pub conn: MultiplexedConnection,
-    broken: Option<Arc<AtomicBool>>,
+    health: Health,
 }
 
 /// What is left of a [`Connection`] once its multiplexed connection was taken
-/// for a command: the means to retire the pooled original.
+/// for a command: the means to retire the pooled original and its siblings.
 pub struct Health {
-    broken: Option<Arc<AtomicBool>>,
+    own: Option<(Arc<AtomicBool>, u64, Arc<Generations>)>,
+}
+
+impl Conn {
+    fn is_retired(&self, generations: &Generations) -> bool {
+        self.broken.load(Ordering::Relaxed) || self.generation < generations.current()
+    }
 }
 
 impl Pool {
     pub fn own(
         client: Client,
+        server: String,
         size: u32,
         connect_timeout: Duration,
         command_timeout: Duration,
     ) -> Pool {
+        let generations = Arc::new(Generations::default());
         let errors = ConnectErrors(Arc::new(watch::channel(None).0));
         let pool = bb8::Pool::builder()
             .max_size(size)
@@ -127,35 +166,44 @@ impl Pool {
                 client,
                 connect_timeout,
                 command_timeout,
+                generations: Arc::clone(&generations),
+                policy_checked: Arc::default(),
+                server,
             });
-        Pool::Own(pool, errors)
+        Pool::Own(pool, errors, generations)
     }
 
     /// A connection; `Err(None)` when none came within the pool's timeout.
     pub async fn get(&self) -> Result<Connection, Option<RedisError>> {
         match self {
-            Pool::Own(p, errors) => loop {
+            Pool::Own(p, errors, generations) => loop {
                 let mut failed = errors.0.subscribe();
                 failed.mark_unchanged();
                 let checkout = tokio::select! {
                     checkout = p.get() => checkout.map_err(run_error)?,
                     Ok(()) = failed.changed() => return Err(failed.borrow().clone()),
                 };
-                if checkout.broken.load(Ordering::Relaxed) {
+                if checkout.is_retired(generations) {
                     // Returning it makes bb8 call has_broken and drop it.
                     drop(checkout);
                     continue;
                 }
                 return Ok(Connection {
                     conn: checkout.inner.clone(),
-                    broken: Some(Arc::clone(&checkout.broken)),
+                    health: Health {
+                        own: Some((
+                            Arc::clone(&checkout.broken),
+                            checkout.generation,
+                            Arc::clone(generations),
+                        )),
+                    },
                 });
             },
             Pool::User(p) => {
                 let checkout = p.get().await.map_err(run_error)?;
                 Ok(Connection {
                     conn: (*checkout).clone(),
-                    broken: None,
+                    health: Health { own: None },
                 })
             }
         }
@@ -172,26 +220,32 @@ fn run_error(e: bb8::RunError<RedisError>) -> Option<RedisError> {
 impl Connection {
     /// The connection to send on, and what reports its failure.
     pub fn split(self) -> (MultiplexedConnection, Health) {
-        (
-            self.conn,
-            Health {
-                broken: self.broken,
-            },
-        )
+        (self.conn, self.health)
     }
 }
 
 impl Health {
-    /// Retires the pooled connection when `err` means it can no longer be used
-    /// (I/O error, dropped connection, or no answer within the command timeout).
-    pub fn note_error(&self, err: &RedisError) {
-        if let Some(flag) = &self.broken
-            && (err.is_io_error()
-                || err.is_connection_dropped()
-                || err.is_unrecoverable_error()
-                || err.is_timeout())
-        {
-            flag.store(true, Ordering::Relaxed);
+    /// Retires the pooled connection when `err` means it can no longer be used:
+    /// no answer within the command timeout retires it alone; a dead connection
+    /// (I/O error, dropped) retires every connection opened up to it as well.
+    /// Returns true when the connection was dead, so the command may be re-sent
+    /// on a fresh one.
+    pub fn note_error(&self, err: &RedisError) -> bool {
+        let dead = is_dead(err);
+        if let Some((flag, generation, generations)) = &self.own {
+            if dead {
+                generations.retire_up_to(*generation);
+            }
+            if dead || err.is_timeout() || err.is_unrecoverable_error() {
+                flag.store(true, Ordering::Relaxed);
+            }
         }
+        dead
     }
+}
+
+/// True when `err` means the connection is gone (not a stalled server, not an
+/// error reply): the command may be re-sent on a fresh connection.
+pub fn is_dead(err: &RedisError) -> bool {
+    !err.is_timeout() && (err.is_io_error() || err.is_connection_dropped())
 }

@@ -76,6 +76,7 @@ impl RedisStore {
             .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
         let pool = Pool::own(
             client.clone(),
+            server.clone(),
             options.pool_size,
             options.connect_timeout,
             options.command_timeout,
@@ -121,25 +122,28 @@ impl RedisStore {
     /// Runs one command (or script) on a pooled connection, bounded by the
     /// command timeout; a connection that failed is retired from the pool.
     ///
-    /// With [`Repeat::Safe`], a command that fails on a dead connection (Redis
-    /// restarted since the connection was made) is sent once more on a fresh
-    /// connection, so the first call after a restart does not fail. A dropped
-    /// connection may also have carried the command before it died, so only
-    /// commands whose repetition answers the same are repeated: not `SET NX` (a
-    /// lock granted on the first try would read as refused and never be undone),
-    /// not the release, the fenced store or `DEL` (they would report "nothing
-    /// there").
-    async fn run<T, F, Fut>(&self, command: &'static str, repeat: Repeat, f: F) -> Result<T>
+    /// A command that fails because its connection was dead (closed by the
+    /// server's idle `timeout`, a restart, `CLIENT KILL`, a proxy dropping idle
+    /// flows) is re-sent on a fresh connection, up to [`SENDS`] times in all:
+    /// when the server is up, no call fails because a pooled connection died.
+    /// The dead connection's idle siblings are retired with it (see `pool.rs`),
+    /// so the re-send does not take the next dead one. A dead connection may
+    /// have carried the command before it died, so every command here answers
+    /// the same when sent twice (see `scripts.rs`); `f` is told whether this is
+    /// a re-send. A command that timed out is not re-sent: the server is
+    /// stalled, and the call fails within its timeout.
+    async fn run<T, F, Fut>(&self, command: &'static str, f: F) -> Result<T>
     where
-        F: Fn(MultiplexedConnection) -> Fut,
+        F: Fn(MultiplexedConnection, bool) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let mut retried = false;
+        let mut sends = 0;
         loop {
+            sends += 1;
             let (conn, connection) = self.connection().await?.split();
             // Bounded by the connection's own response timeout: the command
             // timeout on our pool's connections, the pool's setting on a user's.
-            match f(conn).await {
+            match f(conn, sends > 1).await {
                 Ok(v) => return Ok(v),
                 Err(e) if e.is_timeout() => {
                     connection.note_error(&e);
@@ -150,10 +154,9 @@ impl RedisStore {
                     });
                 }
                 Err(e) => {
-                    connection.note_error(&e);
-                    let dead = (e.is_connection_dropped() || e.is_io_error()) && !e.is_timeout();
-                    if dead && repeat == Repeat::Safe && !std::mem::replace(&mut retried, true) {
-                        tracing::debug!(server = self.server, command, error = %e, "connection was dead; retrying once on a fresh one");
+                    let dead = connection.note_error(&e);
+                    if dead && sends < SENDS {
+                        tracing::debug!(server = self.server, command, error = %e, "connection was dead; re-sending on a fresh one");
                         continue;
                     }
                     return Err(self.redis_error(e));
@@ -165,10 +168,9 @@ impl RedisStore {
     async fn query<T: FromRedisValue + Send>(
         &self,
         command: &'static str,
-        repeat: Repeat,
         cmd: redis::Cmd,
     ) -> Result<T> {
-        self.run(command, repeat, |mut conn| {
+        self.run(command, |mut conn, _| {
             let cmd = &cmd;
             async move { cmd.query_async(&mut conn).await }
         })
@@ -176,15 +178,9 @@ impl RedisStore {
     }
 }
 
-/// Whether a command may be sent again after its connection died under it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Repeat {
-    /// Repeating it answers the same (reads, plain SET, compare-and-pexpire,
-    /// the re-check that takes the fence with the same token).
-    Safe,
-    /// A repetition could misreport the first execution.
-    Unsafe,
-}
+/// Sends of one command at most: the first, and re-sends after dead
+/// connections (a fresh connection can die too, e.g. under `CLIENT KILL` loops).
+const SENDS: u32 = 3;
 
 fn millis(d: Duration) -> u64 {
     // PX 0 is an error in Redis; the builder rejects zero durations, this is a guard.
@@ -194,50 +190,52 @@ fn millis(d: Duration) -> u64 {
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.query("GET", Repeat::Safe, redis::Cmd::get(key)).await
+        self.query("GET", redis::Cmd::get(key)).await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
-        self.query("SET", Repeat::Safe, cmd).await
+        self.query("SET", cmd).await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let n: u64 = self
-            .query("DEL", Repeat::Unsafe, redis::Cmd::del(key))
-            .await?;
+        let n: u64 = self.query("DEL", redis::Cmd::del(key)).await?;
         Ok(n > 0)
     }
 
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key)
-            .arg(token)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(expiry));
-        let reply: Option<String> = self.query("SET NX", Repeat::Unsafe, cmd).await?;
-        Ok(reply.is_some())
+        self.run("EVALSHA acquire", |mut conn, _| async move {
+            let granted: i64 = scripts::ACQUIRE
+                .key(key)
+                .arg(token)
+                .arg(millis(expiry))
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(granted == 1)
+        })
+        .await
     }
 
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
         // The script publishes only when the channel is not empty.
         let channel = channel.unwrap_or("");
-        self.run("EVALSHA release", Repeat::Unsafe, |mut conn| async move {
+        self.run("EVALSHA release", |mut conn, resent| async move {
             let released: i64 = scripts::RELEASE
                 .key(key)
                 .arg(token)
                 .arg(channel)
                 .invoke_async(&mut conn)
                 .await?;
-            Ok(released == 1)
+            // -1, the key gone, on a re-send: the first send (whose answer was
+            // lost with its connection) most likely deleted it.
+            Ok(released == 1 || (released == -1 && resent))
         })
         .await
     }
 
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        self.run("EVALSHA extend", Repeat::Safe, |mut conn| async move {
+        self.run("EVALSHA extend", |mut conn, _| async move {
             let extended: i64 = scripts::EXTEND
                 .key(key)
                 .arg(token)
@@ -256,19 +254,15 @@ impl Store for RedisStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Option<Vec<u8>>> {
-        self.run(
-            "EVALSHA get_or_fence",
-            Repeat::Safe,
-            |mut conn| async move {
-                scripts::GET_OR_FENCE
-                    .key(key)
-                    .key(fence_key)
-                    .arg(token)
-                    .arg(millis(fence_expiry))
-                    .invoke_async(&mut conn)
-                    .await
-            },
-        )
+        self.run("EVALSHA get_or_fence", |mut conn, _| async move {
+            scripts::GET_OR_FENCE
+                .key(key)
+                .key(fence_key)
+                .arg(token)
+                .arg(millis(fence_expiry))
+                .invoke_async(&mut conn)
+                .await
+        })
         .await
     }
 
@@ -282,23 +276,19 @@ impl Store for RedisStore {
         publish: Option<Publish<'_>>,
     ) -> Result<bool> {
         let (channel, payload) = publish.map_or(("", ""), |p| (p.channel, p.payload));
-        self.run(
-            "EVALSHA set_fenced",
-            Repeat::Unsafe,
-            |mut conn| async move {
-                let stored: i64 = scripts::SET_FENCED
-                    .key(key)
-                    .key(fence_key)
-                    .arg(token)
-                    .arg(value)
-                    .arg(millis(ttl))
-                    .arg(channel)
-                    .arg(payload)
-                    .invoke_async(&mut conn)
-                    .await?;
-                Ok(stored == 1)
-            },
-        )
+        self.run("EVALSHA set_fenced", |mut conn, _| async move {
+            let stored: i64 = scripts::SET_FENCED
+                .key(key)
+                .key(fence_key)
+                .arg(token)
+                .arg(value)
+                .arg(millis(ttl))
+                .arg(channel)
+                .arg(payload)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(stored == 1)
+        })
         .await
     }
 
@@ -351,7 +341,14 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.query("PING", Repeat::Safe, redis::cmd("PING")).await
+        self.query("PING", redis::cmd("PING")).await
+    }
+
+    async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(payload);
+        let _receivers: u64 = self.query("PUBLISH", cmd).await?;
+        Ok(())
     }
 
     fn server(&self) -> &str {

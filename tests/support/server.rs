@@ -127,6 +127,12 @@ impl RedisServer {
     /// Kills the server with SIGKILL and reaps it. Idempotent.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child_mut().take() {
+            // SIGKILL works on a stopped process too; the CONT lets a paused
+            // server's sockets close in the normal order.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -158,6 +164,34 @@ impl RedisServer {
     }
 
     /// Whether the server process is alive.
+    /// Freezes the server (SIGSTOP): its connections stay open, nothing
+    /// answers, nothing is refused. [`resume`](Self::resume) thaws it; so does
+    /// dropping it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a server frozen by [`pause`](Self::pause) (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = {
+            let child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+            child
+                .as_ref()
+                .map(|c| c.id())
+                .expect("server is not running")
+        };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     pub fn is_running(&self) -> bool {
         let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
         child

@@ -23,11 +23,12 @@ pub enum Op {
     GetOrFence,
     SetFenced,
     Subscribe,
+    Publish,
 }
 
 impl Op {
     /// Every operation, in index order.
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::Get,
         Op::Set,
         Op::Delete,
@@ -37,6 +38,7 @@ impl Op {
         Op::GetOrFence,
         Op::SetFenced,
         Op::Subscribe,
+        Op::Publish,
     ];
 
     /// Position in [`Op::ALL`].
@@ -56,6 +58,7 @@ impl Op {
             Op::GetOrFence => "get_or_fence",
             Op::SetFenced => "set_fenced",
             Op::Subscribe => "subscribe",
+            Op::Publish => "publish",
         }
     }
 }
@@ -152,6 +155,11 @@ impl Store for Observed {
     async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>> {
         let answer = self.inner.subscribe(channel).await;
         self.after(Op::Subscribe, answer).await
+    }
+
+    async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
+        let answer = self.inner.publish(channel, payload).await;
+        self.after(Op::Publish, answer).await
     }
 
     async fn ping(&self) -> Result<()> {
