@@ -501,3 +501,175 @@ fn passwords_never_appear_in_log_events_errors_or_debug_output() {
         );
     });
 }
+
+/// A recursive value type, for crafted deep nesting.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+enum Tree {
+    Leaf,
+    Node(Box<Tree>),
+}
+
+/// Crafted bytes with a valid locked-cache header, written straight into Redis:
+/// 10,000 and 100,000 nesting levels of a recursive type (a stack overflow
+/// aborted the process), a 2^62 length for `Vec<()>` and `BTreeSet<()>` (a
+/// worker spun forever), and a 2^40-byte `String` claim. `get` reads each as a
+/// miss (warned, counted), `get_or_load` reloads and overwrites it once; the
+/// process lives on and every call returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crafted_bytes_never_take_the_process_down_and_read_as_a_miss() {
+    let server = RedisServer::start();
+    let cache = LockedCache::builder()
+        .redis(server.url())
+        .key_prefix(unique_prefix("crafted"))
+        .build()
+        .await
+        .unwrap();
+    let header = |payload: &[u8]| {
+        let mut bytes = codec::MAGIC.to_vec();
+        bytes.push(codec::FORMAT_VERSION);
+        bytes.push(b'b');
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    let varint_u64 = |n: u64| {
+        let mut v = vec![253u8];
+        v.extend_from_slice(&n.to_le_bytes());
+        v
+    };
+    let deep = |levels: usize| {
+        let mut payload = vec![1u8; levels];
+        payload.push(0);
+        header(&payload)
+    };
+    let store = RedisStore::open(&server.url(), Default::default()).unwrap();
+    let started = Instant::now();
+
+    // Recursive type.
+    for levels in [10_000, 100_000] {
+        let key = format!("tree{levels}");
+        store
+            .set(
+                &cache.value_key(&key),
+                &deep(levels),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        assert_eq!(cache.get::<Tree>(&key).await.unwrap(), None);
+        let loaded: Tree = cache
+            .get_or_load(&key, || async {
+                Ok::<_, String>(Tree::Node(Box::new(Tree::Leaf)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(loaded, Tree::Node(Box::new(Tree::Leaf)));
+        assert_eq!(
+            cache.get::<Tree>(&key).await.unwrap(),
+            Some(loaded),
+            "overwritten"
+        );
+    }
+    // Zero-sized elements with an absurd count.
+    let spin = header(&varint_u64(1 << 62));
+    store
+        .set(&cache.value_key("units"), &spin, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<Vec<()>>("units").await.unwrap(), None);
+    assert_eq!(
+        cache
+            .get::<std::collections::BTreeSet<()>>("units")
+            .await
+            .unwrap(),
+        None
+    );
+    let loaded: Vec<()> = cache
+        .get_or_load("units", || async { Ok::<_, String>(vec![(); 3]) })
+        .await
+        .unwrap();
+    assert_eq!(loaded.len(), 3);
+    // A huge allocation claim.
+    let claim = header(&varint_u64(1 << 40));
+    store
+        .set(&cache.value_key("claim"), &claim, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<String>("claim").await.unwrap(), None);
+    assert_eq!(cache.get::<Vec<u8>>("claim").await.unwrap(), None);
+
+    let took = started.elapsed();
+    let corrupt = cache.stats().corrupt_values;
+    eprintln!("crafted bytes: {corrupt} corrupt reads, all calls done in {took:?}");
+    assert!(corrupt >= 7, "each crafted read counted: {corrupt}");
+}
+
+/// Nothing is kept per key once `get_or_load` calls end, however they end:
+/// hits, loads, loader errors, and calls cancelled while waiting as followers
+/// or for the lock held by another cache. 600 distinct keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_entry_is_kept_per_key_once_its_calls_end() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("entries");
+    let build = || async {
+        LockedCache::builder()
+            .redis(server.url())
+            .key_prefix(&prefix)
+            .build()
+            .await
+            .unwrap()
+    };
+    let (cache, other) = (build().await, build().await);
+    let runs = Arc::new(AtomicU32::new(0));
+    for i in 0..200 {
+        let key = format!("ok{i}");
+        let _: String = cache.get_or_load(&key, counting(&runs, "v")).await.unwrap();
+        let _: String = cache.get_or_load(&key, counting(&runs, "v")).await.unwrap();
+        let failed: Result<String, LoadError<String>> = cache
+            .get_or_load(&format!("err{i}"), || async { Err("no".to_owned()) })
+            .await;
+        assert!(failed.is_err());
+    }
+    for i in 0..200 {
+        // A leader holding the lock in another cache; here a leader and a
+        // follower waiting for it, both cancelled.
+        let key = format!("cancel{i}");
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let holder = tokio::spawn({
+            let other = other.clone();
+            let key = key.clone();
+            async move {
+                other
+                    .get_or_load(&key, || async move {
+                        release_rx.await.ok();
+                        Ok::<_, String>(1u32)
+                    })
+                    .await
+            }
+        });
+        while other.stats().loads < (i + 1) as u64 {
+            tokio::task::yield_now().await;
+        }
+        let waiting: Vec<_> = (0..2)
+            .map(|_| {
+                let (cache, key) = (cache.clone(), key.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load(&key, || async { Ok::<_, String>(2u32) })
+                        .await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        for task in &waiting {
+            task.abort();
+        }
+        for task in waiting {
+            let _ = task.await;
+        }
+        release_tx.send(()).unwrap();
+        assert_eq!(holder.await.unwrap().unwrap(), 1);
+    }
+    let left = cache.retained_entries() + other.retained_entries();
+    eprintln!("600 keys, 200 with cancelled waiters: {left} entries left");
+    assert_eq!(left, 0, "entries left behind");
+}

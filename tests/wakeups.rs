@@ -417,3 +417,84 @@ async fn followers_complete_when_the_leaders_loader_panics() {
         Some("taken over")
     );
 }
+
+/// Values on a server of their own (`cache_url`): the wake-up for the stored
+/// value is published on the lock master, where waiters subscribe, not on the
+/// value server where nobody listens. A waiter in another process with a 5 s
+/// retry gets the value as soon as it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_separate_value_server_the_wake_up_reaches_the_waiters() {
+    let master = RedisServer::start();
+    let values = RedisServer::start();
+    let prefix = unique_prefix("cacheurl");
+    let build = || async {
+        LockedCache::builder()
+            .redis(master.url())
+            .cache_url(values.url())
+            .key_prefix(&prefix)
+            .ttl(MINUTE)
+            .retry_time(Duration::from_secs(5))
+            .build()
+            .await
+            .expect("build")
+    };
+    let (holder, waiter) = (build().await, build().await);
+    holder.ping().await.unwrap();
+    waiter.ping().await.unwrap();
+    master.reset_stats();
+    values.reset_stats();
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let lead = tokio::spawn({
+        let holder = holder.clone();
+        async move {
+            holder
+                .get_or_load("k", || async move {
+                    finish_rx.await.ok();
+                    Ok::<_, String>(1u32)
+                })
+                .await
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            holder.stats().loads == 1
+        })
+        .await
+    );
+    let wait = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            let began = Instant::now();
+            let r = waiter
+                .get_or_load("k", || async { Ok::<_, String>(2u32) })
+                .await;
+            (r, began.elapsed())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let finished = Instant::now();
+    finish_tx.send(()).unwrap();
+    let (got, _) = join_all_checked(vec![wait]).await.remove(0);
+    let woke_after = finished.elapsed();
+    assert_eq!(join_all_checked(vec![lead]).await.remove(0).unwrap(), 1);
+    assert_eq!(got.unwrap(), 1);
+    eprintln!("separate value server: the waiter had the value {woke_after:?} after the load");
+    assert!(
+        woke_after < Duration::from_secs(2),
+        "the waiter slept until its retry: {woke_after:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            master.command_calls("publish") == 2
+        })
+        .await,
+        "published on the master: stored, then released: {:?}",
+        master.command_stats()
+    );
+    assert_eq!(
+        values.command_calls("publish"),
+        0,
+        "nobody listens on the value server: {:?}",
+        values.command_stats()
+    );
+}
