@@ -340,3 +340,140 @@ async fn no_entry_is_kept_per_lock_name_once_its_calls_end() {
         "entries left behind for 3,000 lock names"
     );
 }
+
+/// A store whose `SET NX` travels slowly: it is sent from a task of its own
+/// that waits `delay` first, so a caller that gives up early does not stop it
+/// from landing (as a command already on the wire would).
+#[derive(Debug)]
+struct SlowGrants {
+    inner: locked_cache::SharedStore,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl locked_cache::Store for SlowGrants {
+    async fn get(&self, key: &str) -> locked_cache::Result<Option<Vec<u8>>> {
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> locked_cache::Result<()> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn delete(&self, key: &str) -> locked_cache::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn set_nx(
+        &self,
+        key: &str,
+        token: &[u8],
+        expiry: Duration,
+    ) -> locked_cache::Result<bool> {
+        let (inner, delay) = (Arc::clone(&self.inner), self.delay);
+        let (key, token) = (key.to_owned(), token.to_vec());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            inner.set_nx(&key, &token, expiry).await
+        })
+        .await
+        .expect("set_nx task")
+    }
+    async fn release(
+        &self,
+        key: &str,
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> locked_cache::Result<bool> {
+        self.inner.release(key, token, channel).await
+    }
+    async fn extend(
+        &self,
+        key: &str,
+        token: &[u8],
+        expiry: Duration,
+    ) -> locked_cache::Result<bool> {
+        self.inner.extend(key, token, expiry).await
+    }
+    async fn get_or_fence(
+        &self,
+        key: &str,
+        fence_key: &str,
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> locked_cache::Result<Option<Vec<u8>>> {
+        self.inner
+            .get_or_fence(key, fence_key, token, fence_expiry)
+            .await
+    }
+    async fn set_fenced(
+        &self,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+        fence_key: &str,
+        token: &[u8],
+        publish: Option<locked_cache::Publish<'_>>,
+    ) -> locked_cache::Result<bool> {
+        self.inner
+            .set_fenced(key, value, ttl, fence_key, token, publish)
+            .await
+    }
+    async fn subscribe(
+        &self,
+        channel: &str,
+    ) -> locked_cache::Result<tokio::sync::mpsc::Receiver<Vec<u8>>> {
+        self.inner.subscribe(channel).await
+    }
+    async fn publish(&self, channel: &str, payload: &str) -> locked_cache::Result<()> {
+        self.inner.publish(channel, payload).await
+    }
+    fn server(&self) -> &str {
+        self.inner.server()
+    }
+}
+
+/// An extension that re-grants the lock on masters that lost it, cancelled
+/// while a re-grant is still on its way (as a keep-alive aborted with its
+/// load), then the lock released: the late re-grant is undone when it lands,
+/// so no lock is left that nobody holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_grant_landing_after_the_release_is_undone() {
+    let fleet = Fleet::start(3);
+    let redis = |i: usize| -> locked_cache::SharedStore {
+        Arc::new(locked_cache::RedisStore::open(&fleet.urls()[i], Default::default()).unwrap())
+    };
+    let slow: locked_cache::SharedStore = Arc::new(SlowGrants {
+        inner: redis(2),
+        delay: Duration::from_millis(300),
+    });
+    let lock = Redlock::new(vec![redis(0), redis(1), slow], LockOptions::default())
+        .await
+        .unwrap();
+    let name = format!("lock.{}", unique_prefix("regrant"));
+    let mut guard = lock.acquire(&name).await.unwrap();
+    // Let the slow master's grant land, then take the lock from masters 1 and
+    // 2 (as if they had restarted empty).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for server in &fleet.servers[1..] {
+        let removed: u64 = server.query(&["DEL", &name]);
+        assert_eq!(removed, 1);
+    }
+    // The extension re-grants on 1 (at once) and 2 (300 ms on the way), and is
+    // cancelled before the slow one answers.
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(100),
+        guard.extend(Duration::from_secs(5)),
+    )
+    .await;
+    assert!(
+        cancelled.is_err(),
+        "the extension was not cancelled mid-re-grant"
+    );
+    guard.release().await.unwrap();
+    // The late re-grant has landed by now, and must have been undone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left: Vec<u64> = fleet
+        .servers
+        .iter()
+        .map(|s| s.query(&["EXISTS", &name]))
+        .collect();
+    assert_eq!(left, vec![0, 0, 0], "a lock nobody holds was left behind");
+}
