@@ -5,6 +5,7 @@
 //! The lock and the cache only ever speak to a `Store`; every Redis command the
 //! library sends is in `redis.rs`, every Lua script in `scripts.rs`.
 
+mod commands;
 mod eviction;
 mod memory;
 mod pool;

@@ -8,11 +8,11 @@ use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{Client, FromRedisValue, IntoConnectionInfo, RedisError};
+use redis::{Client, IntoConnectionInfo, RedisError};
 use tokio::sync::mpsc;
 
 use super::pool::{Connection, Pool};
-use super::{Publish, Store, scripts};
+use super::{Publish, Store, commands};
 use crate::error::{Error, Result};
 
 /// How often an idle wake-up subscription is checked with a PING.
@@ -164,85 +164,53 @@ impl RedisStore {
             }
         }
     }
-
-    async fn query<T: FromRedisValue + Send>(
-        &self,
-        command: &'static str,
-        cmd: redis::Cmd,
-    ) -> Result<T> {
-        self.run(command, |mut conn, _| {
-            let cmd = &cmd;
-            async move { cmd.query_async(&mut conn).await }
-        })
-        .await
-    }
 }
 
 /// Sends of one command at most: the first, and re-sends after dead
 /// connections (a fresh connection can die too, e.g. under `CLIENT KILL` loops).
 const SENDS: u32 = 3;
 
-fn millis(d: Duration) -> u64 {
-    // PX 0 is an error in Redis; the builder rejects zero durations, this is a guard.
-    (d.as_millis() as u64).max(1)
-}
-
 #[async_trait]
 impl Store for RedisStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.query("GET", redis::Cmd::get(key)).await
+        self.run(
+            "GET",
+            |mut c, _| async move { commands::get(&mut c, key).await },
+        )
+        .await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value).arg("PX").arg(millis(ttl));
-        self.query("SET", cmd).await
+        self.run("SET", |mut c, _| async move {
+            commands::set(&mut c, key, value, ttl).await
+        })
+        .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        let n: u64 = self.query("DEL", redis::Cmd::del(key)).await?;
-        Ok(n > 0)
+        self.run("DEL", |mut c, _| async move {
+            commands::delete(&mut c, key).await
+        })
+        .await
     }
 
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        self.run("EVALSHA acquire", |mut conn, _| async move {
-            let granted: i64 = scripts::ACQUIRE
-                .key(key)
-                .arg(token)
-                .arg(millis(expiry))
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(granted == 1)
+        self.run("EVALSHA acquire", |mut c, _| async move {
+            commands::acquire(&mut c, key, token, expiry).await
         })
         .await
     }
 
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
-        // The script publishes only when the channel is not empty.
-        let channel = channel.unwrap_or("");
-        self.run("EVALSHA release", |mut conn, resent| async move {
-            let released: i64 = scripts::RELEASE
-                .key(key)
-                .arg(token)
-                .arg(channel)
-                .invoke_async(&mut conn)
-                .await?;
-            // -1, the key gone, on a re-send: the first send (whose answer was
-            // lost with its connection) most likely deleted it.
-            Ok(released == 1 || (released == -1 && resent))
+        self.run("EVALSHA release", |mut c, resent| async move {
+            commands::release(&mut c, key, token, channel, resent).await
         })
         .await
     }
 
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        self.run("EVALSHA extend", |mut conn, _| async move {
-            let extended: i64 = scripts::EXTEND
-                .key(key)
-                .arg(token)
-                .arg(millis(expiry))
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(extended == 1)
+        self.run("EVALSHA extend", |mut c, _| async move {
+            commands::extend(&mut c, key, token, expiry).await
         })
         .await
     }
@@ -254,14 +222,8 @@ impl Store for RedisStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Option<Vec<u8>>> {
-        self.run("EVALSHA get_or_fence", |mut conn, _| async move {
-            scripts::GET_OR_FENCE
-                .key(key)
-                .key(fence_key)
-                .arg(token)
-                .arg(millis(fence_expiry))
-                .invoke_async(&mut conn)
-                .await
+        self.run("EVALSHA get_or_fence", |mut c, _| async move {
+            commands::get_or_fence(&mut c, key, fence_key, token, fence_expiry).await
         })
         .await
     }
@@ -275,19 +237,9 @@ impl Store for RedisStore {
         token: &[u8],
         publish: Option<Publish<'_>>,
     ) -> Result<bool> {
-        let (channel, payload) = publish.map_or(("", ""), |p| (p.channel, p.payload));
-        self.run("EVALSHA set_fenced", |mut conn, _| async move {
-            let stored: i64 = scripts::SET_FENCED
-                .key(key)
-                .key(fence_key)
-                .arg(token)
-                .arg(value)
-                .arg(millis(ttl))
-                .arg(channel)
-                .arg(payload)
-                .invoke_async(&mut conn)
-                .await?;
-            Ok(stored == 1)
+        let publish = publish.map_or(("", ""), |p| (p.channel, p.payload));
+        self.run("EVALSHA set_fenced", |mut c, _| async move {
+            commands::set_fenced(&mut c, key, value, ttl, fence_key, token, publish).await
         })
         .await
     }
@@ -341,14 +293,18 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.query("PING", redis::cmd("PING")).await
+        self.run(
+            "PING",
+            |mut c, _| async move { commands::ping(&mut c).await },
+        )
+        .await
     }
 
     async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
-        let mut cmd = redis::cmd("PUBLISH");
-        cmd.arg(channel).arg(payload);
-        let _receivers: u64 = self.query("PUBLISH", cmd).await?;
-        Ok(())
+        self.run("PUBLISH", |mut c, _| async move {
+            commands::publish(&mut c, channel, payload).await
+        })
+        .await
     }
 
     fn server(&self) -> &str {
