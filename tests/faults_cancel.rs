@@ -118,9 +118,16 @@ fn a_get_or_load_dropped_at_any_await_point_leaks_no_lock_strands_no_waiter_leav
         // Warm up (connections, subscriptions, scripts) and time a whole miss.
         let _: String = b.get_or_load("warm", loader(&Arc::default(), &runs, "w")).await.unwrap();
         let _: String = a.get_or_load("warm", loader(&Arc::default(), &runs, "w")).await.unwrap();
-        let began = Instant::now();
-        let _: String = a.get_or_load("measure", loader(&Arc::default(), &runs, "m")).await.unwrap();
-        let whole = began.elapsed();
+        // The shortest of five calls: cancelling at 95% of it must land before
+        // the end even when the machine is busy (one slow reference call made
+        // the last cancellation come too late).
+        let mut whole = Duration::MAX;
+        for i in 0..5 {
+            let began = Instant::now();
+            let key = format!("measure{i}");
+            let _: String = a.get_or_load(&key, loader(&Arc::default(), &runs, "m")).await.unwrap();
+            whole = whole.min(began.elapsed());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let baseline = alive_tasks();
 
