@@ -11,6 +11,7 @@ mod memory;
 mod pool;
 pub(crate) mod redis;
 mod scripts;
+pub(crate) mod tls;
 
 pub use memory::MemoryStore;
 pub use redis::{ConnectionOptions, RedisStore};

@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{Client, IntoConnectionInfo, RedisError};
+use redis::{Client, RedisError};
 use tokio::sync::mpsc;
 
 use super::pool::{Connection, Pool};
+use super::tls::{self, TlsOptions};
 use super::{Publish, Store, commands};
 use crate::error::{Error, Result};
 
@@ -54,7 +55,22 @@ impl RedisStore {
     /// A store for the server at `url` (`redis://[user:password@]host:port[/db]`),
     /// with a pool of its own that does not PING on checkout. Connects lazily:
     /// an unreachable server shows up as errors on use, not here.
+    ///
+    /// A `rediss://` URL needs the `tls` feature (without it: [`Error::InvalidConfig`]
+    /// naming the feature); the server certificate is then checked against the
+    /// built-in roots. For a custom CA or a client certificate, use the builder's
+    /// [`tls_root_ca`](crate::Builder::tls_root_ca) and
+    /// [`tls_client_cert`](crate::Builder::tls_client_cert).
     pub fn open(url: &str, options: ConnectionOptions) -> Result<RedisStore> {
+        RedisStore::open_with_tls(url, options, &TlsOptions::default())
+    }
+
+    /// [`open`](RedisStore::open) with TLS certificates (see `tls.rs`).
+    pub(crate) fn open_with_tls(
+        url: &str,
+        options: ConnectionOptions,
+        tls: &TlsOptions,
+    ) -> Result<RedisStore> {
         let server = redact(url);
         if options.pool_size == 0 {
             return Err(Error::InvalidConfig("pool size must be at least 1".into()));
@@ -69,11 +85,8 @@ impl RedisStore {
                 "timeouts must be positive and at most 1 h".into(),
             ));
         }
-        let info = url
-            .into_connection_info()
-            .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
-        let client = Client::open(info)
-            .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
+        // The one client for the pool and the wake-up subscription alike.
+        let client = tls::client(url, &server, tls)?;
         let pool = Pool::own(
             client.clone(),
             server.clone(),
@@ -97,9 +110,13 @@ impl RedisStore {
         pool: bb8::Pool<RedisConnectionManager>,
         options: ConnectionOptions,
     ) -> Result<RedisStore> {
-        let mut store = RedisStore::open(url, options)?;
-        store.pool = Pool::User(pool);
-        Ok(store)
+        Ok(RedisStore::open(url, options)?.with_pool(pool))
+    }
+
+    /// This store with its commands sent on `pool` (a user's bb8-redis pool).
+    pub(crate) fn with_pool(mut self, pool: bb8::Pool<RedisConnectionManager>) -> RedisStore {
+        self.pool = Pool::User(pool);
+        self
     }
 
     fn redis_error(&self, source: RedisError) -> Error {

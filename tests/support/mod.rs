@@ -7,6 +7,7 @@ pub mod capture;
 pub mod proxy;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 // Re-exports for convenience; a test file may not use all of them.
 #[allow(unused_imports)]
