@@ -35,3 +35,5 @@ pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
 /// Longest key the cache accepts: 1024 bytes (prefix not counted).
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
+/// The name a cache reports itself under in metrics labels and spans: `default`.
+pub const DEFAULT_CACHE_NAME: &str = "default";

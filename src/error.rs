@@ -120,15 +120,6 @@ impl Error {
         }
     }
 
-    /// True when the TLS handshake with a server failed, or the server ended the
-    /// session with a TLS alert: a certificate not signed by the trusted CA, a
-    /// host name the certificate does not name, a client certificate missing or
-    /// refused (feature `tls`). A retry will not help until the certificates
-    /// change. Always false without the `tls` feature.
-    pub fn is_tls_error(&self) -> bool {
-        matches!(self, Error::Redis { source, .. } if crate::store::tls::is_tls_failure(source))
-    }
-
     /// True when a Redis server answered with an error reply (`OOM` under
     /// `maxmemory`, `NOPERM` for an ACL user, `READONLY` on a replica,
     /// `WRONGTYPE`...): the server is up and refused the command, so a retry
@@ -191,15 +182,46 @@ pub enum CodecError {
 /// the caller's own loader error, or a failure of the cache.
 ///
 /// The loader error is behind an [`Arc`] because one load serves every concurrent
-/// caller of the same key in this process: they all receive the same error.
-#[derive(Debug, thiserror::Error)]
+/// caller of the same key in this process: they all receive the same error. Take
+/// it out with [`into_loader_error`](LoadError::into_loader_error) (the `Arc`) or
+/// [`try_into_loader_error`](LoadError::try_into_loader_error) (the error itself,
+/// when no other caller still holds it; `Arc::unwrap_or_clone` when `E: Clone`).
+///
+/// As a [`std::error::Error`] (when `E` is one): `Loader` displays as
+/// `the loader failed` and its [`source`](std::error::Error::source) is the
+/// loader's error, so error reporters (`anyhow`'s `{:#}`, `tracing`'s error
+/// fields) print the chain once; `Cache` is transparent (displays as the
+/// [`Error`], with its source).
+#[derive(Debug)]
 pub enum LoadError<E> {
     /// The loader returned this error. Nothing was stored.
-    #[error("loader failed: {0}")]
     Loader(Arc<E>),
     /// The cache itself failed.
-    #[error(transparent)]
-    Cache(#[from] Error),
+    Cache(Error),
+}
+
+impl<E> From<Error> for LoadError<E> {
+    fn from(error: Error) -> Self {
+        LoadError::Cache(error)
+    }
+}
+
+impl<E> std::fmt::Display for LoadError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Loader(_) => f.write_str("the loader failed"),
+            LoadError::Cache(e) => std::fmt::Display::fmt(e, f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for LoadError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Loader(e) => Some(&**e),
+            LoadError::Cache(e) => std::error::Error::source(e),
+        }
+    }
 }
 
 impl<E> Clone for LoadError<E> {
@@ -225,6 +247,36 @@ impl<E> LoadError<E> {
         match self {
             LoadError::Cache(e) => Some(e),
             LoadError::Loader(_) => None,
+        }
+    }
+
+    /// The loader's error (still shared with the other callers of the same
+    /// load), or `None` when the cache failed.
+    pub fn into_loader_error(self) -> Option<Arc<E>> {
+        match self {
+            LoadError::Loader(e) => Some(e),
+            LoadError::Cache(_) => None,
+        }
+    }
+
+    /// The loader's error by value, when this is the last reference to it
+    /// (the other callers that shared the load have dropped theirs: always so
+    /// for a call nobody joined). Otherwise, or when the cache failed, `self`
+    /// unchanged. With `E: Clone`, `into_loader_error().map(Arc::unwrap_or_clone)`
+    /// always succeeds for a loader error.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use locked_cache::LoadError;
+    ///
+    /// let e: LoadError<std::io::Error> = LoadError::Loader(Arc::new(std::io::Error::other("db")));
+    /// let io: std::io::Error = e.try_into_loader_error().unwrap();
+    /// assert_eq!(io.to_string(), "db");
+    /// ```
+    pub fn try_into_loader_error(self) -> Result<E, Self> {
+        match self {
+            LoadError::Loader(e) => Arc::try_unwrap(e).map_err(LoadError::Loader),
+            cache => Err(cache),
         }
     }
 }
@@ -277,6 +329,33 @@ mod tests {
         assert!(
             refused.to_string().starts_with("redis redis://h: "),
             "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_loader_error_is_the_source_and_can_be_taken_out() {
+        use std::error::Error as _;
+        let e: LoadError<std::io::Error> = LoadError::Loader(Arc::new(std::io::Error::other("db")));
+        assert_eq!(e.to_string(), "the loader failed");
+        assert_eq!(e.source().unwrap().to_string(), "db");
+        let shared = e.clone();
+        // Shared: not taken out, handed back.
+        let e = e.try_into_loader_error().unwrap_err();
+        drop(shared);
+        assert_eq!(e.try_into_loader_error().unwrap().to_string(), "db");
+        let cache: LoadError<std::io::Error> = Error::InvalidKey("".into()).into();
+        assert_eq!(cache.to_string(), "invalid key: ");
+        assert!(cache.source().is_none());
+        assert!(cache.clone().into_loader_error().is_none());
+        assert!(cache.try_into_loader_error().is_err());
+        let redis: LoadError<std::io::Error> = Error::Redis {
+            server: "redis://h".into(),
+            source: redis::RedisError::from(std::io::Error::other("reset")),
+        }
+        .into();
+        assert!(
+            redis.source().is_some(),
+            "transparent: the cache error's source"
         );
     }
 

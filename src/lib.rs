@@ -39,6 +39,7 @@ mod error;
 mod lock;
 mod stats;
 mod store;
+mod telemetry;
 
 pub use cache::{Builder, LoadContext, LockedCache, QuorumLossPolicy};
 #[cfg(feature = "json")]
@@ -49,6 +50,7 @@ pub use error::{CodecError, Error, LoadError, Result};
 pub use lock::{LockGuard, LockOptions, Redlock};
 pub use stats::StatsSnapshot;
 pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store};
+pub use telemetry::Outcome;
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -1,87 +1,190 @@
 //! Counters of what the cache and the lock did, for metrics and for tests.
+//!
+//! Every counter is an [`AtomicU64`]; with the `metrics` feature it also feeds a
+//! `metrics` counter of the same meaning (see `telemetry.rs` for the names), so
+//! the two never disagree.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Live counters, shared by a cache, its lock and their tasks.
+/// One counter: a relaxed atomic and, with the `metrics` feature, the matching
+/// `metrics` counter (a no-op one unless the cache was built with a recorder
+/// installed).
 #[derive(Debug, Default)]
-pub struct Stats {
-    pub(crate) hits: AtomicU64,
-    pub(crate) misses: AtomicU64,
-    pub(crate) loads: AtomicU64,
-    pub(crate) load_errors: AtomicU64,
-    pub(crate) coalesced: AtomicU64,
-    pub(crate) lock_attempts: AtomicU64,
-    pub(crate) lock_timeouts: AtomicU64,
-    pub(crate) wakeups: AtomicU64,
-    pub(crate) lock_lost: AtomicU64,
-    pub(crate) corrupt_values: AtomicU64,
-    pub(crate) fail_open_loads: AtomicU64,
-    pub(crate) writes_refused: AtomicU64,
-    pub(crate) store_errors: AtomicU64,
+pub(crate) struct Counter {
+    value: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: Option<metrics::Counter>,
 }
 
-/// A copy of the counters at one instant. All counts are since the cache was built.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StatsSnapshot {
-    /// Lookups answered from the store (including a value found on the re-check).
-    pub hits: u64,
-    /// Lookups that found no (usable) value on the first read.
-    pub misses: u64,
-    /// Times this process ran a loader.
-    pub loads: u64,
-    /// Loader runs that returned an error or panicked.
-    pub load_errors: u64,
+impl Counter {
+    /// Adds `n`; the same signature as [`AtomicU64::fetch_add`], so code that
+    /// counts does not care whether metrics are on.
+    pub(crate) fn fetch_add(&self, n: u64, ordering: Ordering) -> u64 {
+        #[cfg(feature = "metrics")]
+        if let Some(metric) = &self.metric {
+            metric.increment(n);
+        }
+        self.value.fetch_add(n, ordering)
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+/// Declares the counters once: the live [`Stats`], the [`StatsSnapshot`] fields
+/// (with their docs), the snapshot, serialisation and the metrics names.
+macro_rules! counters {
+    ($( $(#[doc = $doc:literal])* $name:ident, )*) => {
+        /// Live counters, shared by a cache, its lock and their tasks.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( pub(crate) $name: Counter, )*
+        }
+
+        /// A copy of a cache's counters at one instant. All counts are since the
+        /// cache was built, in this process.
+        ///
+        /// # Every call is counted once
+        ///
+        /// A `get_or_load` call either joins a load already in flight in this
+        /// process (`coalesced`) or looks the key up itself, and a lookup is either
+        /// a `hit` (its first read found the value) or a `miss`. A miss then ends in
+        /// one of: a load by this call (`loads`), the value stored meanwhile by
+        /// another process and found while waiting for the lock
+        /// (`found_while_waiting`, never also a hit), or an error. So:
+        ///
+        /// - **hit ratio** = `hits / (hits + misses)` ([`hit_ratio`](Self::hit_ratio)):
+        ///   the share of lookups the cache answered with one round trip;
+        /// - calls that ran no loader = `hits + coalesced + found_while_waiting`,
+        ///   out of `hits + misses + coalesced` calls.
+        ///
+        /// (One exception keeps each counter honest rather than the sum: a follower
+        /// whose in-process leader was cancelled or panicked is counted in
+        /// `coalesced` and then, leading itself, as a hit or a miss.)
+        /// [`LockedCache::get`](crate::LockedCache::get) counts a hit or a miss too.
+        ///
+        /// Serialises (with serde) as a flat map of these counters, e.g. for a
+        /// JSON status endpoint.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct StatsSnapshot {
+            $( $(#[doc = $doc])* pub $name: u64, )*
+        }
+
+        impl Stats {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> StatsSnapshot {
+                StatsSnapshot { $( $name: self.$name.get(), )* }
+            }
+
+            /// Counters that also feed `metrics` counters named
+            /// `locked_cache_<counter>_total`, labelled `cache = name`.
+            #[cfg(feature = "metrics")]
+            pub(crate) fn with_metrics(name: &str) -> Stats {
+                Stats {
+                    $( $name: Counter {
+                        value: AtomicU64::new(0),
+                        metric: Some(metrics::counter!(
+                            concat!("locked_cache_", stringify!($name), "_total"),
+                            crate::telemetry::CACHE_LABEL => name.to_owned()
+                        )),
+                    }, )*
+                }
+            }
+        }
+
+        impl serde::Serialize for StatsSnapshot {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::SerializeStruct;
+                const FIELDS: usize = [$( stringify!($name), )*].len();
+                let mut s = serializer.serialize_struct("StatsSnapshot", FIELDS)?;
+                $( s.serialize_field(stringify!($name), &self.$name)?; )*
+                s.end()
+            }
+        }
+
+        /// The names of the counters, in declaration order (for docs and tests).
+        #[cfg(test)]
+        const COUNTER_NAMES: &[&str] = &[$( stringify!($name), )*];
+    };
+}
+
+counters! {
+    /// Lookups whose first read found a value (one round trip). A value found
+    /// later, after waiting for another process's load, is counted in
+    /// `found_while_waiting` instead.
+    hits,
+    /// Lookups whose first read found no (usable) value.
+    misses,
     /// Calls that joined a load already in flight in this process instead of
-    /// touching Redis.
-    pub coalesced: u64,
+    /// touching Redis; they get that load's outcome.
+    coalesced,
+    /// Misses that found the value stored by another process while waiting for
+    /// the lock (woken by its wake-up or at a retry, or on the re-check under
+    /// the lock). Not counted as hits.
+    found_while_waiting,
+    /// Times this process ran a loader.
+    loads,
+    /// Loader runs that returned an error or panicked.
+    load_errors,
     /// Lock acquisition attempts (one attempt = one `SET NX` per master).
-    pub lock_attempts: u64,
-    /// Waits for a lock that ran out of time.
-    pub lock_timeouts: u64,
+    lock_attempts,
+    /// Waits for a lock, or for an in-process leader, that ran out of time.
+    lock_timeouts,
     /// Release messages that woke at least one waiter of this process.
-    pub wakeups: u64,
+    wakeups,
     /// Loads whose lock was lost (an extension was refused by the masters) before
     /// the value was stored. The value was returned, and stored only if no newer
     /// holder took the fence (see `writes_refused`).
-    pub lock_lost: u64,
+    lock_lost,
     /// Stored values that could not be decoded (foreign bytes, another type,
     /// truncated, wrong Redis type) and were treated as misses.
-    pub corrupt_values: u64,
+    corrupt_values,
     /// Loads run without the lock because the quorum was lost and the policy is
     /// [`QuorumLossPolicy::FailOpen`](crate::QuorumLossPolicy::FailOpen).
-    pub fail_open_loads: u64,
+    fail_open_loads,
     /// Loaded values not stored because the key's fence was taken meanwhile: by a
     /// newer lock holder (this one lost its lock), or by `set`/`invalidate`. The
     /// callers got the value; it was not written.
-    pub writes_refused: u64,
+    writes_refused,
     /// Loaded values not stored because the store failed (Redis down, timeout).
     /// The callers got the value; it was not cached.
-    pub store_errors: u64,
+    store_errors,
+}
+
+impl StatsSnapshot {
+    /// `hits / (hits + misses)`: the share of lookups answered by their first
+    /// read. `None` before the first lookup.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let lookups = self.hits + self.misses;
+        (lookups > 0).then(|| self.hits as f64 / lookups as f64)
+    }
 }
 
 impl Stats {
-    /// Reads every counter.
-    pub fn snapshot(&self) -> StatsSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        StatsSnapshot {
-            hits: get(&self.hits),
-            misses: get(&self.misses),
-            loads: get(&self.loads),
-            load_errors: get(&self.load_errors),
-            coalesced: get(&self.coalesced),
-            lock_attempts: get(&self.lock_attempts),
-            lock_timeouts: get(&self.lock_timeouts),
-            wakeups: get(&self.wakeups),
-            lock_lost: get(&self.lock_lost),
-            corrupt_values: get(&self.corrupt_values),
-            fail_open_loads: get(&self.fail_open_loads),
-            writes_refused: get(&self.writes_refused),
-            store_errors: get(&self.store_errors),
-        }
-    }
-
-    pub(crate) fn add(counter: &AtomicU64) {
+    pub(crate) fn add(counter: &Counter) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_serialises_every_counter_by_name() {
+        let stats = Stats::default();
+        Stats::add(&stats.hits);
+        Stats::add(&stats.hits);
+        Stats::add(&stats.misses);
+        let json = serde_json::to_value(stats.snapshot()).unwrap();
+        let map = json.as_object().unwrap();
+        assert_eq!(map.len(), COUNTER_NAMES.len());
+        assert_eq!(map["hits"], 2);
+        assert_eq!(map["misses"], 1);
+        assert_eq!(map["found_while_waiting"], 0);
+        assert_eq!(stats.snapshot().hit_ratio(), Some(2.0 / 3.0));
+        assert_eq!(StatsSnapshot::default().hit_ratio(), None);
     }
 }

@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
 
-use super::{Inner, LockedCache, keys};
+use super::{DebugConfig, Inner, LockedCache, keys};
 use crate::codec::{BincodeCodec, Codec};
 use crate::defaults::*;
 use crate::error::{Error, Result};
 use crate::lock::{LockOptions, Redlock};
 use crate::stats::Stats;
 use crate::store::redis::{ConnectionOptions, redact};
-use crate::store::tls::{Pem, TlsOptions};
 use crate::store::{MemoryStore, RedisStore, SharedStore};
+use crate::telemetry::Telemetry;
 
 /// The longest TTL accepted, by the builder and by `set_with_ttl`: 10 years.
 pub(super) const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -64,7 +64,6 @@ impl fmt::Debug for Master {
 pub struct Builder<C = BincodeCodec> {
     masters: Vec<Master>,
     cache_url: Option<String>,
-    tls: TlsOptions,
     ttl: Duration,
     lock: LockOptions,
     key_prefix: String,
@@ -75,6 +74,7 @@ pub struct Builder<C = BincodeCodec> {
     max_key_len: usize,
     coalesce: bool,
     quorum_loss: QuorumLossPolicy,
+    name: String,
     codec: C,
 }
 
@@ -83,7 +83,6 @@ impl Default for Builder<BincodeCodec> {
         Builder {
             masters: Vec::new(),
             cache_url: None,
-            tls: TlsOptions::default(),
             ttl: DEFAULT_TTL,
             lock: LockOptions::default(),
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
@@ -94,6 +93,7 @@ impl Default for Builder<BincodeCodec> {
             max_key_len: DEFAULT_MAX_KEY_LEN,
             coalesce: true,
             quorum_loss: QuorumLossPolicy::FailClosed,
+            name: DEFAULT_CACHE_NAME.to_owned(),
             codec: BincodeCodec,
         }
     }
@@ -150,61 +150,6 @@ impl<C: Codec> Builder<C> {
     /// it is not part of the lock majority.
     pub fn cache_url(mut self, url: impl Into<String>) -> Self {
         self.cache_url = Some(url.into());
-        self
-    }
-
-    /// Trusts the CA certificate(s) in `pem` (PEM bytes, one or more
-    /// certificates) for the `rediss://` servers this builder opens: every lock
-    /// master and the [`cache_url`](Builder::cache_url) server. Defaults to none:
-    /// with the `tls` feature, server certificates are checked against Mozilla's
-    /// roots compiled into the binary (webpki-roots), which managed services'
-    /// public certificates chain to. A CA given here *replaces* those roots
-    /// (only it is trusted): use it for a private CA or self-signed servers.
-    /// Host names are always checked. Needs the `tls` feature and `rediss://`
-    /// URLs; otherwise [`build`](Builder::build) fails with
-    /// [`Error::InvalidConfig`]. Malformed PEM fails there too; a server
-    /// whose certificate the CA did not sign fails on use with an error for
-    /// which [`Error::is_tls_error`] is true.
-    pub fn tls_root_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls.root_ca = Some(Pem::Bytes(pem.into()));
-        self
-    }
-
-    /// [`tls_root_ca`](Builder::tls_root_ca) from a PEM file, read once by
-    /// [`build`](Builder::build) (an unreadable file is
-    /// [`Error::InvalidConfig`] naming it). Defaults to none.
-    pub fn tls_root_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.tls.root_ca = Some(Pem::File(path.into()));
-        self
-    }
-
-    /// Presents this client certificate (PEM chain) and private key (PEM,
-    /// PKCS#8, PKCS#1 or SEC1) to every `rediss://` server this builder opens,
-    /// for servers that require client authentication (mTLS, Redis's
-    /// `tls-auth-clients yes`). Defaults to none: no client certificate, which
-    /// such a server refuses (an error for which [`Error::is_tls_error`] or
-    /// [`Error::is_connection_error`] is true, on first use). Authentication by
-    /// certificate is in addition to, not instead of, an ACL user and password
-    /// in the URL. Needs the `tls` feature and `rediss://` URLs; otherwise
-    /// [`build`](Builder::build) fails with [`Error::InvalidConfig`]. The key
-    /// never appears in `Debug` output.
-    pub fn tls_client_cert(
-        mut self,
-        cert_pem: impl Into<Vec<u8>>,
-        key_pem: impl Into<Vec<u8>>,
-    ) -> Self {
-        self.tls.client_cert = Some((Pem::Bytes(cert_pem.into()), Pem::Bytes(key_pem.into())));
-        self
-    }
-
-    /// [`tls_client_cert`](Builder::tls_client_cert) from PEM files, read once by
-    /// [`build`](Builder::build). Defaults to none.
-    pub fn tls_client_cert_files(
-        mut self,
-        cert_path: impl Into<std::path::PathBuf>,
-        key_path: impl Into<std::path::PathBuf>,
-    ) -> Self {
-        self.tls.client_cert = Some((Pem::File(cert_path.into()), Pem::File(key_path.into())));
         self
     }
 
@@ -340,12 +285,22 @@ impl<C: Codec> Builder<C> {
         self
     }
 
+    /// The cache's name in telemetry: the `cache` label of every metric (feature
+    /// `metrics`) and the `locked_cache.name` field of its spans. Defaults to
+    /// [`DEFAULT_CACHE_NAME`] (`default`). Give each cache of a process its own
+    /// (`users`, `reports`): a few fixed names, never anything per key or per
+    /// request, since every name is a label value of every metric series.
+    /// 1 to 64 characters.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The codec for values. Defaults to [`BincodeCodec`].
     pub fn codec<C2: Codec>(self, codec: C2) -> Builder<C2> {
         Builder {
             masters: self.masters,
             cache_url: self.cache_url,
-            tls: self.tls,
             ttl: self.ttl,
             lock: self.lock,
             key_prefix: self.key_prefix,
@@ -356,6 +311,7 @@ impl<C: Codec> Builder<C> {
             max_key_len: self.max_key_len,
             coalesce: self.coalesce,
             quorum_loss: self.quorum_loss,
+            name: self.name,
             codec,
         }
     }
@@ -378,6 +334,9 @@ impl<C: Codec> Builder<C> {
             || self.command_timeout > hour
         {
             return invalid("timeouts must be positive and at most 1 h".into());
+        }
+        if self.name.is_empty() || self.name.len() > 64 {
+            return invalid("the cache name must be 1 to 64 bytes".into());
         }
         if self.max_value_size == 0 || self.max_key_len == 0 {
             return invalid("maximum value size and key length must be positive".into());
@@ -410,7 +369,6 @@ impl<C: Codec> Builder<C> {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
         };
-        let tls = self.tls.resolve()?;
         let masters = if self.masters.is_empty() {
             vec![Arc::new(MemoryStore::new()) as SharedStore]
         } else {
@@ -418,12 +376,10 @@ impl<C: Codec> Builder<C> {
                 .into_iter()
                 .map(|m| -> Result<SharedStore> {
                     Ok(match m {
-                        Master::Url(url) => {
-                            Arc::new(RedisStore::open_with_tls(&url, options, &tls)?)
+                        Master::Url(url) => Arc::new(RedisStore::open(&url, options)?),
+                        Master::Pool(url, pool) => {
+                            Arc::new(RedisStore::from_pool(&url, pool, options)?)
                         }
-                        Master::Pool(url, pool) => Arc::new(
-                            RedisStore::open_with_tls(&url, options, &tls)?.with_pool(pool),
-                        ),
                         Master::Store(store) => store,
                     })
                 })
@@ -443,30 +399,46 @@ impl<C: Codec> Builder<C> {
             );
         }
         let value_store = match &self.cache_url {
-            Some(url) => Arc::new(RedisStore::open_with_tls(url, options, &tls)?) as SharedStore,
+            Some(url) => Arc::new(RedisStore::open(url, options)?) as SharedStore,
             None => Arc::clone(&masters[0]),
         };
+        #[cfg(feature = "metrics")]
+        let stats = Arc::new(Stats::with_metrics(&self.name));
+        #[cfg(not(feature = "metrics"))]
         let stats = Arc::new(Stats::default());
+        let config = DebugConfig {
+            masters: masters.iter().map(|m| m.server().to_owned()).collect(),
+            pool_size: self.pool_size,
+            connect_timeout: self.connect_timeout,
+        };
+        let db_system = if config.masters.iter().all(|m| m == "memory") {
+            "memory"
+        } else {
+            "redis"
+        };
         let lock =
             Redlock::with_stats(masters, self.lock, Arc::clone(&stats), self.connect_timeout)
                 .await?;
-        Ok(LockedCache {
-            inner: Arc::new(Inner {
-                value_store,
-                lock,
-                ttl: self.ttl,
-                key_prefix: self.key_prefix,
-                max_value_size: self.max_value_size,
-                max_key_len: self.max_key_len,
-                command_timeout: self.command_timeout,
-                coalesce: self.coalesce,
-                quorum_loss: self.quorum_loss,
-                separate_value_server: self.cache_url.is_some(),
-                codec: self.codec,
-                flights: Default::default(),
-                stats,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            value_store,
+            lock,
+            ttl: self.ttl,
+            key_prefix: self.key_prefix,
+            max_value_size: self.max_value_size,
+            max_key_len: self.max_key_len,
+            command_timeout: self.command_timeout,
+            coalesce: self.coalesce,
+            quorum_loss: self.quorum_loss,
+            separate_value_server: self.cache_url.is_some(),
+            codec: self.codec,
+            flights: Default::default(),
+            stats,
+            telemetry: Telemetry::new(self.name, db_system),
+            config,
+        });
+        #[cfg(feature = "metrics")]
+        sample_subscriptions(Arc::downgrade(&inner));
+        Ok(LockedCache { inner })
     }
 }
 
@@ -478,4 +450,19 @@ impl Default for ConnectionOptions {
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
         }
     }
+}
+
+/// Keeps the subscribed-masters gauge current: sets it every second until the
+/// cache is dropped.
+#[cfg(feature = "metrics")]
+fn sample_subscriptions<C: Codec>(cache: std::sync::Weak<Inner<C>>) {
+    tokio::spawn(async move {
+        while let Some(inner) = cache.upgrade() {
+            inner
+                .telemetry
+                .subscribed_masters(inner.lock.subscriptions());
+            drop(inner);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
 }

@@ -2,8 +2,9 @@
 //!
 //! The data path of a call, top to bottom:
 //!
-//! 1. [`LockedCache::get_or_load_with`] joins the key's in-process flight
-//!    (`flight.rs`); followers wait for the leader's outcome.
+//! 1. [`LockedCache::get_or_load_with_outcome`] (which the other `get_or_load`
+//!    methods call) opens the call's span (`telemetry.rs`) and joins the key's
+//!    in-process flight (`flight.rs`); followers wait for the leader's outcome.
 //! 2. The leader ([`Inner::lead`]) reads the value (`GET`, one round trip); a hit
 //!    ends here.
 //! 3. On a miss it registers for release wake-ups and takes the lock
@@ -14,8 +15,9 @@
 //!    (`get_or_fence`); if still missing it runs the loader while `keepalive.rs`
 //!    extends the lock, and stores the value with the fenced `SET` script, which
 //!    publishes the wake-up for other processes.
-//! 5. [`LockedCache::get_or_load_with`] hands the value to the flight's
-//!    followers, then releases the lock (which publishes again).
+//! 5. The leader hands the value to the flight's followers, then releases the
+//!    lock (which publishes again); the call's outcome is recorded on its span
+//!    and in the metrics.
 
 mod builder;
 mod flight;
@@ -35,13 +37,16 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::codec::{self, BincodeCodec, Codec};
 use crate::error::{Error, LoadError, Result};
 use crate::lock::{Attempt, LockGuard, Redlock, Splits, Token};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{Publish, SharedStore};
-use flight::{Bytes, Flights, Outcome, Role};
+use crate::telemetry::{CallTrace, KeyHash, Outcome, Telemetry, key_hash, millis};
+use flight::{Bytes, Flights, Role};
 use keepalive::KeepAlive;
 use keys::Keys;
 
@@ -77,15 +82,41 @@ impl<C> Clone for LockedCache<C> {
     }
 }
 
+/// The configuration, as built (servers with passwords redacted); not the
+/// pools, flights or counters.
 impl<C> fmt::Debug for LockedCache<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &*self.inner;
+        let lock = inner.lock.options();
         f.debug_struct("LockedCache")
-            .field("value_store", &self.inner.value_store)
-            .field("lock", &self.inner.lock)
-            .field("ttl", &self.inner.ttl)
-            .field("key_prefix", &self.inner.key_prefix)
-            .finish_non_exhaustive()
+            .field("name", &inner.telemetry.name)
+            .field("masters", &inner.config.masters)
+            .field("value_server", &inner.value_store.server())
+            .field("ttl", &inner.ttl)
+            .field("lock_expiry", &lock.expiry)
+            .field("wait_time", &lock.wait)
+            .field("retry_time", &lock.retry)
+            .field("master_timeout", &lock.master_timeout)
+            .field("wake_ups", &lock.wake_ups)
+            .field("release_channel", &lock.channel)
+            .field("coalesce", &inner.coalesce)
+            .field("quorum_loss", &inner.quorum_loss)
+            .field("key_prefix", &inner.key_prefix)
+            .field("pool_size", &inner.config.pool_size)
+            .field("connect_timeout", &inner.config.connect_timeout)
+            .field("command_timeout", &inner.command_timeout)
+            .field("max_value_size", &inner.max_value_size)
+            .field("max_key_len", &inner.max_key_len)
+            .field("codec", &std::any::type_name::<C>())
+            .finish()
     }
+}
+
+/// Settings kept only to be shown by `Debug`.
+struct DebugConfig {
+    masters: Vec<String>,
+    pool_size: u32,
+    connect_timeout: Duration,
 }
 
 struct Inner<C> {
@@ -103,6 +134,8 @@ struct Inner<C> {
     codec: C,
     flights: Flights,
     stats: Arc<Stats>,
+    telemetry: Telemetry,
+    config: DebugConfig,
 }
 
 impl LockedCache<BincodeCodec> {
@@ -206,7 +239,8 @@ impl<C: Codec> LockedCache<C> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.get_or_load_with(key, |_| loader()).await
+        let (value, _) = self.get_or_load_with_outcome(key, |_| loader()).await?;
+        Ok(value)
     }
 
     /// As [`get_or_load`](Self::get_or_load), with a [`LoadContext`] handed to the
@@ -223,64 +257,59 @@ impl<C: Codec> LockedCache<C> {
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        let (value, _) = self.get_or_load_with_outcome(key, loader).await?;
+        Ok(value)
+    }
+
+    /// As [`get_or_load_with`](Self::get_or_load_with), also telling how the
+    /// call was served: a [`Outcome::Hit`], [`Outcome::Coalesced`] with another
+    /// call of this process, [`Outcome::Waited`] for another process's load, or
+    /// [`Outcome::Loaded`] by this call's loader. The other `get_or_load` methods
+    /// are this one without the outcome; failures are told by the
+    /// [`LoadError`].
+    ///
+    /// Every call also runs in a `get_or_load` span and, with the `metrics`
+    /// feature, counts in `locked_cache_calls_total` under the same outcome
+    /// names (see the [telemetry](crate#telemetry) section).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use locked_cache::{LockedCache, Outcome};
+    ///
+    /// let cache = LockedCache::builder().build().await?;
+    /// let load = |_| async { Ok::<_, std::io::Error>(42_u32) };
+    /// let (_, first) = cache.get_or_load_with_outcome("k", load).await?;
+    /// let (_, second) = cache.get_or_load_with_outcome("k", load).await?;
+    /// assert_eq!((first, second), (Outcome::Loaded, Outcome::Hit));
+    /// // e.g. an `X-Cache` header:
+    /// let header = if second.is_cached() { "HIT" } else { "MISS" };
+    /// assert_eq!(header, "HIT");
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_load_with_outcome<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<(T, Outcome), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         let inner = &*self.inner;
-        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        let span = inner.telemetry.call_span(&inner.key_prefix, key);
         // One deadline per call, for waiting on someone else's load: in this
         // process (as a follower) or in another (for the lock).
         let started = Instant::now();
-        let deadline = started + inner.lock.options().wait;
-        if !inner.coalesce {
-            return Ok(inner
-                .lead(key, loader, started, deadline)
-                .await?
-                .finish()
-                .await);
-        }
-        let mut counted = false;
-        let leader = loop {
-            let rx = match inner.flights.join(key) {
-                Role::Leader(leader) => break leader,
-                Role::Follower(rx) => rx,
-            };
-            if !std::mem::replace(&mut counted, true) {
-                Stats::add(&inner.stats.coalesced);
-            }
-            // The leader gives up on the lock at the same deadline, after at most
-            // one more read and one more attempt: leave it that long to hand over
-            // its own outcome.
-            let give_up = deadline + inner.command_timeout * 2;
-            let Ok(outcome) = tokio::time::timeout_at(give_up.into(), flight::outcome(rx)).await
-            else {
-                Stats::add(&inner.stats.lock_timeouts);
-                return Err(LoadError::Cache(Error::LockTimeout {
-                    resource: Keys::new(&inner.key_prefix, key).lock,
-                    waited: started.elapsed(),
-                }));
-            };
-            match outcome {
-                Outcome::Value(bytes) => {
-                    return codec::decode(&inner.codec, &bytes)
-                        .map_err(|e| LoadError::Cache(e.into()));
-                }
-                Outcome::LoaderError(shared) => match shared.downcast::<E>() {
-                    Ok(e) => return Err(LoadError::Loader(e)),
-                    // A caller with another error type led: load for ourselves.
-                    Err(_) => continue,
-                },
-                Outcome::Failed(e) => return Err(LoadError::Cache(e)),
-                Outcome::Abandoned => continue,
-            }
-        };
-        let result = inner.lead(key, loader, started, deadline).await;
-        // Followers get the outcome first; then the lock is released.
-        leader.finish(match &result {
-            Ok(led) => Outcome::Value(Arc::clone(&led.bytes)),
-            Err(LoadError::Loader(e)) => {
-                Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
-            }
-            Err(LoadError::Cache(e)) => Outcome::Failed(e.clone()),
-        });
-        Ok(result?.finish().await)
+        let mut trace = CallTrace::default();
+        let result = inner
+            .call(key, loader, started, &mut trace)
+            .instrument(span.clone())
+            .await;
+        inner.telemetry.call_ended(&span, &trace, started, &result);
+        result
     }
 
     /// The value under `key`, if there is one that decodes. One round trip; no
@@ -380,6 +409,83 @@ impl<C: Codec> LockedCache<C> {
 }
 
 impl<C: Codec> Inner<C> {
+    /// One `get_or_load` call: join the key's flight and wait for its leader,
+    /// or lead it.
+    async fn call<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+        started: Instant,
+        trace: &mut CallTrace,
+    ) -> Result<(T, Outcome), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned,
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        keys::check_key(&self.key_prefix, key, self.max_key_len)?;
+        let deadline = started + self.lock.options().wait;
+        if !self.coalesce {
+            let led = self.lead(key, loader, started, deadline, trace).await?;
+            let outcome = led.outcome;
+            return Ok((led.finish().await, outcome));
+        }
+        let mut counted = false;
+        let leader = loop {
+            let rx = match self.flights.join(key) {
+                Role::Leader(leader) => break leader,
+                Role::Follower(rx) => rx,
+            };
+            if !std::mem::replace(&mut counted, true) {
+                Stats::add(&self.stats.coalesced);
+            }
+            // The leader gives up on the lock at the same deadline, after at most
+            // one more read and one more attempt: leave it that long to hand over
+            // its own outcome.
+            let give_up = deadline + self.command_timeout * 2;
+            let waiting_since = Instant::now();
+            let waited = {
+                let _waiting = self.telemetry.waiting();
+                tokio::time::timeout_at(give_up.into(), flight::outcome(rx)).await
+            };
+            trace.add_wait(waiting_since.elapsed());
+            let Ok(outcome) = waited else {
+                Stats::add(&self.stats.lock_timeouts);
+                return Err(LoadError::Cache(Error::LockTimeout {
+                    resource: Keys::new(&self.key_prefix, key).lock,
+                    waited: started.elapsed(),
+                }));
+            };
+            match outcome {
+                flight::Outcome::Value(bytes) => {
+                    return codec::decode(&self.codec, &bytes)
+                        .map(|value| (value, Outcome::Coalesced))
+                        .map_err(|e| LoadError::Cache(e.into()));
+                }
+                flight::Outcome::LoaderError(shared) => match shared.downcast::<E>() {
+                    Ok(e) => return Err(LoadError::Loader(e)),
+                    // A caller with another error type led: load for ourselves.
+                    Err(_) => continue,
+                },
+                flight::Outcome::Failed(e) => return Err(LoadError::Cache(e)),
+                flight::Outcome::Abandoned => continue,
+            }
+        };
+        let result = self.lead(key, loader, started, deadline, trace).await;
+        // Followers get the outcome first; then the lock is released.
+        leader.finish(match &result {
+            Ok(led) => flight::Outcome::Value(Arc::clone(&led.bytes)),
+            Err(LoadError::Loader(e)) => {
+                flight::Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
+            }
+            Err(LoadError::Cache(e)) => flight::Outcome::Failed(e.clone()),
+        });
+        let led = result?;
+        let outcome = led.outcome;
+        Ok((led.finish().await, outcome))
+    }
+
     /// Reads and decodes the value at `value_key`. A value that does not decode,
     /// or a key of another Redis type, is a miss (reported and counted).
     async fn read<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(T, Bytes)>> {
@@ -451,6 +557,7 @@ impl<C: Codec> Inner<C> {
         loader: F,
         started: Instant,
         deadline: Instant,
+        trace: &mut CallTrace,
     ) -> Result<Led<T>, LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
@@ -460,25 +567,89 @@ impl<C: Codec> Inner<C> {
         let value_key = keys::value_key(&self.key_prefix, key);
         if let Some(found) = self.read(&value_key).await? {
             Stats::add(&self.stats.hits);
-            return Ok(Led::unlocked(found.0, found.1));
+            return Ok(Led::unlocked(found.0, found.1, Outcome::Hit));
         }
         Stats::add(&self.stats.misses);
         let keys = Keys::with_value_key(value_key);
-        let guard = match self.wait_for_lock(&keys, started, deadline).await? {
+        let guard = match self
+            .lock_phase(key, &keys, started, deadline, trace)
+            .await?
+        {
             Locked::Guard(guard) => guard,
             Locked::ValueAppeared(found) => {
-                Stats::add(&self.stats.hits);
-                return Ok(Led::unlocked(found.0, found.1));
+                Stats::add(&self.stats.found_while_waiting);
+                return Ok(Led::unlocked(found.0, found.1, Outcome::Waited));
             }
             Locked::QuorumLost => return self.load_unlocked(key, &keys, loader).await,
         };
         self.load_locked(key, &keys, guard, loader).await
     }
 
-    /// Stores a loaded value through the fence and accounts for the outcome. A
-    /// refused or failed write is logged and counted, never returned: the
-    /// callers get the value they loaded either way.
+    /// [`wait_for_lock`](Self::wait_for_lock) in a `lock` span, timed.
+    async fn lock_phase<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        started: Instant,
+        deadline: Instant,
+        trace: &mut CallTrace,
+    ) -> Result<Locked<T>> {
+        let span = tracing::debug_span!(
+            "lock",
+            db.system = self.telemetry.db_system,
+            db.operation.name = "lock",
+            locked_cache.lock_attempts = Empty,
+            locked_cache.lock_result = Empty,
+        );
+        let began = Instant::now();
+        let mut wait = LockWait::default();
+        let locked = self
+            .wait_for_lock(key, keys, started, deadline, &mut wait)
+            .instrument(span.clone())
+            .await;
+        trace.attempts += wait.attempts;
+        if let Some(since) = wait.refused_at {
+            trace.add_wait(since.elapsed());
+        }
+        let result = match &locked {
+            Ok(Locked::Guard(_)) => {
+                self.telemetry.lock_acquired(began.elapsed());
+                "acquired"
+            }
+            Ok(Locked::ValueAppeared(_)) => "value_found",
+            Ok(Locked::QuorumLost) => "quorum_lost",
+            Err(Error::LockTimeout { .. }) => "timeout",
+            Err(_) => "error",
+        };
+        span.record("locked_cache.lock_attempts", wait.attempts);
+        span.record("locked_cache.lock_result", result);
+        locked
+    }
+
+    /// Stores a loaded value through the fence (in a `store` span) and accounts
+    /// for the outcome. A refused or failed write is logged and counted, never
+    /// returned: the callers get the value they loaded either way.
     async fn store_fenced(&self, keys: &Keys, bytes: &[u8], token: &[u8], lock_lost: bool) {
+        let span = tracing::debug_span!(
+            "store",
+            db.system = self.telemetry.db_system,
+            db.operation.name = "store",
+            locked_cache.store_result = Empty,
+        );
+        let result = self
+            .store_fenced_untraced(keys, bytes, token, lock_lost)
+            .instrument(span.clone())
+            .await;
+        span.record("locked_cache.store_result", result);
+    }
+
+    async fn store_fenced_untraced(
+        &self,
+        keys: &Keys,
+        bytes: &[u8],
+        token: &[u8],
+        lock_lost: bool,
+    ) -> &'static str {
         // Waiters listen on the lock masters. When the value server is one of
         // them, the store script publishes the wake-up; otherwise it is
         // published on the masters once the value is stored.
@@ -495,11 +666,12 @@ impl<C: Codec> Inner<C> {
             self.lock.publish_wake_up(&keys.lock);
         }
         match stored {
-            Ok(true) if !lock_lost => {}
+            Ok(true) if !lock_lost => "stored",
             Ok(true) => {
                 // Extension was refused but nobody took over: the write was still
                 // the newest. Count the loss all the same.
                 Stats::add(&self.stats.lock_lost);
+                "stored"
             }
             Ok(false) => {
                 Stats::add(&self.stats.writes_refused);
@@ -510,10 +682,12 @@ impl<C: Codec> Inner<C> {
                     key = keys.value,
                     "the fence was taken during the load (a newer holder, or set/invalidate): value returned, not stored"
                 );
+                "refused"
             }
             Err(e) => {
                 Stats::add(&self.stats.store_errors);
                 tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
+                "failed"
             }
         }
     }
@@ -529,18 +703,26 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Waits for the lock, re-reading the value after every wake-up or retry.
+    /// While it waits it says at DEBUG what for (once, then at most every
+    /// second): a holder that crashed keeps the key blocked until its lock
+    /// expires, and the log should show it.
     async fn wait_for_lock<T: DeserializeOwned>(
         &self,
+        key: &str,
         keys: &Keys,
         started: Instant,
         deadline: Instant,
+        wait: &mut LockWait,
     ) -> Result<Locked<T>> {
         let options = self.lock.options();
         // Registered before the first attempt: a release after it wakes us.
         let waiter = self.lock.waiter(&keys.lock);
         let mut splits = Splits::default();
+        let mut waiting = None;
+        let mut next_log = started;
         loop {
             let outcome = self.lock.attempt(&keys.lock, options.expiry).await?;
+            wait.attempts += 1;
             if let Attempt::Acquired(guard) = outcome {
                 return Ok(Locked::Guard(guard));
             }
@@ -550,16 +732,77 @@ impl<C: Codec> Inner<C> {
                 return Ok(Locked::QuorumLost);
             }
             let now = Instant::now();
+            wait.refused_at.get_or_insert(now);
+            waiting.get_or_insert_with(|| self.telemetry.waiting());
             if now >= deadline {
                 return Err(self.lock.wait_error(&keys.lock, &outcome, now - started));
             }
             splits.after(&outcome);
-            waiter
-                .wait(self.lock.retry_delay(&outcome, splits).min(deadline - now))
-                .await;
+            let delay = self.lock.retry_delay(&outcome, splits).min(deadline - now);
+            if now >= next_log {
+                next_log = now + Duration::from_secs(1);
+                self.log_wait(
+                    key,
+                    &outcome,
+                    wait.attempts,
+                    now - started,
+                    deadline - now,
+                    delay,
+                );
+            }
+            waiter.wait(delay).await;
             if let Some(found) = self.read(&keys.value).await? {
                 return Ok(Locked::ValueAppeared(found));
             }
+        }
+    }
+
+    /// Says at DEBUG what a waiting call waits for.
+    fn log_wait(
+        &self,
+        key: &str,
+        outcome: &Attempt,
+        attempts: u32,
+        waited: Duration,
+        left: Duration,
+        next_try: Duration,
+    ) {
+        if !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
+        let key_hash = KeyHash(key_hash(&self.key_prefix, key));
+        let options = self.lock.options();
+        let (waited_ms, wait_left_ms) = (millis(waited), millis(left));
+        let next_try_ms = millis(next_try);
+        match outcome {
+            Attempt::NoQuorum { reachable } => tracing::debug!(
+                locked_cache.key_hash = %key_hash,
+                reachable,
+                masters = self.lock.masters(),
+                attempts,
+                waited_ms,
+                wait_left_ms,
+                next_try_ms,
+                "waiting for the lock: too few masters reachable for a majority; retrying until the wait time is spent"
+            ),
+            Attempt::Held { split: true } => tracing::debug!(
+                locked_cache.key_hash = %key_hash,
+                attempts,
+                waited_ms,
+                wait_left_ms,
+                next_try_ms,
+                "waiting for the lock: the votes split between contenders; retrying soon"
+            ),
+            _ => tracing::debug!(
+                locked_cache.key_hash = %key_hash,
+                attempts,
+                waited_ms,
+                wait_left_ms,
+                next_try_ms,
+                lock_expiry_ms = millis(options.expiry),
+                wake_ups = options.wake_ups,
+                "waiting for the lock: another holder is loading this key; woken when it stores the value or releases the lock, or, if it crashed, when its lock expires (at most lock_expiry_ms after its last extension)"
+            ),
         }
     }
 
@@ -589,9 +832,9 @@ impl<C: Codec> Inner<C> {
         match found {
             Ok(Some(bytes)) => {
                 if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
-                    Stats::add(&self.stats.hits);
+                    Stats::add(&self.stats.found_while_waiting);
                     release(guard).await;
-                    return Ok(Led::unlocked(found.0, found.1));
+                    return Ok(Led::unlocked(found.0, found.1, Outcome::Waited));
                 }
             }
             Ok(None) => {}
@@ -608,18 +851,17 @@ impl<C: Codec> Inner<C> {
             expiry,
             fence_expiry,
         );
-        Stats::add(&self.stats.loads);
-        let loaded = run_loader(
-            &self.stats,
-            loader(LoadContext::new(Some(keepalive.lost_signal()))),
-        )
-        .await;
+        let span = load_span(&self.telemetry);
+        let loaded = self
+            .run_loader(loader(LoadContext::new(Some(keepalive.lost_signal()))))
+            .instrument(span.clone())
+            .await;
         let lost_during_load = keepalive.stop().await;
+        span.record("locked_cache.lock_lost", lost_during_load);
 
         let value = match loaded {
             Ok(value) => value,
             Err(e) => {
-                Stats::add(&self.stats.load_errors);
                 release(guard).await;
                 return Err(LoadError::Loader(Arc::new(e)));
             }
@@ -638,6 +880,7 @@ impl<C: Codec> Inner<C> {
             value,
             bytes: bytes.into(),
             unlock: Some(guard),
+            outcome: Outcome::Loaded,
         })
     }
 
@@ -668,8 +911,8 @@ impl<C: Codec> Inner<C> {
         {
             Ok(Some(bytes)) => {
                 if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
-                    Stats::add(&self.stats.hits);
-                    return Ok(Led::unlocked(found.0, found.1));
+                    Stats::add(&self.stats.found_while_waiting);
+                    return Ok(Led::unlocked(found.0, found.1, Outcome::Waited));
                 }
                 true
             }
@@ -680,17 +923,17 @@ impl<C: Codec> Inner<C> {
             }
         };
         Stats::add(&self.stats.fail_open_loads);
-        Stats::add(&self.stats.loads);
         tracing::warn!(
             key = keys.value,
             "lock quorum lost: loading without the lock (fail-open)"
         );
-        let value = match run_loader(&self.stats, loader(LoadContext::new(None))).await {
+        let value = match self
+            .run_loader(loader(LoadContext::new(None)))
+            .instrument(load_span(&self.telemetry))
+            .await
+        {
             Ok(value) => value,
-            Err(e) => {
-                Stats::add(&self.stats.load_errors);
-                return Err(LoadError::Loader(Arc::new(e)));
-            }
+            Err(e) => return Err(LoadError::Loader(Arc::new(e))),
         };
         let bytes = self.encode(key, &value)?;
         if fenced {
@@ -699,24 +942,72 @@ impl<C: Codec> Inner<C> {
         } else {
             Stats::add(&self.stats.store_errors);
         }
-        Ok(Led::unlocked(value, bytes.into()))
+        Ok(Led {
+            value,
+            bytes: bytes.into(),
+            unlock: None,
+            outcome: Outcome::Loaded,
+        })
+    }
+
+    /// Runs a loader: counts it (and its failure, or panic), times it, and
+    /// counts it in flight while it runs. A panic continues to the caller (the
+    /// panic hook has already run; it is not run again).
+    async fn run_loader<T, E, Fut>(&self, load: Fut) -> Result<T, E>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        Stats::add(&self.stats.loads);
+        let _loading = self.telemetry.loading();
+        let began = Instant::now();
+        let output = match AssertUnwindSafe(load).catch_unwind().await {
+            Ok(output) => output,
+            Err(panic) => {
+                Stats::add(&self.stats.load_errors);
+                std::panic::resume_unwind(panic)
+            }
+        };
+        self.telemetry.load_took(began.elapsed());
+        if output.is_err() {
+            Stats::add(&self.stats.load_errors);
+        }
+        output
     }
 }
 
-/// What a leader got: the value, its stored bytes (for the followers), and the
-/// lock to release once the followers have them.
+/// The span of a loader run.
+fn load_span(telemetry: &Telemetry) -> tracing::Span {
+    tracing::debug_span!(
+        "load",
+        db.system = telemetry.db_system,
+        db.operation.name = "load",
+        locked_cache.lock_lost = Empty,
+    )
+}
+
+/// What a wait for the lock saw: attempts, and when the first was refused.
+#[derive(Default)]
+struct LockWait {
+    attempts: u32,
+    refused_at: Option<Instant>,
+}
+
+/// What a leader got: the value, its stored bytes (for the followers), the
+/// lock to release once the followers have them, and how it was served.
 struct Led<T> {
     value: T,
     bytes: Bytes,
     unlock: Option<LockGuard>,
+    outcome: Outcome,
 }
 
 impl<T> Led<T> {
-    fn unlocked(value: T, bytes: Bytes) -> Led<T> {
+    fn unlocked(value: T, bytes: Bytes, outcome: Outcome) -> Led<T> {
         Led {
             value,
             bytes,
             unlock: None,
+            outcome,
         }
     }
 
@@ -726,18 +1017,6 @@ impl<T> Led<T> {
             release(guard).await;
         }
         self.value
-    }
-}
-
-/// Awaits the loader's future, counting a panic as a failed load before letting
-/// it continue to the caller (the panic hook has already run; it is not run again).
-async fn run_loader<Fut: Future>(stats: &Stats, load: Fut) -> Fut::Output {
-    match AssertUnwindSafe(load).catch_unwind().await {
-        Ok(output) => output,
-        Err(panic) => {
-            Stats::add(&stats.load_errors);
-            std::panic::resume_unwind(panic)
-        }
     }
 }
 
