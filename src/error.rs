@@ -120,6 +120,15 @@ impl Error {
         }
     }
 
+    /// True when the TLS handshake with a server failed, or the server ended the
+    /// session with a TLS alert: a certificate not signed by the trusted CA, a
+    /// host name the certificate does not name, a client certificate missing or
+    /// refused (feature `tls`). A retry will not help until the certificates
+    /// change. Always false without the `tls` feature.
+    pub fn is_tls_error(&self) -> bool {
+        matches!(self, Error::Redis { source, .. } if crate::store::tls::is_tls_failure(source))
+    }
+
     /// True when a Redis server answered with an error reply (`OOM` under
     /// `maxmemory`, `NOPERM` for an ACL user, `READONLY` on a replica,
     /// `WRONGTYPE`...): the server is up and refused the command, so a retry

@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::lock::{LockOptions, Redlock};
 use crate::stats::Stats;
 use crate::store::redis::{ConnectionOptions, redact};
+use crate::store::tls::{Pem, TlsOptions};
 use crate::store::{MemoryStore, RedisStore, SharedStore};
 use crate::telemetry::Telemetry;
 
@@ -64,6 +65,7 @@ impl fmt::Debug for Master {
 pub struct Builder<C = BincodeCodec> {
     masters: Vec<Master>,
     cache_url: Option<String>,
+    tls: TlsOptions,
     ttl: Duration,
     lock: LockOptions,
     key_prefix: String,
@@ -83,6 +85,7 @@ impl Default for Builder<BincodeCodec> {
         Builder {
             masters: Vec::new(),
             cache_url: None,
+            tls: TlsOptions::default(),
             ttl: DEFAULT_TTL,
             lock: LockOptions::default(),
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
@@ -150,6 +153,61 @@ impl<C: Codec> Builder<C> {
     /// it is not part of the lock majority.
     pub fn cache_url(mut self, url: impl Into<String>) -> Self {
         self.cache_url = Some(url.into());
+        self
+    }
+
+    /// Trusts the CA certificate(s) in `pem` (PEM bytes, one or more
+    /// certificates) for the `rediss://` servers this builder opens: every lock
+    /// master and the [`cache_url`](Builder::cache_url) server. Defaults to none:
+    /// with the `tls` feature, server certificates are checked against Mozilla's
+    /// roots compiled into the binary (webpki-roots), which managed services'
+    /// public certificates chain to. A CA given here *replaces* those roots
+    /// (only it is trusted): use it for a private CA or self-signed servers.
+    /// Host names are always checked. Needs the `tls` feature and `rediss://`
+    /// URLs; otherwise [`build`](Builder::build) fails with
+    /// [`Error::InvalidConfig`]. Malformed PEM fails there too; a server
+    /// whose certificate the CA did not sign fails on use with an error for
+    /// which [`Error::is_tls_error`] is true.
+    pub fn tls_root_ca(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.root_ca = Some(Pem::Bytes(pem.into()));
+        self
+    }
+
+    /// [`tls_root_ca`](Builder::tls_root_ca) from a PEM file, read once by
+    /// [`build`](Builder::build) (an unreadable file is
+    /// [`Error::InvalidConfig`] naming it). Defaults to none.
+    pub fn tls_root_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.root_ca = Some(Pem::File(path.into()));
+        self
+    }
+
+    /// Presents this client certificate (PEM chain) and private key (PEM,
+    /// PKCS#8, PKCS#1 or SEC1) to every `rediss://` server this builder opens,
+    /// for servers that require client authentication (mTLS, Redis's
+    /// `tls-auth-clients yes`). Defaults to none: no client certificate, which
+    /// such a server refuses (an error for which [`Error::is_tls_error`] or
+    /// [`Error::is_connection_error`] is true, on first use). Authentication by
+    /// certificate is in addition to, not instead of, an ACL user and password
+    /// in the URL. Needs the `tls` feature and `rediss://` URLs; otherwise
+    /// [`build`](Builder::build) fails with [`Error::InvalidConfig`]. The key
+    /// never appears in `Debug` output.
+    pub fn tls_client_cert(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.client_cert = Some((Pem::Bytes(cert_pem.into()), Pem::Bytes(key_pem.into())));
+        self
+    }
+
+    /// [`tls_client_cert`](Builder::tls_client_cert) from PEM files, read once by
+    /// [`build`](Builder::build). Defaults to none.
+    pub fn tls_client_cert_files(
+        mut self,
+        cert_path: impl Into<std::path::PathBuf>,
+        key_path: impl Into<std::path::PathBuf>,
+    ) -> Self {
+        self.tls.client_cert = Some((Pem::File(cert_path.into()), Pem::File(key_path.into())));
         self
     }
 
@@ -301,6 +359,7 @@ impl<C: Codec> Builder<C> {
         Builder {
             masters: self.masters,
             cache_url: self.cache_url,
+            tls: self.tls,
             ttl: self.ttl,
             lock: self.lock,
             key_prefix: self.key_prefix,
@@ -369,6 +428,7 @@ impl<C: Codec> Builder<C> {
             connect_timeout: self.connect_timeout,
             command_timeout: self.command_timeout,
         };
+        let tls = self.tls.resolve()?;
         let masters = if self.masters.is_empty() {
             vec![Arc::new(MemoryStore::new()) as SharedStore]
         } else {
@@ -376,10 +436,12 @@ impl<C: Codec> Builder<C> {
                 .into_iter()
                 .map(|m| -> Result<SharedStore> {
                     Ok(match m {
-                        Master::Url(url) => Arc::new(RedisStore::open(&url, options)?),
-                        Master::Pool(url, pool) => {
-                            Arc::new(RedisStore::from_pool(&url, pool, options)?)
+                        Master::Url(url) => {
+                            Arc::new(RedisStore::open_with_tls(&url, options, &tls)?)
                         }
+                        Master::Pool(url, pool) => Arc::new(
+                            RedisStore::open_with_tls(&url, options, &tls)?.with_pool(pool),
+                        ),
                         Master::Store(store) => store,
                     })
                 })
@@ -399,7 +461,7 @@ impl<C: Codec> Builder<C> {
             );
         }
         let value_store = match &self.cache_url {
-            Some(url) => Arc::new(RedisStore::open(url, options)?) as SharedStore,
+            Some(url) => Arc::new(RedisStore::open_with_tls(url, options, &tls)?) as SharedStore,
             None => Arc::clone(&masters[0]),
         };
         #[cfg(feature = "metrics")]
