@@ -1,0 +1,246 @@
+//! ACL users (`redis://user:password@host`): a user with exactly the
+//! permissions the cache needs runs everything (get_or_load, get, set,
+//! invalidate, the lock with its extension, wake-ups); a user missing any one
+//! of them gets a typed `NOPERM` error reply.
+//!
+//! The permissions (README, "TLS and ACL users"), derived from
+//! `src/store/commands.rs`, `src/store/scripts.rs` and `src/store/pool.rs`:
+//! commands sent directly (GET, SET, DEL, PING, PUBLISH, SUBSCRIBE, EVALSHA,
+//! SCRIPT LOAD on every new connection), commands inside the Lua scripts (GET,
+//! SET, DEL, PEXPIRE, PTTL, TYPE, PUBLISH: Redis checks them against the
+//! script's caller), the keys `<prefix>*`, `lock.<prefix>*`, `fence.<prefix>*`
+//! and the release channel. Not needed: `CONFIG GET` (the eviction-policy
+//! check tolerates its refusal) and `CLIENT SETINFO` (redis-rs ignores its
+//! answer; Redis 7.0 does not have it).
+
+mod support;
+
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use locked_cache::{Error, LockedCache};
+use support::{RedisServer, counting, eventually, join_all_checked, unique_prefix};
+use tokio::sync::oneshot;
+
+/// The commands of the README's ACL line, each of which the cache needs.
+const COMMANDS: &[&str] = &[
+    "+get",
+    "+set",
+    "+del",
+    "+ping",
+    "+publish",
+    "+subscribe",
+    "+evalsha",
+    "+script|load",
+    "+pexpire",
+    "+pttl",
+    "+type",
+];
+
+/// The README's ACL rules for key prefix `prefix`.
+fn rules(prefix: &str) -> Vec<String> {
+    let mut rules = vec![
+        "reset".to_owned(),
+        "on".to_owned(),
+        ">pw".to_owned(),
+        format!("~{prefix}*"),
+        format!("~lock.{prefix}*"),
+        format!("~fence.{prefix}*"),
+        "&locked-cache:released".to_owned(),
+    ];
+    rules.extend(COMMANDS.iter().map(|c| (*c).to_owned()));
+    rules
+}
+
+fn set_user(server: &RedisServer, user: &str, rules: &[String]) {
+    let mut args = vec!["ACL", "SETUSER", user];
+    args.extend(rules.iter().map(String::as_str));
+    server.cmd(&args);
+}
+
+fn url(server: &RedisServer, user: &str) -> String {
+    format!("redis://{user}:pw@127.0.0.1:{}", server.port())
+}
+
+async fn cache_as(server: &RedisServer, user: &str, prefix: &str) -> Result<LockedCache, Error> {
+    LockedCache::builder()
+        .redis(url(server, user))
+        .key_prefix(prefix)
+        .ttl(Duration::from_secs(60))
+        .retry_time(Duration::from_secs(5))
+        .wait_time(Duration::from_secs(3))
+        .lock_expiry(Duration::from_secs(2))
+        .build()
+        .await
+}
+
+/// Everything the cache does, as this user; the first failure is returned.
+async fn exercise(server: &RedisServer, user: &str, prefix: &str) -> Result<(), Error> {
+    let cache = cache_as(server, user, prefix).await?;
+    cache.ping().await?;
+    let runs = Arc::new(AtomicU32::new(0));
+    let v = cache
+        .get_or_load("k", counting(&runs, "loaded"))
+        .await
+        .map_err(|e| e.cache_error().cloned().expect("the loader does not fail"))?;
+    assert_eq!(v, "loaded");
+    // A fenced store refused halfway (PTTL after the SET) is not an error of
+    // get_or_load: the loaded value is returned, the failure counted and logged.
+    let store_errors = cache.stats().store_errors;
+    if store_errors > 0 {
+        return Err(Error::InvalidConfig(format!(
+            "the fenced store failed as {user} ({store_errors} store errors)"
+        )));
+    }
+    assert_eq!(cache.get::<String>("k").await?.as_deref(), Some("loaded"));
+    cache.set("k2", &"set".to_owned()).await?;
+    assert_eq!(cache.get::<String>("k2").await?.as_deref(), Some("set"));
+    assert!(cache.invalidate("k").await?);
+    let mut guard = cache.lock().acquire(&cache.lock_key("manual")).await?;
+    assert!(guard.extend(Duration::from_secs(2)).await?, "extended");
+    assert!(guard.release().await?, "released");
+    // The subscription is started in the background: wait for it, then check
+    // it is there (a refused SUBSCRIBE only shows here).
+    let subscribed = eventually(Duration::from_secs(2), || async {
+        cache.lock().subscriptions() == 1
+    })
+    .await;
+    if !subscribed {
+        return Err(Error::InvalidConfig(format!(
+            "no wake-up subscription as {user}"
+        )));
+    }
+    Ok(())
+}
+
+/// The README's permissions are enough for everything, wake-ups included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_with_exactly_the_documented_permissions_runs_everything() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("acl");
+    set_user(&server, "cache", &rules(&prefix));
+    exercise(&server, "cache", &prefix)
+        .await
+        .expect("the documented permissions are enough");
+
+    // A waiter in another cache is woken by pub/sub as this user.
+    let holder = cache_as(&server, "cache", &prefix).await.unwrap();
+    let waiter = cache_as(&server, "cache", &prefix).await.unwrap();
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let (loading_tx, loading_rx) = oneshot::channel::<()>();
+    let loaded_at = Arc::new(Mutex::new(None::<Instant>));
+    let holding = tokio::spawn({
+        let (holder, loaded_at) = (holder.clone(), Arc::clone(&loaded_at));
+        async move {
+            holder
+                .get_or_load("woken", || async move {
+                    loading_tx.send(()).unwrap();
+                    finish_rx.await.unwrap();
+                    *loaded_at.lock().unwrap() = Some(Instant::now());
+                    Ok::<_, String>("fresh".to_string())
+                })
+                .await
+        }
+    });
+    loading_rx.await.unwrap();
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            let v = waiter
+                .get_or_load("woken", || async { Ok::<_, String>("second".to_string()) })
+                .await;
+            (v, Instant::now())
+        }
+    });
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            waiter.stats().lock_attempts >= 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    finish_tx.send(()).unwrap();
+    assert_eq!(
+        join_all_checked(vec![holding]).await.remove(0).unwrap(),
+        "fresh"
+    );
+    let (value, woke_at) = join_all_checked(vec![waiting]).await.remove(0);
+    assert_eq!(value.unwrap(), "fresh");
+    let latency = woke_at - loaded_at.lock().unwrap().unwrap();
+    assert!(
+        latency < Duration::from_millis(500),
+        "woken by pub/sub, not polling (retry 5 s): {latency:?}"
+    );
+    assert!(waiter.stats().wakeups >= 1);
+    // Nothing was refused along the way but the tolerated CONFIG GET.
+    let refused = refused_commands(&server);
+    assert!(
+        refused.iter().all(|c| c == "config|get"),
+        "refused: {refused:?}"
+    );
+}
+
+/// The commands, keys or channels the server's ACL log has refused.
+fn refused_commands(server: &RedisServer) -> Vec<String> {
+    let log: Vec<Vec<redis::Value>> = server.query(&["ACL", "LOG"]);
+    log.iter()
+        .filter_map(|entry| {
+            let at = entry
+                .iter()
+                .position(|v| matches!(v, redis::Value::BulkString(b) if b == b"object"))?;
+            match entry.get(at + 1)? {
+                redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Each documented permission is needed: without any one of them, something
+/// the cache does fails with a typed error reply (`NOPERM`, or for a command
+/// refused inside a script on Redis 7.0, an error naming the script), or, for
+/// SUBSCRIBE, the wake-up subscription is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_missing_any_one_permission_gets_a_typed_noperm_error() {
+    let server = RedisServer::start();
+    let base = unique_prefix("acl-minus");
+    // Rules 0..3 are `reset on >pw`; each of the others is left out in turn,
+    // with a key prefix of its own (so no value stored earlier is a hit).
+    for i in 3..rules(&base).len() {
+        let prefix = format!("{base}{i}:");
+        let mut rules = rules(&prefix);
+        let skipped = rules.remove(i);
+        let user = format!("minus{i}");
+        set_user(&server, &user, &rules);
+        server.cmd(&["ACL", "LOG", "RESET"]);
+        let result = exercise(&server, &user, &prefix).await;
+        let err = result.expect_err(&format!("without `{skipped}` something must fail"));
+        println!("without `{skipped}`: {err}");
+        if let Error::InvalidConfig(why) = &err {
+            // Refused where no call fails (the background subscription, the
+            // end of the fenced store): the server's ACL log shows it.
+            let refused: Vec<String> = refused_commands(&server)
+                .into_iter()
+                .filter(|c| c != "config|get")
+                .collect();
+            assert!(
+                !refused.is_empty(),
+                "without `{skipped}` ({why}) the ACL log names the refusal"
+            );
+            continue;
+        }
+        assert!(err.is_error_reply(), "without `{skipped}`: {err:?}");
+        // A command refused directly is `NOPERM`; one refused inside a
+        // script comes back from Redis 7.0 as a plain error reply naming the
+        // script (checked on Valkey by scripts/test-valkey.sh).
+        let in_script = err
+            .to_string()
+            .contains("The user executing the script can't");
+        assert!(
+            err.redis_code() == Some("NOPERM") || in_script,
+            "without `{skipped}`: {err:?}"
+        );
+        assert!(!err.is_connection_error() && !err.is_timeout(), "{err:?}");
+    }
+}
