@@ -32,11 +32,10 @@
 //! `docs/stampede.svg` by a run with default flags). Run by `cargo test
 //! --benches` (no `--bench` flag) it does a small smoke run and writes nothing.
 
-#[path = "../../tests/support/mod.rs"]
+#[path = "../../../tests/support/mod.rs"]
 mod support;
 
-#[path = "../common/mod.rs"]
-mod common;
+use locked_cache_bench as common;
 
 mod chart;
 mod worker;
@@ -533,7 +532,8 @@ fn run(o: &Options) {
             chart::latency_cdf(&svg, &cold, o, &date);
             eprintln!("stampede: wrote {} and {}", md.display(), svg.display());
             if o.defaults {
-                let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+                // The chart goes to the repository's docs/, next to the README.
+                let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
                 std::fs::create_dir_all(&docs).expect("create docs/");
                 std::fs::copy(&svg, docs.join("stampede.svg")).expect("copy chart to docs/");
                 eprintln!("stampede: copied the chart to docs/stampede.svg");

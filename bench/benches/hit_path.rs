@@ -33,11 +33,10 @@
 //! `target/bench-report/criterion/`). Run by `cargo test --benches` (no
 //! `--bench` flag) it does a small smoke run and writes nothing.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
-#[path = "common/mod.rs"]
-mod common;
+use locked_cache_bench as common;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

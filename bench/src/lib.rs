@@ -1,18 +1,20 @@
-//! Helpers shared by the benches: command-line flags, percentiles, markdown
-//! tables and the report directory. Include with
-//! `#[path = "../common/mod.rs"] mod common;` (or `"common/mod.rs"`).
-#![allow(dead_code)]
+//! The benchmark harness of locked-cache, a crate of its own so that
+//! `cargo run --example quickstart` does not compile criterion and plotters.
+//! This library holds the helpers the benches (under `benches/`) share:
+//! command-line flags, percentiles, markdown tables and the report directory.
+//! The benches start their redis-servers with the test support of the main
+//! crate (`tests/support/`, included by path).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Where reports go: `$CARGO_TARGET_DIR/bench-report`, else `target/bench-report`
-/// in the crate.
+/// in the workspace (the repository root).
 pub fn report_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
     target.join("bench-report")
 }
 
