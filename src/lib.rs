@@ -49,6 +49,8 @@ pub use defaults::*;
 pub use error::{CodecError, Error, LoadError, Result};
 pub use lock::{LockGuard, LockOptions, Redlock};
 pub use stats::StatsSnapshot;
+#[cfg(feature = "cluster")]
+pub use store::{ClusterOptions, ClusterStore};
 pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store};
 pub use telemetry::Outcome;
 

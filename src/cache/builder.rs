@@ -46,6 +46,8 @@ enum Master {
     Url(String),
     Pool(String, bb8::Pool<RedisConnectionManager>),
     Store(SharedStore),
+    #[cfg(feature = "cluster")]
+    Cluster(Vec<String>),
 }
 
 impl fmt::Debug for Master {
@@ -54,6 +56,11 @@ impl fmt::Debug for Master {
             Master::Url(url) => write!(f, "Url({})", redact(url)),
             Master::Pool(url, _) => write!(f, "Pool({})", redact(url)),
             Master::Store(store) => write!(f, "Store({})", store.server()),
+            #[cfg(feature = "cluster")]
+            Master::Cluster(seeds) => {
+                let seeds: Vec<String> = seeds.iter().map(|s| redact(s)).collect();
+                write!(f, "Cluster({})", seeds.join(", "))
+            }
         }
     }
 }
@@ -77,6 +84,8 @@ pub struct Builder<C = BincodeCodec> {
     coalesce: bool,
     quorum_loss: QuorumLossPolicy,
     name: String,
+    #[cfg(feature = "cluster")]
+    cluster: crate::store::ClusterOptions,
     codec: C,
 }
 
@@ -97,6 +106,8 @@ impl Default for Builder<BincodeCodec> {
             coalesce: true,
             quorum_loss: QuorumLossPolicy::FailClosed,
             name: DEFAULT_CACHE_NAME.to_owned(),
+            #[cfg(feature = "cluster")]
+            cluster: Default::default(),
             codec: BincodeCodec,
         }
     }
@@ -145,6 +156,40 @@ impl<C: Codec> Builder<C> {
     /// by several caches in one process, or your own wrapper.
     pub fn store(mut self, store: SharedStore) -> Self {
         self.masters.push(Master::Store(store));
+        self
+    }
+
+    /// Adds a Redis Cluster as one master (feature `cluster`), reached through
+    /// `seeds` (one or more node URLs; the rest of the topology is discovered).
+    /// Values and locks live on the shard of each key: the cache's keys carry
+    /// a hash tag, so an entry's value, lock and fence share one slot. A
+    /// cluster counts as **one** Redlock master: its failover is the cluster's
+    /// business (see [`cluster_replica_acks`](Builder::cluster_replica_acks));
+    /// add independent servers or clusters with further calls for a Redlock
+    /// across them. Defaults to none.
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I, S>(mut self, seeds: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.masters
+            .push(Master::Cluster(seeds.into_iter().map(Into::into).collect()));
+        self
+    }
+
+    /// On a cluster, wait after each lock acquisition until `replicas` replicas
+    /// of the key's shard acknowledge it (`WAIT`), for at most `timeout`; with
+    /// fewer, the acquisition is undone and retried. Defaults to no wait.
+    /// Waiting keeps a lock through a failover that happens right after it
+    /// was granted (without it, a promoted replica may not have the lock, and
+    /// a second holder can load too; the fence still keeps the older holder
+    /// from overwriting the newer value). It costs a round trip per
+    /// acquisition, and locks are unavailable while a shard has fewer live
+    /// replicas than `replicas`.
+    #[cfg(feature = "cluster")]
+    pub fn cluster_replica_acks(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.cluster.replica_acks = Some((replicas, timeout));
         self
     }
 
@@ -371,6 +416,8 @@ impl<C: Codec> Builder<C> {
             coalesce: self.coalesce,
             quorum_loss: self.quorum_loss,
             name: self.name,
+            #[cfg(feature = "cluster")]
+            cluster: self.cluster,
             codec,
         }
     }
@@ -406,6 +453,8 @@ impl<C: Codec> Builder<C> {
             .filter_map(|m| match m {
                 Master::Url(url) | Master::Pool(url, _) => Some(url.as_str()),
                 Master::Store(_) => None,
+                #[cfg(feature = "cluster")]
+                Master::Cluster(_) => None,
             })
             .collect();
         urls.sort_unstable();
@@ -443,6 +492,12 @@ impl<C: Codec> Builder<C> {
                             RedisStore::open_with_tls(&url, options, &tls)?.with_pool(pool),
                         ),
                         Master::Store(store) => store,
+                        #[cfg(feature = "cluster")]
+                        Master::Cluster(seeds) => Arc::new(crate::store::ClusterStore::open(
+                            &seeds,
+                            options,
+                            self.cluster,
+                        )?),
                     })
                 })
                 .collect::<Result<Vec<_>>>()?

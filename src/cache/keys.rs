@@ -1,10 +1,18 @@
 //! The Redis keys behind one cache key, and the checks a key must pass.
 //!
-//! For a cache key `k` and prefix `p`, the value lives at `pk`, the lock at
-//! `lock.pk` and the write fence at `fence.pk`. A value key must therefore never
-//! itself start with `lock.` or `fence.`: a prefix that does is refused when the
-//! cache is built, and a key that would make `pk` do so (with an empty or short
-//! prefix, such as `lo` + `ck.x`) is refused with [`Error::InvalidKey`].
+//! For a cache key `k` and prefix `p`, the value lives at `p{k}`, the lock at
+//! `lock.p{k}` and the write fence at `fence.p{k}`. The braces are a Redis
+//! Cluster hash tag: the three keys of an entry hash to one slot, so every script
+//! stays on one shard (and keys spread over the shards by `k`). A key starting
+//! with `}` or `\` gets a `\` in front inside the braces, so that its tag is
+//! never empty and no two keys share a layout; a prefix may not contain braces
+//! (its own tag would win). The layout is versioned by the braces: values stored
+//! by a version without them (`pk`) are simply not found (a one-time cold cache
+//! on upgrade), never read as something else.
+//!
+//! A value key never starts with `lock.` or `fence.`: a prefix that does is
+//! refused when the cache is built, and a key cannot make it so (it comes after
+//! the prefix and the brace).
 
 use crate::error::{Error, Result};
 
@@ -19,11 +27,16 @@ pub struct Keys {
     pub fence: String,
 }
 
-/// The value key alone, for the hit path.
+/// The value key alone, for the hit path: `prefix{key}`.
 pub fn value_key(prefix: &str, key: &str) -> String {
-    let mut value = String::with_capacity(prefix.len() + key.len());
+    let mut value = String::with_capacity(prefix.len() + key.len() + 3);
     value.push_str(prefix);
+    value.push('{');
+    if key.starts_with(['}', '\\']) {
+        value.push('\\');
+    }
     value.push_str(key);
+    value.push('}');
     value
 }
 
@@ -42,20 +55,26 @@ impl Keys {
     }
 }
 
-/// Refuses a prefix whose value keys could collide with lock or fence keys.
+/// Refuses a prefix whose value keys could collide with lock or fence keys, or
+/// whose braces would replace the entry's hash tag.
 pub fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.starts_with(LOCK_PREFIX) || prefix.starts_with(FENCE_PREFIX) {
         return Err(Error::InvalidConfig(format!(
             "key prefix must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}`"
         )));
     }
+    if prefix.contains(['{', '}']) {
+        return Err(Error::InvalidConfig(
+            "key prefix must not contain `{` or `}` (the cache adds the key's hash tag)".into(),
+        ));
+    }
     Ok(())
 }
 
-/// Refuses empty keys, keys over `max_len` bytes, and (with an empty prefix) keys
-/// in the lock or fence key space. Any other bytes (spaces, newlines, control
-/// characters, non-ASCII) are fine: Redis keys are binary-safe.
-pub fn check_key(prefix: &str, key: &str, max_len: usize) -> Result<()> {
+/// Refuses empty keys and keys over `max_len` bytes. Any other bytes (spaces,
+/// newlines, control characters, braces, non-ASCII) are fine: Redis keys are
+/// binary-safe, and the layout keeps every key apart and on one slot.
+pub fn check_key(_prefix: &str, key: &str, max_len: usize) -> Result<()> {
     if key.is_empty() {
         return Err(Error::InvalidKey("the key is empty".into()));
     }
@@ -65,52 +84,63 @@ pub fn check_key(prefix: &str, key: &str, max_len: usize) -> Result<()> {
             key.len()
         )));
     }
-    if [LOCK_PREFIX, FENCE_PREFIX]
-        .iter()
-        .any(|reserved| joined_starts_with(prefix, key, reserved))
-    {
-        return Err(Error::InvalidKey(format!(
-            "prefix + key must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}` (the lock and fence key spaces)"
-        )));
-    }
     Ok(())
-}
-
-/// Whether `a + b` starts with `pattern` (ASCII), without joining them.
-fn joined_starts_with(a: &str, b: &str, pattern: &str) -> bool {
-    if a.len() >= pattern.len() {
-        a.starts_with(pattern)
-    } else {
-        pattern.starts_with(a) && b.as_bytes().starts_with(&pattern.as_bytes()[a.len()..])
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::slot::slot;
 
     #[test]
-    fn keys_are_namespaced() {
+    fn keys_are_namespaced_and_tagged() {
         let k = Keys::new("lc:", "user:42");
-        assert_eq!(k.value, "lc:user:42");
-        assert_eq!(k.lock, "lock.lc:user:42");
-        assert_eq!(k.fence, "fence.lc:user:42");
+        assert_eq!(k.value, "lc:{user:42}");
+        assert_eq!(k.lock, "lock.lc:{user:42}");
+        assert_eq!(k.fence, "fence.lc:{user:42}");
     }
 
     #[test]
-    fn bad_keys_are_refused() {
+    fn slots_follow_redis() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(slot(b"foo"), 12182);
+        assert_eq!(slot(b"123456789"), 12739);
+        assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
+        assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
+        assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
+    }
+
+    #[test]
+    fn every_key_keeps_its_three_keys_on_one_slot_and_apart_from_others() {
+        let keys = [
+            "plain", "}", "}x", "\\", "\\}x", "{", "{}", "a{b}c", "a}b", "}{", "{{}}", "lock.x",
+            "fence.x", " ", "\n", "é{ü}",
+        ];
+        let mut seen = std::collections::HashSet::new();
+        for prefix in ["", "lc:", "lo"] {
+            for key in keys {
+                let k = Keys::new(prefix, key);
+                let s = slot(k.value.as_bytes());
+                assert_eq!(slot(k.lock.as_bytes()), s, "{prefix:?} {key:?}");
+                assert_eq!(slot(k.fence.as_bytes()), s, "{prefix:?} {key:?}");
+                assert!(!k.value.starts_with(LOCK_PREFIX) && !k.value.starts_with(FENCE_PREFIX));
+                for redis_key in [&k.value, &k.lock, &k.fence] {
+                    assert!(seen.insert(redis_key.clone()), "{redis_key:?} twice");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_keys_and_prefixes_are_refused() {
         assert!(check_key("lc:", "", 10).is_err());
         assert!(check_key("lc:", "12345678901", 10).is_err());
         assert!(check_key("lc:", "a b\n\0c", 10).is_ok());
         assert!(check_key("lc:", "lock.x", 10).is_ok());
-        assert!(check_key("", "lock.x", 10).is_err());
-        assert!(check_key("", "fence.x", 10).is_err());
-        // A short prefix joined with the key can reach the reserved spaces too.
-        assert!(check_key("lo", "ck.lofoo", 10).is_err());
-        assert!(check_key("fe", "nce.x", 10).is_err());
-        assert!(check_key("lo", "cker", 10).is_ok());
-        assert!(check_key("l", "ock", 10).is_ok());
         assert!(check_prefix("lock.app:").is_err());
+        assert!(check_prefix("fence.").is_err());
+        assert!(check_prefix("app{1}:").is_err());
         assert!(check_prefix("app:").is_ok());
+        assert!(check_prefix("").is_ok());
     }
 }

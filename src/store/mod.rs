@@ -5,6 +5,8 @@
 //! The lock and the cache only ever speak to a `Store`; every Redis command the
 //! library sends is in `redis.rs`, every Lua script in `scripts.rs`.
 
+#[cfg(feature = "cluster")]
+mod cluster;
 mod commands;
 mod eviction;
 mod memory;
@@ -12,7 +14,11 @@ mod pool;
 pub(crate) mod redis;
 mod scripts;
 pub(crate) mod tls;
+#[cfg(any(feature = "cluster", test))]
+pub(crate) mod slot;
 
+#[cfg(feature = "cluster")]
+pub use cluster::{ClusterOptions, ClusterStore};
 pub use memory::MemoryStore;
 pub use redis::{ConnectionOptions, RedisStore};
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod capture;
+pub mod cluster;
 pub mod proxy;
 pub mod server;
 pub mod store;

@@ -75,6 +75,8 @@ pub struct RedisServer {
     tempdir: tempfile::TempDir,
     /// In a mutex so that `is_running(&self)` can `try_wait`.
     child: Mutex<Option<Child>>,
+    /// Arguments added to every start (e.g. `--cluster-enabled yes`).
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -82,14 +84,26 @@ impl RedisServer {
     /// Retries on a new port (up to 5 attempts) if the process exits early;
     /// panics with the server log if it cannot be brought up.
     pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// As [`start`](Self::start), with extra `redis-server` arguments (kept
+    /// for restarts). A `{dir}` in an argument is replaced by the server's
+    /// temporary directory.
+    pub fn start_with(extra_args: &[&str]) -> RedisServer {
         let tempdir = tempfile::Builder::new()
             .prefix("locked-cache-redis")
             .tempdir()
             .expect("create tempdir for redis-server");
+        let dir = tempdir.path().display().to_string();
         let mut server = RedisServer {
             port: 0,
             tempdir,
             child: Mutex::new(None),
+            extra_args: extra_args
+                .iter()
+                .map(|a| a.replace("{dir}", &dir))
+                .collect(),
         };
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
@@ -286,7 +300,12 @@ impl RedisServer {
     /// Spawns redis-server on `self.port` and waits until it answers.
     fn spawn_and_wait(&mut self) -> Ready {
         debug_assert!(self.child_mut().is_none());
-        let child = spawn_redis(self.port, self.tempdir.path(), &self.log_path());
+        let child = spawn_redis(
+            self.port,
+            self.tempdir.path(),
+            &self.log_path(),
+            &self.extra_args,
+        );
         let pid = child.id();
         *self.child_mut() = Some(child);
         let deadline = Instant::now() + READY_DEADLINE;
@@ -339,7 +358,7 @@ impl Drop for RedisServer {
 }
 
 /// Spawns `redis-server` on `127.0.0.1:port` without persistence.
-fn spawn_redis(port: u16, dir: &Path, log: &Path) -> Child {
+fn spawn_redis(port: u16, dir: &Path, log: &Path, extra_args: &[String]) -> Child {
     assert_ne!(port, 6379, "refusing to start a test server on 6379");
     let bin = redis_server_binary();
     Command::new(&bin)
@@ -355,6 +374,7 @@ fn spawn_redis(port: u16, dir: &Path, log: &Path) -> Child {
         .arg(dir)
         .arg("--logfile")
         .arg(log)
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -1,0 +1,333 @@
+//! The cache on a Redis Cluster (feature `cluster`): 3 primaries + 3 replicas
+//! started by the test. A stampede of three caches on keys spread over every
+//! shard; a primary killed mid-load and its replica promoted; a slot migrated
+//! while calls run.
+#![cfg(feature = "cluster")]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use locked_cache::{LoadError, LockedCache};
+use support::cluster::Cluster;
+use support::{join_all_checked, unique_prefix};
+use tokio::sync::oneshot;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+async fn cache_on(cluster: &Cluster, prefix: &str) -> LockedCache {
+    LockedCache::builder()
+        .cluster(cluster.urls())
+        .key_prefix(prefix)
+        .ttl(MINUTE)
+        .lock_expiry(Duration::from_secs(2))
+        .wait_time(Duration::from_secs(5))
+        // Only a lost wake-up would make a waiter sleep this long.
+        .retry_time(Duration::from_secs(5))
+        .command_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .expect("build")
+}
+
+fn key_slot(cluster: &Cluster, redis_key: &str) -> u16 {
+    let slot: i64 = cluster
+        .live_node()
+        .query(&["CLUSTER", "KEYSLOT", redis_key]);
+    slot as u16
+}
+
+/// 30 keys over all three shards, each hit by 3 caches × 4 callers at once:
+/// one load per key, every caller gets the value, and waiters in other caches
+/// are woken (their retry time is 5 s) through the cluster's pub/sub. The
+/// value, lock and fence of a key share its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_over_every_shard_loads_each_key_once() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
+    let prefix = unique_prefix("cstampede");
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        let cache = cache_on(&cluster, &prefix).await;
+        cache.ping().await.unwrap();
+        caches.push(cache);
+    }
+    let keys: Vec<String> = (0..30).map(|i| format!("user:{i}")).collect();
+    let shards: BTreeSet<usize> = keys
+        .iter()
+        .map(|k| {
+            let slot = key_slot(&cluster, &caches[0].value_key(k));
+            assert_eq!(key_slot(&cluster, &caches[0].lock_key(k)), slot, "{k}");
+            cluster.primary_of(slot)
+        })
+        .collect();
+    assert_eq!(shards.len(), 3, "keys on every shard: {shards:?}");
+
+    let began = Instant::now();
+    let mut calls = Vec::new();
+    let runs: Vec<Arc<AtomicU32>> = keys.iter().map(|_| Arc::default()).collect();
+    for (i, key) in keys.iter().enumerate() {
+        for cache in &caches {
+            for _ in 0..4 {
+                let (cache, key, runs) = (cache.clone(), key.clone(), Arc::clone(&runs[i]));
+                let value = format!("value of {key}");
+                calls.push(tokio::spawn(async move {
+                    cache
+                        .get_or_load(&key, || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(30)).await;
+                            Ok::<_, String>(value)
+                        })
+                        .await
+                }));
+            }
+        }
+    }
+    let results = join_all_checked(calls).await;
+    let took = began.elapsed();
+    for r in &results {
+        assert!(r.as_ref().is_ok_and(|v| v.starts_with("value of")), "{r:?}");
+    }
+    let loads: Vec<u32> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+    eprintln!(
+        "cluster stampede: 30 keys on 3 shards, 360 calls from 3 caches: loads per key {loads:?}, {took:?}"
+    );
+    assert_eq!(loads, vec![1; 30], "one load per key");
+    assert!(
+        took < Duration::from_secs(4),
+        "waiters slept until their 5 s retry: {took:?}"
+    );
+    // Hits come from the shards, once per call.
+    for key in &keys {
+        let v: Option<String> = caches[2].get(key).await.unwrap();
+        assert_eq!(v.as_deref(), Some(format!("value of {key}").as_str()));
+    }
+}
+
+/// The primary of a key is SIGKILLed while its value loads; the cluster
+/// promotes the replica. Calls meanwhile fail with typed errors within a
+/// bounded time (or succeed); a `set` after the failover wins over the old
+/// holder's write (the fence); the same caches work again without a rebuild.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_mid_load_fails_typed_then_recovers_and_never_writes_stale() {
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_millis(1000)));
+    let prefix = unique_prefix("cfailover");
+    let holder = cache_on(&cluster, &prefix).await;
+    let other = cache_on(&cluster, &prefix).await;
+    holder.ping().await.unwrap();
+    other.ping().await.unwrap();
+    let key = "k";
+    let slot = key_slot(&cluster, &holder.value_key(key));
+    let primary = cluster.primary_of(slot);
+
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let loads = Arc::new(AtomicU32::new(0));
+    let lead = tokio::spawn({
+        let (holder, loads) = (holder.clone(), Arc::clone(&loads));
+        async move {
+            holder
+                .get_or_load(key, || async move {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    finish_rx.await.ok();
+                    Ok::<_, String>("old".to_owned())
+                })
+                .await
+        }
+    });
+    while loads.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the lock and fence reach the replica, then kill the primary.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = Instant::now();
+    tokio::task::block_in_place(|| cluster.nodes[primary].kill());
+
+    // During the outage: every call returns, typed, within a bounded time.
+    let mut outage_errors = 0;
+    let failed_over = |c: &Cluster| c.primary_of(slot) != primary && !cluster_not_ok(c);
+    while !failed_over(&cluster) && killed.elapsed() < Duration::from_secs(15) {
+        let began = Instant::now();
+        let r: Result<Option<String>, _> = other.get("elsewhere").await;
+        let took = began.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "a call hung for {took:?}: {r:?}"
+        );
+        if let Err(e) = r {
+            outage_errors += 1;
+            assert!(
+                e.is_connection_error() || e.is_timeout() || e.is_error_reply(),
+                "{e}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::task::block_in_place(|| cluster.wait_until("the replica took over", failed_over));
+    let failover = killed.elapsed();
+    let new_primary = cluster.primary_of(slot);
+    assert_ne!(new_primary, primary, "no failover");
+
+    // A newer value, written after the failover, wins over the old load.
+    let began = Instant::now();
+    let set = loop {
+        match other.set(key, &"newer".to_owned()).await {
+            Ok(()) => break Ok(()),
+            Err(e) if began.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    set.expect("set after the failover");
+    finish_tx.send(()).unwrap();
+    let led = join_all_checked(vec![lead]).await.remove(0);
+    match &led {
+        Ok(v) => assert_eq!(v, "old", "its caller gets what it loaded"),
+        Err(LoadError::Cache(e)) => assert!(e.is_connection_error() || e.is_timeout(), "{e}"),
+        Err(other) => panic!("{other:?}"),
+    }
+    let stored: Option<String> = other.get(key).await.unwrap();
+    assert_eq!(
+        stored.as_deref(),
+        Some("newer"),
+        "the old holder overwrote a newer value"
+    );
+
+    // The same caches load a new key, once.
+    let runs = Arc::new(AtomicU32::new(0));
+    let mut calls = Vec::new();
+    for cache in [&holder, &other] {
+        let (cache, runs) = (cache.clone(), Arc::clone(&runs));
+        calls.push(tokio::spawn(async move {
+            cache
+                .get_or_load("after", || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>(1u8)
+                })
+                .await
+        }));
+    }
+    for r in join_all_checked(calls).await {
+        assert_eq!(r.unwrap(), 1);
+    }
+    eprintln!(
+        "cluster failover: primary of slot {slot} killed mid-load; {outage_errors} typed errors \
+         during the outage, cluster ok again after {failover:?}; old load {led:?}; newer value kept; \
+         {} load(s) after",
+        runs.load(Ordering::SeqCst)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+fn cluster_not_ok(cluster: &Cluster) -> bool {
+    cluster.nodes.iter().filter(|n| n.is_running()).any(|n| {
+        let info: String = n.query(&["CLUSTER", "INFO"]);
+        !info.contains("cluster_state:ok")
+    })
+}
+
+/// A slot is migrated from one primary to another (`MIGRATING`/`IMPORTING`,
+/// `MIGRATE`, `SETSLOT NODE`) while two caches keep loading, reading and
+/// writing keys in it: every call succeeds (`ASK`, `MOVED` and `TRYAGAIN` are
+/// followed), and each key loads once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_succeed_while_a_slot_is_migrated() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
+    let prefix = unique_prefix("cmigrate");
+    let a = cache_on(&cluster, &prefix).await;
+    let b = cache_on(&cluster, &prefix).await;
+    // A user key starting with `{grp}` puts `{grp` in the entry's hash tag, so
+    // all 40 keys (and their locks and fences) share one slot.
+    let keys: Vec<String> = (0..40).map(|i| format!("{{grp}}:{i}")).collect();
+    let slot = key_slot(&cluster, &a.value_key(&keys[0]));
+    let src = cluster.primary_of(slot);
+    let dst = (src + 1) % 3;
+    let src_id: String = cluster.nodes[src].query(&["CLUSTER", "MYID"]);
+    let dst_id: String = cluster.nodes[dst].query(&["CLUSTER", "MYID"]);
+    for key in &keys {
+        assert_eq!(key_slot(&cluster, &a.value_key(key)), slot, "{key}");
+    }
+    for key in &keys[..20] {
+        let _: String = a
+            .get_or_load(key, || async { Ok::<_, String>("v".to_owned()) })
+            .await
+            .unwrap();
+    }
+    let runs = Arc::new(AtomicU32::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for cache in [a.clone(), b.clone()] {
+        let (keys, runs, stop) = (keys.clone(), Arc::clone(&runs), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move {
+            let mut calls = 0u32;
+            let mut failures = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let key = &keys[i % keys.len()];
+                let runs = Arc::clone(&runs);
+                let r = cache
+                    .get_or_load(key, || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, String>("v".to_owned())
+                    })
+                    .await;
+                if let Err(e) = r {
+                    failures.push(format!("{key}: {e}"));
+                }
+                if let Err(e) = cache.get::<String>(key).await {
+                    failures.push(format!("get {key}: {e}"));
+                }
+                calls += 2;
+                i += 1;
+            }
+            (calls, failures)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let migrated = tokio::task::block_in_place(|| {
+        let slot_s = slot.to_string();
+        cluster.nodes[dst].cmd(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &src_id]);
+        cluster.nodes[src].cmd(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &dst_id]);
+        let mut moved = 0;
+        loop {
+            let batch: Vec<String> =
+                cluster.nodes[src].query(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "10"]);
+            if batch.is_empty() {
+                break;
+            }
+            let port = cluster.nodes[dst].port().to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(batch.iter().map(String::as_str));
+            let _: redis::Value = cluster.nodes[src].query(&args);
+            moved += batch.len();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for node in &cluster.nodes[..3] {
+            node.cmd(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &dst_id]);
+        }
+        moved
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut calls = 0;
+    let mut failures = Vec::new();
+    for (n, f) in join_all_checked(workers).await {
+        calls += n;
+        failures.extend(f);
+    }
+    assert_eq!(cluster.primary_of(slot), dst, "the slot moved");
+    eprintln!(
+        "slot {slot} migrated ({migrated} keys) from node {src} to node {dst} during {calls} calls: \
+         {} failures, {} loads for 40 keys",
+        failures.len(),
+        runs.load(Ordering::SeqCst)
+    );
+    assert!(migrated > 0, "nothing was migrated");
+    assert!(failures.is_empty(), "{failures:#?}");
+    // 20 keys were loaded before; the other 20 load once each.
+    assert_eq!(runs.load(Ordering::SeqCst), 20);
+}
