@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use locked_cache::{Error, LoadError, LockOptions, LockedCache, Redlock};
+use locked_cache::{Error, LockOptions, LockedCache, Redlock};
 
 async fn rejected(builder: locked_cache::Builder) -> String {
     match builder.build().await {

@@ -109,7 +109,7 @@ mod over_tls {
             "one load"
         );
         // The value is really on the TLS server.
-        let stored: Option<Vec<u8>> = server.query(&["GET", &format!("{prefix}k")]);
+        let stored: Option<Vec<u8>> = server.query(&["GET", &format!("{prefix}{{k}}")]);
         assert!(stored.is_some(), "the value is stored on the TLS server");
     }
 

@@ -13,9 +13,9 @@ mod memory;
 mod pool;
 pub(crate) mod redis;
 mod scripts;
-pub(crate) mod tls;
 #[cfg(any(feature = "cluster", test))]
 pub(crate) mod slot;
+pub(crate) mod tls;
 
 #[cfg(feature = "cluster")]
 pub use cluster::{ClusterOptions, ClusterStore};
