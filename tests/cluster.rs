@@ -119,7 +119,13 @@ async fn a_primary_killed_mid_load_fails_typed_then_recovers_and_never_writes_st
     let other = cache_on(&cluster, &prefix).await;
     holder.ping().await.unwrap();
     other.ping().await.unwrap();
-    let key = "k";
+    // A key whose primary is node 0, the first seed: every cache's wake-up
+    // subscription is on it, so the kill also tests the resubscription.
+    let key_name = (0..1000)
+        .map(|i| format!("k{i}"))
+        .find(|k| cluster.primary_of(key_slot(&cluster, &holder.value_key(k))) == 0)
+        .expect("a key on node 0");
+    let key: &'static str = Box::leak(key_name.into_boxed_str());
     let slot = key_slot(&cluster, &holder.value_key(key));
     let primary = cluster.primary_of(slot);
 
@@ -214,13 +220,49 @@ async fn a_primary_killed_mid_load_fails_typed_then_recovers_and_never_writes_st
     for r in join_all_checked(calls).await {
         assert_eq!(r.unwrap(), 1);
     }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Wake-ups work again: the subscriptions moved to another node. A waiter
+    // in the other cache (retry time 5 s) gets the value as soon as it is
+    // stored.
+    let (release_tx, release_rx) = oneshot::channel::<()>();
+    let lead = tokio::spawn({
+        let holder = holder.clone();
+        async move {
+            holder
+                .get_or_load("woken", || async move {
+                    release_rx.await.ok();
+                    Ok::<_, String>(9u8)
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let wait = tokio::spawn({
+        let other = other.clone();
+        async move {
+            other
+                .get_or_load("woken", || async { Ok::<_, String>(0u8) })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stored_at = Instant::now();
+    release_tx.send(()).unwrap();
+    assert_eq!(join_all_checked(vec![wait]).await.remove(0).unwrap(), 9);
+    let woke_after = stored_at.elapsed();
+    assert_eq!(join_all_checked(vec![lead]).await.remove(0).unwrap(), 9);
     eprintln!(
-        "cluster failover: primary of slot {slot} killed mid-load; {outage_errors} typed errors \
-         during the outage, cluster ok again after {failover:?}; old load {led:?}; newer value kept; \
-         {} load(s) after",
+        "cluster failover: primary of slot {slot} (the first seed, where the subscriptions were) \
+         killed mid-load; {outage_errors} typed errors during the outage, cluster ok again after \
+         {failover:?}; old load {led:?}; newer value kept; {} load(s) after; a waiter woken \
+         {woke_after:?} after the store",
         runs.load(Ordering::SeqCst)
     );
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        woke_after < Duration::from_secs(3),
+        "the waiter slept until its retry: no resubscription ({woke_after:?})"
+    );
 }
 
 fn cluster_not_ok(cluster: &Cluster) -> bool {
