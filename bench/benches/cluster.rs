@@ -17,7 +17,6 @@
 //! Run by `cargo test --benches` (no `--bench` flag) it does a small smoke run.
 
 #[path = "../../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::sync::Arc;
