@@ -25,6 +25,73 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Telemetry
+//!
+//! **Per call**: [`LockedCache::get_or_load_with_outcome`] returns how the value
+//! was served ([`Outcome`]: `hit`, `coalesced`, `waited` or `loaded`), e.g. for
+//! an `X-Cache` header.
+//!
+//! **Spans** (`tracing`): every `get_or_load` call runs in an INFO span named
+//! `get_or_load`; a miss opens DEBUG child spans `lock` (waiting for and taking
+//! the lock), `load` (the loader) and `store` (the fenced write). Field names
+//! follow OpenTelemetry's database semantic conventions where one applies, so
+//! `tracing-opentelemetry` exports useful traces without this crate depending
+//! on OpenTelemetry. Nothing is computed for a span nobody records.
+//!
+//! | field | on | value |
+//! | --- | --- | --- |
+//! | `db.system` | all | `"redis"`, or `"memory"` on the embedded store |
+//! | `db.operation.name` | all | `"get_or_load"`, `"lock"`, `"load"`, `"store"` |
+//! | `otel.kind` | `get_or_load` | `"client"` |
+//! | `otel.status_code` | `get_or_load` | `"ERROR"` when the call failed |
+//! | `error.type` | `get_or_load` | what failed: `loader`, `lock_timeout`, `quorum_not_reached`, `redis`, `command_timeout`... |
+//! | `locked_cache.name` | `get_or_load` | the cache's [name](Builder::name) |
+//! | `locked_cache.key_hash` | `get_or_load` | FNV-1a (64 bits, 16 hex digits) of prefix + key: never the key |
+//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `timeout` or `error` |
+//! | `locked_cache.wait_ms` | `get_or_load` | time spent waiting for someone else's load (absent when it did not wait) |
+//! | `locked_cache.lock_attempts` | `get_or_load`, `lock` | lock attempts made by the call |
+//! | `locked_cache.lock_result` | `lock` | `acquired`, `value_found`, `quorum_lost`, `timeout`, `error` |
+//! | `locked_cache.lock_lost` | `load` | whether the lock was lost while loading |
+//! | `locked_cache.store_result` | `store` | `stored`, `refused` (fenced out by a newer writer), `failed` |
+//!
+//! The key hash is the same in every process and version, so one key's calls
+//! can be followed across a fleet; it is not a secret (keys from a small space,
+//! such as user ids, can be recovered by hashing every candidate): hash keys
+//! yourself first if they must not be guessable. A call waiting for a lock says
+//! at DEBUG what it waits for (once, then at most every second): a holder that
+//! is loading, or one that crashed and whose lock has yet to expire.
+//!
+//! **Metrics** (feature `metrics`), through the [`metrics`](https://docs.rs/metrics)
+//! facade: no recorder is installed; install yours (a Prometheus exporter...)
+//! *before* building the cache, which registers its handles in `build()`. Every
+//! metric has the label `cache` (the [name](Builder::name)); only
+//! `locked_cache_calls_total` has another, `outcome` (the span's outcome values).
+//!
+//! - counters: `locked_cache_calls_total{outcome}`, and one
+//!   `locked_cache_<field>_total` per [`StatsSnapshot`] field (`..._hits_total`,
+//!   `..._misses_total`, `..._loads_total`...), counting exactly what the field
+//!   counts;
+//! - histograms, in seconds: `locked_cache_load_seconds` (each loader run),
+//!   `locked_cache_wait_seconds` (calls that waited for someone else's load: an
+//!   in-process leader or the lock), `locked_cache_lock_acquire_seconds` (from
+//!   the first attempt to holding the lock), `locked_cache_time_to_value_seconds`
+//!   (calls served by someone else's load, `coalesced` or `waited`: from the
+//!   call to the value);
+//! - gauges: `locked_cache_loads_in_flight`, `locked_cache_waiters` (calls of
+//!   this process waiting for a flight or a lock), `locked_cache_subscribed_masters`
+//!   (masters whose wake-up subscription is up, sampled every second).
+//!
+//! **Counters**: [`LockedCache::stats`] counts each call once; the hit ratio is
+//! `hits / (hits + misses)` ([`StatsSnapshot::hit_ratio`]); see [`StatsSnapshot`].
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `json` | off | `JsonCodec`, via serde_json: values readable in `redis-cli` |
+//! | `metrics` | off | the metrics above, via the `metrics` crate (the facade only) |
+//! | `tls` | off | `rediss://` URLs, a custom CA and client certificates, over rustls |
+//!
 //! Modules, following a call from the top: the cache (`LockedCache`, its
 //! [`Builder`], in-process flights and the lock keep-alive), the [lock](Redlock)
 //! (quorum arithmetic, tokens, wake-ups, the [`LockGuard`]), the [`codec`], and

@@ -3,55 +3,8 @@
 //! histograms and gauges. Names and helpers live here; the cache calls them from
 //! where the work happens (`cache/mod.rs`).
 //!
-//! # Spans
-//!
-//! Every `get_or_load` call runs in an INFO span named `get_or_load`; its misses
-//! open DEBUG child spans `lock` (waiting for and taking the lock), `load` (the
-//! loader) and `store` (the fenced write). Field names follow OpenTelemetry's
-//! database semantic conventions where one applies, so that
-//! `tracing-opentelemetry` exports useful traces without this crate depending on
-//! OpenTelemetry:
-//!
-//! | field | on | value |
-//! | --- | --- | --- |
-//! | `db.system` | all | `"redis"`, or `"memory"` on the embedded store |
-//! | `db.operation.name` | all | `"get_or_load"`, `"lock"`, `"load"`, `"store"` |
-//! | `otel.kind` | `get_or_load` | `"client"` |
-//! | `otel.status_code` | `get_or_load` | `"ERROR"` when the call failed |
-//! | `error.type` | `get_or_load` | what failed: `"loader"`, `"lock_timeout"`, `"quorum_not_reached"`, `"redis"`... |
-//! | `locked_cache.name` | `get_or_load` | the cache's [name](crate::Builder::name) |
-//! | `locked_cache.key_hash` | `get_or_load` | 64-bit FNV-1a of prefix + key, 16 hex digits (never the key) |
-//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `timeout` or `error` |
-//! | `locked_cache.wait_ms` | `get_or_load` | time spent waiting for someone else's load (absent on a hit) |
-//! | `locked_cache.lock_attempts` | `get_or_load`, `lock` | lock attempts this call made |
-//! | `locked_cache.lock_result` | `lock` | `acquired`, `value_found`, `quorum_lost`, `timeout`, `error` |
-//! | `locked_cache.lock_lost` | `load` | whether the lock was lost while loading |
-//! | `locked_cache.store_result` | `store` | `stored`, `refused` (fenced out), `failed` |
-//!
-//! The key hash is stable across processes and versions, so one key's calls can
-//! be followed across a fleet; it is not a secret: keys from a small space (user
-//! ids) can be recovered by hashing every candidate. Pass already-hashed keys if
-//! the keys themselves must not be guessable.
-//!
-//! # Metrics (feature `metrics`)
-//!
-//! Recorded through the [`metrics`](https://docs.rs/metrics) facade; install a
-//! recorder (Prometheus exporter, ...) *before* building the cache, because the
-//! cache registers its handles once, in `build()`. Every metric has the label
-//! `cache` (the cache's name); `locked_cache_calls_total` also has `outcome`.
-//!
-//! - counters: `locked_cache_calls_total{outcome}`, and one
-//!   `locked_cache_<counter>_total` per [`StatsSnapshot`](crate::StatsSnapshot)
-//!   field (`locked_cache_hits_total`, `locked_cache_misses_total`, ...), with the
-//!   same meaning;
-//! - histograms, in seconds: `locked_cache_load_seconds` (each loader run),
-//!   `locked_cache_wait_seconds` (a call waiting for someone else's load: an
-//!   in-process leader, or the lock), `locked_cache_lock_acquire_seconds` (from
-//!   the first attempt to holding the lock), `locked_cache_time_to_value_seconds`
-//!   (calls served by someone else's load: from the call to the value);
-//! - gauges: `locked_cache_loads_in_flight`, `locked_cache_waiters` (calls of this
-//!   process waiting for a flight or a lock), `locked_cache_subscribed_masters`
-//!   (masters whose wake-up subscription is up; sampled every second).
+//! What they emit is documented for users in the crate docs (`lib.rs`,
+//! "Telemetry"): keep the two in step.
 
 use std::fmt;
 use std::time::{Duration, Instant};

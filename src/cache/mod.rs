@@ -858,6 +858,7 @@ impl<C: Codec> Inner<C> {
             .await;
         let lost_during_load = keepalive.stop().await;
         span.record("locked_cache.lock_lost", lost_during_load);
+        drop(span); // The load is over: close its span before the store's.
 
         let value = match loaded {
             Ok(value) => value,
