@@ -91,6 +91,7 @@
 //! | `json` | off | `JsonCodec`, via serde_json: values readable in `redis-cli` |
 //! | `metrics` | off | the metrics above, via the `metrics` crate (the facade only) |
 //! | `tls` | off | `rediss://` URLs, a custom CA and client certificates, over rustls |
+//! | `cluster` | off | `Builder::cluster` and `ClusterStore`: Redis Cluster through redis-rs's cluster connection |
 //!
 //! Modules, following a call from the top: the cache (`LockedCache`, its
 //! [`Builder`], in-process flights and the lock keep-alive), the [lock](Redlock)
