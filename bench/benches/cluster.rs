@@ -215,54 +215,47 @@ async fn run_hits(
     let through_cache = count.load(Ordering::Relaxed) as f64 / window.as_secs_f64();
 
     let redis_keys: Vec<String> = keys.iter().map(|k| cache.value_key(k)).collect();
-    let count = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + window;
-    let mut tasks = Vec::new();
-    if is_cluster {
+    let raw = if is_cluster {
         let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
         let conn = client.get_async_connection().await.expect("connect");
-        for t in 0..64 {
-            let (mut conn, keys, count) = (conn.clone(), redis_keys.clone(), Arc::clone(&count));
-            tasks.push(tokio::spawn(async move {
-                let mut i = t;
-                while Instant::now() < until {
-                    let v: Vec<u8> = redis::cmd("GET")
-                        .arg(&keys[i % keys.len()])
-                        .query_async(&mut conn)
-                        .await
-                        .expect("GET");
-                    assert!(!v.is_empty());
-                    count.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-            }));
-        }
+        raw_gets_per_second(conn, redis_keys, window).await
     } else {
         let client = redis::Client::open(standalone.url()).expect("client");
         let conn = client
             .get_multiplexed_async_connection()
             .await
             .expect("connect");
-        for t in 0..64 {
-            let (mut conn, keys, count) = (conn.clone(), redis_keys.clone(), Arc::clone(&count));
-            tasks.push(tokio::spawn(async move {
-                let mut i = t;
-                while Instant::now() < until {
-                    let v: Vec<u8> = redis::cmd("GET")
-                        .arg(&keys[i % keys.len()])
-                        .query_async(&mut conn)
-                        .await
-                        .expect("GET");
-                    assert!(!v.is_empty());
-                    count.fetch_add(1, Ordering::Relaxed);
-                    i += 1;
-                }
-            }));
-        }
+        raw_gets_per_second(conn, redis_keys, window).await
+    };
+    (through_cache, raw)
+}
+
+/// Raw redis-rs `GET`s per second of `keys` from 64 tasks sharing `conn`.
+async fn raw_gets_per_second<C>(conn: C, keys: Vec<String>, window: Duration) -> f64
+where
+    C: redis::aio::ConnectionLike + Clone + Send + 'static,
+{
+    let count = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + window;
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let (mut conn, keys, count) = (conn.clone(), keys.clone(), Arc::clone(&count));
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while Instant::now() < until {
+                let v: Vec<u8> = redis::cmd("GET")
+                    .arg(&keys[i % keys.len()])
+                    .query_async(&mut conn)
+                    .await
+                    .expect("GET");
+                assert!(!v.is_empty());
+                count.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+        }));
     }
     for task in tasks {
         task.await.expect("task");
     }
-    let raw = count.load(Ordering::Relaxed) as f64 / window.as_secs_f64();
-    (through_cache, raw)
+    count.load(Ordering::Relaxed) as f64 / window.as_secs_f64()
 }
