@@ -15,13 +15,12 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use locked_cache::{Error, LockedCache};
-use support::{RedisServer, counting, eventually, join_all_checked, unique_prefix};
-use tokio::sync::oneshot;
+use support::{RedisServer, counting, eventually, time_to_wake, unique_prefix};
 
 /// The commands of the README's ACL line, each of which the cache needs.
 const COMMANDS: &[&str] = &[
@@ -132,47 +131,7 @@ async fn a_user_with_exactly_the_documented_permissions_runs_everything() {
     // A waiter in another cache is woken by pub/sub as this user.
     let holder = cache_as(&server, "cache", &prefix).await.unwrap();
     let waiter = cache_as(&server, "cache", &prefix).await.unwrap();
-    let (finish_tx, finish_rx) = oneshot::channel::<()>();
-    let (loading_tx, loading_rx) = oneshot::channel::<()>();
-    let loaded_at = Arc::new(Mutex::new(None::<Instant>));
-    let holding = tokio::spawn({
-        let (holder, loaded_at) = (holder.clone(), Arc::clone(&loaded_at));
-        async move {
-            holder
-                .get_or_load("woken", || async move {
-                    loading_tx.send(()).unwrap();
-                    finish_rx.await.unwrap();
-                    *loaded_at.lock().unwrap() = Some(Instant::now());
-                    Ok::<_, String>("fresh".to_string())
-                })
-                .await
-        }
-    });
-    loading_rx.await.unwrap();
-    let waiting = tokio::spawn({
-        let waiter = waiter.clone();
-        async move {
-            let v = waiter
-                .get_or_load("woken", || async { Ok::<_, String>("second".to_string()) })
-                .await;
-            (v, Instant::now())
-        }
-    });
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            waiter.stats().lock_attempts >= 1
-        })
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    finish_tx.send(()).unwrap();
-    assert_eq!(
-        join_all_checked(vec![holding]).await.remove(0).unwrap(),
-        "fresh"
-    );
-    let (value, woke_at) = join_all_checked(vec![waiting]).await.remove(0);
-    assert_eq!(value.unwrap(), "fresh");
-    let latency = woke_at - loaded_at.lock().unwrap().unwrap();
+    let latency = time_to_wake(&holder, &waiter, "woken").await;
     assert!(
         latency < Duration::from_millis(500),
         "woken by pub/sub, not polling (retry 5 s): {latency:?}"

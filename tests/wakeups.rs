@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use locked_cache::{LockedCache, RedisStore};
 use support::store::{Hook, Observed, Op};
-use support::{RedisServer, eventually, join_all_checked, unique_prefix};
+use support::{RedisServer, eventually, join_all_checked, time_to_wake, unique_prefix};
 use tokio::sync::{mpsc, oneshot};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -128,46 +128,7 @@ async fn a_waiter_in_another_process_wakes_as_soon_as_the_value_is_stored() {
     let retry = Duration::from_secs(5);
     let holder = cache_on(&server, &prefix, retry).await;
     let waiter = cache_on(&server, &prefix, retry).await;
-    let (finish_tx, finish_rx) = oneshot::channel::<()>();
-    let (loading_tx, loading_rx) = oneshot::channel::<()>();
-    let loaded_at = Arc::new(Mutex::new(None::<Instant>));
-    let holding = tokio::spawn({
-        let (holder, loaded_at) = (holder.clone(), Arc::clone(&loaded_at));
-        async move {
-            holder
-                .get_or_load("k", || async move {
-                    loading_tx.send(()).unwrap();
-                    finish_rx.await.unwrap();
-                    *loaded_at.lock().unwrap() = Some(Instant::now());
-                    Ok::<_, String>("fresh".to_string())
-                })
-                .await
-        }
-    });
-    loading_rx.await.unwrap();
-    let waiting = tokio::spawn({
-        let waiter = waiter.clone();
-        async move {
-            let v = waiter
-                .get_or_load("k", || async { Ok::<_, String>("second load".to_string()) })
-                .await;
-            (v, Instant::now())
-        }
-    });
-    // Let the waiter miss, fail its first attempt and go to sleep.
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            waiter.stats().lock_attempts >= 1
-        })
-        .await
-    );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    finish_tx.send(()).unwrap();
-    let mut results = join_all_checked(vec![holding]).await;
-    assert_eq!(results.remove(0).unwrap(), "fresh");
-    let (value, woke_at) = join_all_checked(vec![waiting]).await.remove(0);
-    assert_eq!(value.unwrap(), "fresh", "the waiter must not load again");
-    let latency = woke_at - loaded_at.lock().unwrap().unwrap();
+    let latency = time_to_wake(&holder, &waiter, "k").await;
     println!("waiter returned {latency:?} after the loader finished (retry time {retry:?})");
     assert!(
         latency < Duration::from_millis(100),

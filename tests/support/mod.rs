@@ -123,3 +123,62 @@ pub fn counting(
 ) -> Loader<String> {
     counting_loader(runs, Duration::ZERO, value.to_owned())
 }
+
+/// How long after the holder's loader finished a waiter in another cache got
+/// the value. `holder` starts loading `key` (gated until the waiter is
+/// waiting: it has made at least one lock attempt, then 100 ms more); the
+/// waiter's own loader must not run. Both must return `"fresh"`, the holder's
+/// value. Callers assert the latency against their retry time.
+pub async fn time_to_wake(
+    holder: &locked_cache::LockedCache,
+    waiter: &locked_cache::LockedCache,
+    key: &str,
+) -> Duration {
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::oneshot;
+
+    let (finish_tx, finish_rx) = oneshot::channel::<()>();
+    let (loading_tx, loading_rx) = oneshot::channel::<()>();
+    let loaded_at = Arc::new(Mutex::new(None::<Instant>));
+    let holding = tokio::spawn({
+        let (holder, loaded_at, key) = (holder.clone(), Arc::clone(&loaded_at), key.to_owned());
+        async move {
+            holder
+                .get_or_load(&key, || async move {
+                    loading_tx.send(()).unwrap();
+                    finish_rx.await.unwrap();
+                    *loaded_at.lock().unwrap() = Some(Instant::now());
+                    Ok::<_, String>("fresh".to_string())
+                })
+                .await
+        }
+    });
+    loading_rx.await.unwrap();
+    let waiting = tokio::spawn({
+        let (waiter, key) = (waiter.clone(), key.to_owned());
+        async move {
+            let v = waiter
+                .get_or_load(&key, || async {
+                    Ok::<_, String>("second load".to_string())
+                })
+                .await;
+            (v, Instant::now())
+        }
+    });
+    // Let the waiter miss, fail its first attempt and go to sleep.
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            waiter.stats().lock_attempts >= 1
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    finish_tx.send(()).unwrap();
+    assert_eq!(
+        join_all_checked(vec![holding]).await.remove(0).unwrap(),
+        "fresh"
+    );
+    let (value, woke_at) = join_all_checked(vec![waiting]).await.remove(0);
+    assert_eq!(value.unwrap(), "fresh", "the waiter must not load again");
+    woke_at - loaded_at.lock().unwrap().unwrap()
+}

@@ -53,15 +53,14 @@ async fn a_rediss_url_needs_the_tls_feature() {
 
 #[cfg(feature = "tls")]
 mod over_tls {
+    use std::sync::Arc;
     use std::sync::atomic::AtomicU32;
-    use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
     use locked_cache::LockedCache;
-    use tokio::sync::oneshot;
 
     use super::support::{
-        RedisServer, counting_loader, eventually, join_all_checked, unique_prefix,
+        RedisServer, counting_loader, eventually, join_all_checked, time_to_wake, unique_prefix,
     };
     use super::tls_support::{Certs, TlsServer};
 
@@ -136,47 +135,7 @@ mod over_tls {
             .await,
             "both caches subscribe over TLS"
         );
-        let (finish_tx, finish_rx) = oneshot::channel::<()>();
-        let (loading_tx, loading_rx) = oneshot::channel::<()>();
-        let loaded_at = Arc::new(Mutex::new(None::<Instant>));
-        let holding = tokio::spawn({
-            let (holder, loaded_at) = (holder.clone(), Arc::clone(&loaded_at));
-            async move {
-                holder
-                    .get_or_load("k", || async move {
-                        loading_tx.send(()).unwrap();
-                        finish_rx.await.unwrap();
-                        *loaded_at.lock().unwrap() = Some(Instant::now());
-                        Ok::<_, String>("fresh".to_string())
-                    })
-                    .await
-            }
-        });
-        loading_rx.await.unwrap();
-        let waiting = tokio::spawn({
-            let waiter = waiter.clone();
-            async move {
-                let v = waiter
-                    .get_or_load("k", || async { Ok::<_, String>("second load".to_string()) })
-                    .await;
-                (v, Instant::now())
-            }
-        });
-        assert!(
-            eventually(Duration::from_secs(2), || async {
-                waiter.stats().lock_attempts >= 1
-            })
-            .await
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        finish_tx.send(()).unwrap();
-        assert_eq!(
-            join_all_checked(vec![holding]).await.remove(0).unwrap(),
-            "fresh"
-        );
-        let (value, woke_at) = join_all_checked(vec![waiting]).await.remove(0);
-        assert_eq!(value.unwrap(), "fresh", "the waiter must not load again");
-        let latency = woke_at - loaded_at.lock().unwrap().unwrap();
+        let latency = time_to_wake(&holder, &waiter, "k").await;
         println!("TLS: the waiter returned {latency:?} after the loader finished (retry 5 s)");
         assert!(
             latency < Duration::from_millis(500),
