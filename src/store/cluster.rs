@@ -157,19 +157,16 @@ impl ClusterStore {
         // A little over the command timeout: redis-rs's own overall timeout
         // ends it first, with its own error.
         let bound = self.options.command_timeout + Duration::from_millis(50);
+        let timed_out = || Error::CommandTimeout {
+            command,
+            server: self.server.clone(),
+            timeout: self.options.command_timeout,
+        };
         match tokio::time::timeout(bound, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.is_timeout() => Err(Error::CommandTimeout {
-                command,
-                server: self.server.clone(),
-                timeout: self.options.command_timeout,
-            }),
+            Ok(Err(e)) if e.is_timeout() => Err(timed_out()),
             Ok(Err(e)) => Err(self.redis_error(e)),
-            Err(_) => Err(Error::CommandTimeout {
-                command,
-                server: self.server.clone(),
-                timeout: self.options.command_timeout,
-            }),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -195,35 +192,53 @@ impl ClusterStore {
         }
     }
 
-    /// Node URLs to subscribe on: the seeds, then the nodes of the current
-    /// topology (a seed may be gone after a failover).
-    async fn subscription_candidates(&self) -> Vec<String> {
-        let mut urls = self.seeds.clone();
-        let nodes = self
+    /// URLs of the nodes of the current topology that are not failing (asked
+    /// only when no seed would take the subscription: a seed may be gone after
+    /// a failover).
+    async fn topology_nodes(&self) -> Vec<String> {
+        let Ok(nodes) = self
             .run("CLUSTER NODES", |mut c| async move {
                 redis::cmd("CLUSTER")
                     .arg("NODES")
                     .query_async::<String>(&mut c)
                     .await
             })
-            .await;
-        if let Ok(nodes) = nodes {
-            let scheme_and_auth = self.seeds[0]
-                .rsplit_once('@')
-                .map(|(head, _)| format!("{head}@"))
-                .unwrap_or_else(|| "redis://".to_owned());
-            for line in nodes.lines() {
-                let Some(addr) = line.split_whitespace().nth(1) else {
-                    continue;
-                };
-                let host_port = addr.split('@').next().unwrap_or(addr);
-                if line.contains("fail") || host_port.starts_with(':') {
-                    continue;
-                }
-                urls.push(format!("{scheme_and_auth}{host_port}"));
+            .await
+        else {
+            return Vec::new();
+        };
+        let scheme_and_auth = self.seeds[0]
+            .rsplit_once('@')
+            .map(|(head, _)| format!("{head}@"))
+            .unwrap_or_else(|| "redis://".to_owned());
+        nodes
+            .lines()
+            .filter(|line| !line.contains("fail"))
+            .filter_map(|line| line.split_whitespace().nth(1))
+            .map(|addr| addr.split('@').next().unwrap_or(addr))
+            .filter(|host_port| !host_port.starts_with(':'))
+            .map(|host_port| format!("{scheme_and_auth}{host_port}"))
+            .collect()
+    }
+
+    /// Subscribes on the first of `urls` that takes it.
+    async fn subscribe_on(
+        &self,
+        urls: &[String],
+        channel: &str,
+        last: &mut Option<Error>,
+    ) -> Option<mpsc::Receiver<Vec<u8>>> {
+        for url in urls {
+            let subscribed = match RedisStore::open(url, self.options) {
+                Ok(node) => node.subscribe(channel).await,
+                Err(e) => Err(e),
+            };
+            match subscribed {
+                Ok(messages) => return Some(messages),
+                Err(e) => *last = Some(e),
             }
         }
-        urls
+        None
     }
 }
 
@@ -321,19 +336,20 @@ impl Store for ClusterStore {
     }
 
     async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>> {
+        // The seeds first; the topology (one more command, and one that waits
+        // while the cluster fails over) only when none of them answers.
         let mut last = None;
-        for url in self.subscription_candidates().await {
-            let node = match RedisStore::open(&url, self.options) {
-                Ok(node) => node,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            };
-            match node.subscribe(channel).await {
-                Ok(messages) => return Ok(messages),
-                Err(e) => last = Some(e),
-            }
+        if let Some(messages) = self.subscribe_on(&self.seeds, channel, &mut last).await {
+            return Ok(messages);
+        }
+        let others: Vec<String> = self
+            .topology_nodes()
+            .await
+            .into_iter()
+            .filter(|url| !self.seeds.contains(url))
+            .collect();
+        if let Some(messages) = self.subscribe_on(&others, channel, &mut last).await {
+            return Ok(messages);
         }
         Err(last.unwrap_or_else(|| Error::InvalidConfig("no cluster node to subscribe on".into())))
     }
