@@ -151,6 +151,16 @@ counters! {
     /// Loaded values not stored because the store failed (Redis down, timeout).
     /// The callers got the value; it was not cached.
     store_errors,
+    /// Calls answered by the near cache (feature `near-cache`): no round trip,
+    /// no decode. Not counted in `hits` or `misses`.
+    near_hits,
+    /// Near cache lookups that went on to Redis (absent, expired, another type,
+    /// or the invalidation subscription down).
+    near_misses,
+    /// Invalidations received from other processes and applied to the near cache.
+    near_invalidations,
+    /// Near cache invalidation subscriptions lost (each clears the near cache).
+    near_resubscriptions,
 }
 
 impl StatsSnapshot {

@@ -20,9 +20,13 @@
 //!    and in the metrics.
 
 mod builder;
+mod bytes;
 mod flight;
 mod keepalive;
 mod keys;
+#[cfg(feature = "near-cache")]
+#[allow(dead_code)] // Until the cache uses it (next commit).
+mod local;
 
 pub use builder::{Builder, QuorumLossPolicy};
 pub use keepalive::LoadContext;
