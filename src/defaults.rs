@@ -37,3 +37,8 @@ pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 /// The name a cache reports itself under in metrics labels and spans: `default`.
 pub const DEFAULT_CACHE_NAME: &str = "default";
+/// Longest an entry lives in the near cache (feature `near-cache`): 1 s, and
+/// never longer than the value's remaining time in Redis. This bounds how long a
+/// process may serve a value another process replaced when the invalidation
+/// message is lost.
+pub const DEFAULT_NEAR_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -1,20 +1,25 @@
 //! # Hit-path bench: what a cached `get_or_load` costs over a raw Redis `GET`
 //!
 //! 1. **Throughput** at 1, 16 and 64 concurrent callers, values of 100 B,
-//!    1 KiB and 64 KiB: `get_or_load` on a cached key against a raw redis-rs
-//!    `GET` of the same Redis key on the *same connections* (one bb8-redis pool,
-//!    given to the cache with `.redis_pool(..)`; both sides clone the pooled
-//!    multiplexed connection for each command, as the cache does). Each caller
-//!    has its own key (so in-process coalescing never merges hits), and the raw
-//!    side returns the bytes without decoding them: the baseline is the bare
-//!    round trip. `LockedCache::get` (the same read without the in-process
-//!    flight) runs as a third side, to show where the difference goes. A custom
-//!    harness, not criterion: N tasks run for a fixed time, the sides take turns
-//!    over several rounds (rotating order), and the ratio is the median of the
-//!    per-round ratios, which cancels most of the drift of a shared 2-core
-//!    machine. Redis commands per hit come from `INFO commandstats` deltas of
-//!    every round, counting *every* command (`PING` included) except the
-//!    harness's `INFO`/`CONFIG`: one round trip shows as 1.00.
+//!    1 KiB and 64 KiB, in several shapes (`--shapes`: `String`, `Vec<u8>`,
+//!    bytes through `get_or_load_bytes`, a struct with a byte field plain or
+//!    `serde_bytes`, a nested struct with collections): `get_or_load` on a
+//!    cached key (the cache on its own connections, `.redis(url)`, as users
+//!    build it) against a raw redis-rs `GET` of the same Redis key: through a
+//!    bb8-redis pool (a checkout per command, the connection cloned and the
+//!    checkout returned at once) and, with `--sides manager,single`, on one
+//!    `ConnectionManager` or one `MultiplexedConnection` shared by every
+//!    caller. Each caller has its own key (so in-process coalescing never
+//!    merges hits), and the raw sides return the bytes without decoding them:
+//!    the baseline is the bare round trip. `LockedCache::get` (the same read
+//!    without the in-process flight) can run as another side, to show where
+//!    the difference goes. A custom harness, not criterion: N tasks run for a
+//!    fixed time, the sides take turns over several rounds (rotating order),
+//!    and the ratio is the median of the per-round ratios, which cancels most
+//!    of the drift of a shared 2-core machine. Redis commands per hit come
+//!    from `INFO commandstats` deltas of every round, counting *every* command
+//!    (`PING` included) except the harness's `INFO`/`CONFIG`: one round trip
+//!    shows as 1.00.
 //! 2. **Micro benchmarks** (criterion): codec encode/decode, a hit on the
 //!    embedded in-memory store, and lock acquire (+ release) on 1, 3 and 5
 //!    masters, next to the floor: plain redis-rs `SET NX PX` sent to the same
@@ -396,8 +401,8 @@ impl Measured {
     }
 }
 
-/// The cache, the pool it shares with the raw side, the other raw connections,
-/// and the server.
+/// The cache (on its own connections), the raw sides' connections, and the
+/// server.
 struct Bench {
     server: RedisServer,
     pool: bb8::Pool<RedisConnectionManager>,
@@ -620,7 +625,7 @@ fn throughput(o: &Options) -> String {
             .await
             .expect("pool");
         let cache = LockedCache::builder()
-            .redis_pool(url.as_str(), pool.clone())
+            .redis(url.as_str())
             .key_prefix("hit:")
             .ttl(Duration::from_secs(3600))
             .build()
@@ -720,12 +725,18 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
         "side",
         "ops/s",
         "÷ raw GET [min–max]",
+        "÷ one connection",
         "p50 / p99 µs",
         "commands per op",
     ]);
     let mut targets = String::new();
     for r in rows {
         let raw = &r.sides[0].1;
+        let single = r
+            .sides
+            .iter()
+            .find(|(side, _)| *side == Side::RawSingle)
+            .map(|(_, runs)| runs);
         for (side, runs) in &r.sides {
             let mut ratios = runs.ratios(raw);
             let (lo, hi) = (
@@ -743,14 +754,20 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
                 } else {
                     format!("{ratio:.3} [{lo:.2}–{hi:.2}]")
                 },
+                single.map_or("–".to_owned(), |single| {
+                    format!("{:.3}", median(&mut runs.ratios(single)))
+                }),
                 format!("{} / {}", runs.latency(50.0), runs.latency(99.0)),
                 format!("{:.3}", runs.commands_per_op()),
             ]);
             if r.size == 1024
                 && matches!(side, Side::GetOrLoad(Shape::Str) | Side::GetOrLoad(Shape::Bytes))
             {
+                let vs_single = single.map_or(String::new(), |single| {
+                    format!(" (÷ one connection: {:.3})", median(&mut runs.ratios(single)))
+                });
                 targets.push_str(&format!(
-                    "- Target L2 hit ≥ 0.95× raw GET, {}, {} caller(s), 1 KiB: {ratio:.3}× — {}\n",
+                    "- Target L2 hit ≥ 0.95× raw GET, {}, {} caller(s), 1 KiB: {ratio:.3}×{vs_single} — {}\n",
                     side.label(),
                     r.callers,
                     if ratio >= 0.95 {
@@ -768,7 +785,9 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
          worker threads; one redis-server; each caller on its own key; coalescing on (it never \
          merges: one key per caller). ops/s are medians over rounds; *÷ raw GET* = median over \
          rounds of the side ÷ the raw `GET` on the bb8 pool in the same round (min–max of the \
-         rounds in brackets). The raw sides return the bytes undecoded: the bare round trip.\n\n",
+         rounds in brackets); *÷ one connection* the same against the raw `GET` on one \
+         `MultiplexedConnection` (when measured). The raw sides return the bytes undecoded: \
+         the bare round trip. The cache runs on its own connections (`.redis(url)`).\n\n",
         o.rounds,
         o.round.as_millis(),
         o.threads

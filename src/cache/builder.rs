@@ -86,6 +86,9 @@ pub struct Builder<C = BincodeCodec> {
     name: String,
     #[cfg(feature = "cluster")]
     cluster: crate::store::ClusterOptions,
+    /// Near cache: size in bytes (`None`: off) and entry TTL.
+    near_cache: Option<u64>,
+    near_cache_ttl: Duration,
     codec: C,
 }
 
@@ -108,6 +111,8 @@ impl Default for Builder<BincodeCodec> {
             name: DEFAULT_CACHE_NAME.to_owned(),
             #[cfg(feature = "cluster")]
             cluster: Default::default(),
+            near_cache: None,
+            near_cache_ttl: DEFAULT_NEAR_CACHE_TTL,
             codec: BincodeCodec,
         }
     }
@@ -399,6 +404,39 @@ impl<C: Codec> Builder<C> {
         self
     }
 
+    /// Turns on the near cache (feature `near-cache`): decoded values kept in
+    /// this process, up to `max_bytes` (each weighed by its encoded size plus
+    /// its key), so that a hot hit of
+    /// [`get_or_load_shared`](LockedCache::get_or_load_shared) or
+    /// [`get_shared`](LockedCache::get_shared) costs no round trip and no
+    /// decode. Defaults to off.
+    ///
+    /// Every `set`, `invalidate` and stored load of any cache with the same key
+    /// prefix publishes an invalidation that every process applies (one
+    /// `PUBLISH` more per write); a value another process replaced stays
+    /// visible here until the message arrives (about a millisecond on a LAN),
+    /// or, if it is lost, at most the [near cache TTL](Builder::near_cache_ttl).
+    /// While the invalidation subscription is down the near cache is bypassed,
+    /// and it is cleared when the subscription comes back. Bigger holds more
+    /// hot keys and costs that much memory.
+    #[cfg(feature = "near-cache")]
+    pub fn near_cache(mut self, max_bytes: u64) -> Self {
+        self.near_cache = Some(max_bytes);
+        self
+    }
+
+    /// Longest a value stays in the near cache (feature `near-cache`), and so
+    /// the longest a process may serve a replaced value when an invalidation
+    /// message is lost; an entry never outlives the value's remaining time in
+    /// Redis either. Defaults to [`DEFAULT_NEAR_CACHE_TTL`] (1 s). Longer saves
+    /// round trips on hot keys (one per key per TTL per process); shorter
+    /// bounds staleness tighter. 1 ms to 1 h.
+    #[cfg(feature = "near-cache")]
+    pub fn near_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.near_cache_ttl = ttl;
+        self
+    }
+
     /// The codec for values. Defaults to [`BincodeCodec`].
     pub fn codec<C2: Codec>(self, codec: C2) -> Builder<C2> {
         Builder {
@@ -418,6 +456,8 @@ impl<C: Codec> Builder<C> {
             name: self.name,
             #[cfg(feature = "cluster")]
             cluster: self.cluster,
+            near_cache: self.near_cache,
+            near_cache_ttl: self.near_cache_ttl,
             codec,
         }
     }
@@ -440,6 +480,14 @@ impl<C: Codec> Builder<C> {
             || self.command_timeout > hour
         {
             return invalid("timeouts must be positive and at most 1 h".into());
+        }
+        if self.near_cache_ttl < Duration::from_millis(1)
+            || self.near_cache_ttl > Duration::from_secs(3600)
+        {
+            return invalid("the near cache TTL must be 1 ms to 1 h".into());
+        }
+        if self.near_cache == Some(0) {
+            return invalid("the near cache size must be positive".into());
         }
         if self.name.is_empty() || self.name.len() > 64 {
             return invalid("the cache name must be 1 to 64 bytes".into());
@@ -536,7 +584,27 @@ impl<C: Codec> Builder<C> {
         let lock =
             Redlock::with_stats(masters, self.lock, Arc::clone(&stats), self.connect_timeout)
                 .await?;
+        #[cfg(feature = "near-cache")]
+        let near = match self.near_cache {
+            Some(max_bytes) => {
+                let near = super::local::Near::start(
+                    max_bytes,
+                    self.near_cache_ttl.min(self.ttl),
+                    &self.key_prefix,
+                    Arc::clone(&value_store),
+                    Arc::clone(&stats),
+                );
+                // Like the lock's wake-ups: subscribed before the first call,
+                // unless the server is down (then the near cache stays off
+                // until the listener gets through).
+                near.ready(self.connect_timeout).await;
+                Some(near)
+            }
+            None => None,
+        };
         let inner = Arc::new(Inner {
+            #[cfg(feature = "near-cache")]
+            near,
             value_store,
             lock,
             ttl: self.ttl,

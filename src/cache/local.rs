@@ -148,6 +148,16 @@ impl Local {
         found
     }
 
+    /// As [`get`](Self::get), without counting (for tests and benches).
+    pub fn peek<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
+        if !self.is_live() {
+            return None;
+        }
+        self.entries
+            .get(key)
+            .and_then(|entry| entry.value.downcast::<T>().ok())
+    }
+
     /// Taken before reading `key` from Redis; hand it to [`insert`](Self::insert).
     pub fn ticket(&self, key: &str) -> Ticket {
         Ticket {
@@ -241,9 +251,59 @@ impl Local {
     }
 }
 
+/// A cache's near cache and its invalidation listener (aborted on drop).
+pub struct Near {
+    pub local: Arc<Local>,
+    _listener: Listener,
+}
+
+impl Near {
+    /// A near cache of `max_bytes` whose entries live at most `max_ttl`,
+    /// invalidated on the channel of `key_prefix` on `store`.
+    pub fn start(
+        max_bytes: u64,
+        max_ttl: Duration,
+        key_prefix: &str,
+        store: SharedStore,
+        stats: Arc<Stats>,
+    ) -> Near {
+        let channel = format!("locked-cache:near:{key_prefix}");
+        let local = Arc::new(Local::new(max_bytes, max_ttl, channel, stats));
+        let listener = listen(&local, store);
+        Near {
+            local,
+            _listener: listener,
+        }
+    }
+
+    /// Waits until the subscription is up, for at most `timeout`.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.local.is_live() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        true
+    }
+
+    /// After a write of `value_key` to the store: drops it here, and publishes
+    /// the invalidation for the other processes. A failed publish is logged,
+    /// not returned: the write happened, and the other processes' copies
+    /// expire within the near cache's TTL.
+    pub async fn changed(&self, store: &SharedStore, value_key: &str) {
+        self.local.invalidate(value_key);
+        let message = self.local.message(value_key);
+        if let Err(e) = store.publish(self.local.channel(), &message).await {
+            tracing::warn!(key = value_key, error = %e, "publishing a near cache invalidation failed; other processes may serve the old value until their near cache entry expires");
+        }
+    }
+}
+
 /// The invalidation listener of a near cache; aborted on drop.
 #[derive(Debug)]
-pub struct Listener(JoinHandle<()>);
+struct Listener(JoinHandle<()>);
 
 impl Drop for Listener {
     fn drop(&mut self) {
@@ -254,7 +314,7 @@ impl Drop for Listener {
 /// Subscribes `local` to its channel on `store` and applies every message,
 /// resubscribing with backoff after a loss (clearing the L1 each time), until
 /// the near cache is dropped.
-pub fn listen(local: &Arc<Local>, store: SharedStore) -> Listener {
+fn listen(local: &Arc<Local>, store: SharedStore) -> Listener {
     Listener(tokio::spawn(run(Arc::downgrade(local), store)))
 }
 

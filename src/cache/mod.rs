@@ -25,8 +25,8 @@ mod flight;
 mod keepalive;
 mod keys;
 #[cfg(feature = "near-cache")]
-#[allow(dead_code)] // Until the cache uses it (next commit).
 mod local;
+mod shared;
 
 pub use builder::{Builder, QuorumLossPolicy};
 pub use keepalive::LoadContext;
@@ -124,6 +124,9 @@ struct DebugConfig {
 }
 
 struct Inner<C> {
+    /// The near cache, when turned on (see `local.rs`).
+    #[cfg(feature = "near-cache")]
+    near: Option<local::Near>,
     value_store: SharedStore,
     lock: Redlock,
     ttl: Duration,
@@ -358,7 +361,9 @@ impl<C: Codec> LockedCache<C> {
         // Fence first: a load already running must not overwrite this value with
         // what it read before the change.
         inner.value_store.delete(&keys.fence).await?;
-        inner.value_store.set(&keys.value, &bytes, ttl).await
+        inner.value_store.set(&keys.value, &bytes, ttl).await?;
+        inner.changed(&keys.value).await;
+        Ok(())
     }
 
     /// Removes the value under `key`; the next `get_or_load` loads it again.
@@ -370,7 +375,9 @@ impl<C: Codec> LockedCache<C> {
         let keys = Keys::new(&inner.key_prefix, key);
         // Fence first: a load already running must not store what it read before.
         inner.value_store.delete(&keys.fence).await?;
-        inner.value_store.delete(&keys.value).await
+        let removed = inner.value_store.delete(&keys.value).await?;
+        inner.changed(&keys.value).await;
+        Ok(removed)
     }
 
     /// Checks that the value server and every lock master answer, and returns
@@ -669,6 +676,9 @@ impl<C: Codec> Inner<C> {
         if afterwards && matches!(stored, Ok(true)) {
             self.lock.publish_wake_up(&keys.lock);
         }
+        if matches!(stored, Ok(true)) {
+            self.changed(&keys.value).await;
+        }
         match stored {
             Ok(true) if !lock_lost => "stored",
             Ok(true) => {
@@ -694,6 +704,17 @@ impl<C: Codec> Inner<C> {
                 "failed"
             }
         }
+    }
+
+    /// After a write of `value_key`: the near cache, if on, drops it and tells
+    /// the other processes.
+    async fn changed(&self, value_key: &str) {
+        #[cfg(feature = "near-cache")]
+        if let Some(near) = &self.near {
+            near.changed(&self.value_store, value_key).await;
+        }
+        #[cfg(not(feature = "near-cache"))]
+        let _ = value_key;
     }
 
     /// The wake-up the fenced store publishes: waiters of the key's lock learn of
