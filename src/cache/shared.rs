@@ -78,6 +78,10 @@ impl<C: Codec> LockedCache<C> {
             keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
             let value_key = keys::value_key(&inner.key_prefix, key);
             if let Some(value) = near.local.get::<T>(&value_key) {
+                // A near hit never waits: take part in tokio's cooperative
+                // budget so that a loop of hits yields now and then, as a loop
+                // of Redis reads would, instead of starving the worker.
+                tokio::task::consume_budget().await;
                 return Ok((value, Outcome::Hit));
             }
             let ticket = near.local.ticket(&value_key);
@@ -86,7 +90,12 @@ impl<C: Codec> LockedCache<C> {
                     loader(context).await.map(|v| Shared(Arc::new(v)))
                 })
                 .await?;
-            self.keep(&value_key, &value, ticket);
+            // A value this call loaded was stored with an invalidation, which
+            // refuses its own ticket too: the next call reads it back and
+            // keeps it (one round trip more per load, and never a stale keep).
+            if outcome != Outcome::Loaded {
+                self.keep(&value_key, &value, ticket);
+            }
             return Ok((value, outcome));
         }
         let (Shared(value), outcome) = self
@@ -109,6 +118,7 @@ impl<C: Codec> LockedCache<C> {
             keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
             let value_key = keys::value_key(&inner.key_prefix, key);
             if let Some(value) = near.local.get::<T>(&value_key) {
+                tokio::task::consume_budget().await;
                 return Ok(Some(value));
             }
             let ticket = near.local.ticket(&value_key);
