@@ -204,7 +204,10 @@ async fn a_killed_subscription_clears_the_near_cache() {
     // Coherent again afterwards.
     writer.set("k", &3u64).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(1), || async { read(&reader, "k").await == 3 }).await
+        eventually(Duration::from_secs(1), || async {
+            read(&reader, "k").await == 3
+        })
+        .await
     );
 }
 

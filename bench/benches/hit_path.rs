@@ -761,10 +761,16 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
                 format!("{:.3}", runs.commands_per_op()),
             ]);
             if r.size == 1024
-                && matches!(side, Side::GetOrLoad(Shape::Str) | Side::GetOrLoad(Shape::Bytes))
+                && matches!(
+                    side,
+                    Side::GetOrLoad(Shape::Str) | Side::GetOrLoad(Shape::Bytes)
+                )
             {
                 let vs_single = single.map_or(String::new(), |single| {
-                    format!(" (÷ one connection: {:.3})", median(&mut runs.ratios(single)))
+                    format!(
+                        " (÷ one connection: {:.3})",
+                        median(&mut runs.ratios(single))
+                    )
                 });
                 targets.push_str(&format!(
                     "- Target L2 hit ≥ 0.95× raw GET, {}, {} caller(s), 1 KiB: {ratio:.3}×{vs_single} — {}\n",

@@ -406,7 +406,12 @@ mod tests {
 
     #[test]
     fn entries_expire_with_the_shorter_of_their_ttl_and_the_cap() {
-        let l = Local::new(1 << 20, Duration::from_millis(30), "inv".into(), Arc::default());
+        let l = Local::new(
+            1 << 20,
+            Duration::from_millis(30),
+            "inv".into(),
+            Arc::default(),
+        );
         l.live.store(true, Ordering::SeqCst);
         l.insert("cap", Arc::new(1u8), 1, MINUTE, l.ticket("cap"));
         l.insert(

@@ -114,7 +114,12 @@ impl bb8::ManageConnection for Manager {
 /// Either our own pool or one the user handed in.
 #[derive(Clone)]
 pub enum Pool {
-    Own(bb8::Pool<Manager>, ConnectErrors, Arc<Generations>, Arc<Current>),
+    Own(
+        bb8::Pool<Manager>,
+        ConnectErrors,
+        Arc<Generations>,
+        Arc<Current>,
+    ),
     User(bb8::Pool<RedisConnectionManager>),
 }
 
