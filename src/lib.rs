@@ -119,7 +119,7 @@ pub use lock::{LockGuard, LockOptions, Redlock};
 pub use stats::StatsSnapshot;
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};
-pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store};
+pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store, Stored};
 pub use telemetry::Outcome;
 
 /// The README's examples, compiled as doctests.

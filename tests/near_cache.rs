@@ -274,3 +274,32 @@ async fn a_full_near_cache_evicts_and_stays_correct() {
     assert!(cache.stats().near_hits > 0);
     assert_eq!(cache.stats().loads, 0);
 }
+
+/// A value with little time left in Redis is kept in the near cache only for
+/// that time, however long the near cache TTL: the near cache never serves a
+/// value Redis has expired (or would call stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_never_outlives_the_value_in_redis() {
+    let server = RedisServer::start();
+    let cache = near_cache(&server, &unique_prefix("short"), MINUTE).await;
+    let ttl = Duration::from_millis(400);
+    cache.set_with_ttl("k", &1u64, ttl).await.unwrap();
+    let set_at = Instant::now();
+    kept(&cache, 1).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            cache.near_peek::<u64>("k").is_none()
+        })
+        .await
+    );
+    assert!(
+        set_at.elapsed() < ttl + Duration::from_millis(300),
+        "kept {:?} for a value of {ttl:?}",
+        set_at.elapsed()
+    );
+    let reloaded = cache
+        .get_or_load_shared("k", || async { Ok::<_, String>(2u64) })
+        .await
+        .unwrap();
+    assert_eq!(*reloaded, 2, "expired in Redis too");
+}

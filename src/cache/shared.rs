@@ -10,10 +10,19 @@ use serde::de::{DeserializeOwned, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
 #[cfg(feature = "near-cache")]
+use std::time::Duration;
+
+#[cfg(feature = "near-cache")]
+use super::freshness::{self, Freshness};
+#[cfg(feature = "near-cache")]
 use super::keys;
+#[cfg(feature = "near-cache")]
+use super::local::Near;
 use super::{LoadContext, LockedCache};
 use crate::codec::Codec;
 use crate::error::{LoadError, Result};
+#[cfg(feature = "near-cache")]
+use crate::stats::Stats;
 use crate::telemetry::Outcome;
 
 impl<C: Codec> LockedCache<C> {
@@ -84,19 +93,12 @@ impl<C: Codec> LockedCache<C> {
                 tokio::task::consume_budget().await;
                 return Ok((value, Outcome::Hit));
             }
-            let ticket = near.local.ticket(&value_key);
-            let (Shared(value), outcome) = self
-                .get_or_load_with_outcome(key, |context| async move {
-                    loader(context).await.map(|v| Shared(Arc::new(v)))
-                })
-                .await?;
-            // A value this call loaded was stored with an invalidation, which
-            // refuses its own ticket too: the next call reads it back and
-            // keeps it (one round trip more per load, and never a stale keep).
-            if outcome != Outcome::Loaded {
-                self.keep(&value_key, &value, ticket);
+            if let Some(value) = self.near_fill::<T>(near, &value_key).await? {
+                return Ok((value, Outcome::Hit));
             }
-            return Ok((value, outcome));
+            // Missing, stale or not fresh enough for the near cache: the full
+            // path (lock, load, stale-while-revalidate), nothing kept; the
+            // next call's read keeps the value then stored.
         }
         let (Shared(value), outcome) = self
             .get_or_load_with_outcome(key, |context| async move {
@@ -121,12 +123,9 @@ impl<C: Codec> LockedCache<C> {
                 tokio::task::consume_budget().await;
                 return Ok(Some(value));
             }
-            let ticket = near.local.ticket(&value_key);
-            let found = self.get::<Shared<T>>(key).await?.map(|s| s.0);
-            if let Some(value) = &found {
-                self.keep(&value_key, value, ticket);
+            if let Some(value) = self.near_fill::<T>(near, &value_key).await? {
+                return Ok(Some(value));
             }
-            return Ok(found);
         }
         Ok(self.get::<Shared<T>>(key).await?.map(|s| s.0))
     }
@@ -149,24 +148,41 @@ impl<C: Codec> LockedCache<C> {
         self.inner.near.as_ref().is_some_and(|n| n.local.is_live())
     }
 
-    /// Offers a value read or loaded under `ticket` to the near cache.
+    /// After a near cache miss: reads the value with its time left (`GET` +
+    /// `PTTL`, one round trip) and, if it is fresh, keeps it for at most its
+    /// remaining freshness (so the near cache never serves a value Redis
+    /// would call stale) and returns it as a hit. `None` when it is missing,
+    /// stale, or a cached "not found": the caller takes the full path.
     #[cfg(feature = "near-cache")]
-    fn keep<T: Serialize + Send + Sync + 'static>(
-        &self,
-        value_key: &str,
-        value: &Arc<T>,
-        ticket: super::local::Ticket,
-    ) {
+    async fn near_fill<T>(&self, near: &Near, value_key: &str) -> Result<Option<Arc<T>>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+    {
         let inner = &*self.inner;
-        let Some(near) = &inner.near else {
-            return;
+        let ticket = near.local.ticket(value_key);
+        let Some(found) = inner.read::<Shared<T>>(value_key, true).await? else {
+            return Ok(None);
         };
-        // Weighed by its encoded size (one encode per fill, not per hit).
-        let Ok(bytes) = crate::codec::encode(&inner.codec, &**value) else {
-            return;
-        };
-        near.local
-            .insert(value_key, Arc::clone(value), bytes.len(), inner.ttl, ticket);
+        let options = &inner.defaults;
+        if found.meta.absent
+            || freshness::judge(&found.meta, found.ttl_left, options, 0.0) != Freshness::Fresh
+        {
+            return Ok(None);
+        }
+        Stats::add(&inner.stats.hits);
+        // No expiry in Redis: the near cache's own TTL bounds it.
+        let fresh_left = found.ttl_left.map_or(Duration::MAX, |left| {
+            left.saturating_sub(found.meta.stale_for)
+        });
+        let value = found.value.0;
+        near.local.insert(
+            value_key,
+            Arc::clone(&value),
+            found.bytes.len(),
+            fresh_left,
+            ticket,
+        );
+        Ok(Some(value))
     }
 }
 
