@@ -92,6 +92,7 @@
 //! | `metrics` | off | the metrics above, via the `metrics` crate (the facade only) |
 //! | `tls` | off | `rediss://` URLs, a custom CA and client certificates, over rustls |
 //! | `cluster` | off | `Builder::cluster` and `ClusterStore`: Redis Cluster through redis-rs's cluster connection |
+//! | `near-cache` | off | `Builder::near_cache`: decoded values kept in process (over moka), invalidated across processes by pub/sub |
 //!
 //! Modules, following a call from the top: the cache (`LockedCache`, its
 //! [`Builder`], in-process flights and the lock keep-alive), the [lock](Redlock)

@@ -477,7 +477,55 @@ async fn stampede_without_coalescing(backend: Backend) {
     stampede_of_300_callers_on_3_caches_loads_once(backend, false).await;
 }
 
+/// Concurrent shared calls on one key form one flight whose followers take
+/// the leader's decoded value: the callers of a load hold the same `Arc` (one
+/// decode per flight) instead of each decoding the stored bytes.
+async fn a_shared_flight_decodes_once(backend: Backend) {
+    let cache = backend.cache(&unique_prefix("shared"), MINUTE).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    for round in 0..2 {
+        let calls: Vec<_> = (0..20)
+            .map(|_| {
+                let (cache, runs) = (cache.clone(), Arc::clone(&runs));
+                tokio::spawn(async move {
+                    cache
+                        .get_or_load_shared("k", || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            Ok::<_, String>(user(1))
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let values = join_all_checked(calls).await;
+        assert!(values.iter().all(|v| **v == user(1)));
+        if round > 0 {
+            // Hits: a flight forms only where callers overlap a read.
+            continue;
+        }
+        // Followers that joined the loading flight share its leader's value.
+        let distinct = values
+            .iter()
+            .fold(Vec::<&Arc<User>>::new(), |mut seen, v| {
+                if !seen.iter().any(|s| Arc::ptr_eq(s, v)) {
+                    seen.push(v);
+                }
+                seen
+            })
+            .len();
+        assert!(
+            distinct < values.len() / 2,
+            "round {round}: {distinct} distinct values for {} callers",
+            values.len()
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
 on_both_backends!(
+    a_shared_flight_decodes_once,
     hit_returns_the_stored_value_without_loading,
     miss_loads_once_and_stores_the_value,
     a_value_stored_while_waiting_is_returned_without_loading,

@@ -3,7 +3,8 @@
 //! followers wait for the leader's outcome.
 //!
 //! Followers receive the value as the encoded bytes (each decodes its own copy,
-//! so `T` need not be `Clone`), the loader error as a shared `Arc`, or the
+//! so `T` need not be `Clone`) and, for calls handing out an `Arc` (which is
+//! cheap to share), the leader's decoded value, so the flight decodes once, the loader error as a shared `Arc`, or the
 //! cache's error. If the leader is dropped (its caller was cancelled, or its
 //! loader panicked) before it finished, the flight is *abandoned*: it is removed
 //! and every follower joins again, so exactly one of them becomes the new leader.
@@ -23,8 +24,9 @@ pub type Bytes = Arc<Vec<u8>>;
 /// What a flight ended with.
 #[derive(Clone)]
 pub enum Outcome {
-    /// The value, as stored (header + payload).
-    Value(Bytes),
+    /// The value, as stored (header + payload), and the leader's decoded value
+    /// when the call shares it (see [`Sharing`]).
+    Value(Bytes, Option<Arc<dyn Any + Send + Sync>>),
     /// The loader's error, type-erased; followers downcast it to their `E`.
     LoaderError(Arc<dyn Any + Send + Sync>),
     /// The cache failed.
@@ -32,6 +34,23 @@ pub enum Outcome {
     /// The leader went away without an outcome.
     Abandoned,
 }
+
+/// How followers take the leader's decoded value instead of decoding the
+/// bytes again, for values that are cheap to share (an `Arc`, `shared.rs`):
+/// `share` makes the leader's copy for the flight, `take` turns it back into
+/// a follower's value (`None` for a follower asking for another type).
+pub struct Sharing<T> {
+    pub share: fn(&T) -> Arc<dyn Any + Send + Sync>,
+    pub take: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+}
+
+impl<T> Clone for Sharing<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Sharing<T> {}
 
 type Slot = watch::Sender<Option<Outcome>>;
 

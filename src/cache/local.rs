@@ -45,7 +45,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Length of the origin id at the start of a message.
 const ORIGIN_LEN: usize = 16;
 
-/// A decoded value and how long it may live.
+/// A decoded value (an `Arc<T>` behind `dyn Any`) and how long it may live.
 #[derive(Clone)]
 struct Entry {
     value: Arc<dyn Any + Send + Sync>,
@@ -136,10 +136,7 @@ impl Local {
         if !self.is_live() {
             return None;
         }
-        let found = self
-            .entries
-            .get(key)
-            .and_then(|entry| entry.value.downcast::<T>().ok());
+        let found = self.peek::<T>(key);
         Stats::add(if found.is_some() {
             &self.stats.near_hits
         } else {
@@ -155,7 +152,7 @@ impl Local {
         }
         self.entries
             .get(key)
-            .and_then(|entry| entry.value.downcast::<T>().ok())
+            .and_then(|entry| entry.value.downcast_ref::<Arc<T>>().cloned())
     }
 
     /// Taken before reading `key` from Redis; hand it to [`insert`](Self::insert).
@@ -170,10 +167,27 @@ impl Local {
     /// capped at the near cache's TTL), unless an invalidation of `key` was
     /// applied since `ticket` was taken, or the subscription is down. `weight`
     /// is the encoded size.
+    #[cfg(test)]
     pub fn insert<T: Send + Sync + 'static>(
         &self,
         key: &str,
         value: Arc<T>,
+        weight: usize,
+        ttl: Duration,
+        ticket: Ticket,
+    ) {
+        self.insert_erased(key, Arc::new(value), weight, ttl, ticket);
+    }
+
+    /// Keeps `value`, an `Arc<T>` behind `dyn Any` (as a flight shares it),
+    /// for `key` for at most `ttl` (its remaining freshness; capped at the
+    /// near cache's TTL), unless an invalidation of `key` was applied since
+    /// `ticket` was taken, or the subscription is down. `weight` is the
+    /// encoded size.
+    pub fn insert_erased(
+        &self,
+        key: &str,
+        value: Arc<dyn Any + Send + Sync>,
         weight: usize,
         ttl: Duration,
         ticket: Ticket,

@@ -54,7 +54,7 @@ use crate::lock::Redlock;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{SharedStore, Stored};
 use crate::telemetry::{CallTrace, Outcome, Telemetry};
-use flight::{Bytes, Flights, Role};
+use flight::{Bytes, Flights, Role, Sharing};
 use freshness::Freshness;
 use keys::Keys;
 use load::{Inline, Led, Loader};
@@ -317,7 +317,9 @@ impl<C: Codec> LockedCache<C> {
         Fut: Future<Output = Result<T, E>>,
     {
         let options = self.inner.defaults;
-        self.inner.traced_call(key, Inline(loader), &options).await
+        self.inner
+            .traced_call(key, Inline(loader), &options, None)
+            .await
     }
 
     /// Calls with their own [`CallOptions`] (TTL, stale window, early refresh,
@@ -474,6 +476,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         loader: L,
         options: &Resolved,
+        sharing: Option<Sharing<T>>,
     ) -> Result<(T, Outcome), LoadError<E>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
@@ -486,7 +489,7 @@ impl<C: Codec> Inner<C> {
         let started = Instant::now();
         let mut trace = CallTrace::default();
         let result = self
-            .call(key, loader, options, started, &mut trace)
+            .call(key, loader, options, sharing, started, &mut trace)
             .instrument(span.clone())
             .await;
         self.telemetry.call_ended(&span, &trace, started, &result);
@@ -494,12 +497,14 @@ impl<C: Codec> Inner<C> {
     }
 
     /// One `get_or_load` call: join the key's flight and wait for its leader,
-    /// or lead it.
+    /// or lead it. With `sharing`, followers take the leader's decoded value
+    /// rather than decoding the bytes.
     async fn call<T, E, L>(
         self: &Arc<Self>,
         key: &str,
         loader: L,
         options: &Resolved,
+        sharing: Option<Sharing<T>>,
         started: Instant,
         trace: &mut CallTrace,
     ) -> Result<(T, Outcome), LoadError<E>>
@@ -512,7 +517,7 @@ impl<C: Codec> Inner<C> {
         let deadline = started + self.lock.options().wait;
         if !self.coalesce {
             let led = self
-                .lead(key, loader, options, started, deadline, trace)
+                .lead(key, loader, options, sharing, started, deadline, trace)
                 .await?;
             let outcome = led.outcome;
             return Ok((led.finish().await, outcome));
@@ -544,7 +549,11 @@ impl<C: Codec> Inner<C> {
                 }));
             };
             match outcome {
-                flight::Outcome::Value(bytes) => {
+                flight::Outcome::Value(bytes, shared) => {
+                    let taken = sharing.zip(shared).and_then(|(s, v)| (s.take)(&*v));
+                    if let Some(value) = taken {
+                        return Ok((value, Outcome::Coalesced));
+                    }
                     return codec::decode(&self.codec, &bytes)
                         .map(|value| (value, Outcome::Coalesced))
                         .map_err(|e| LoadError::Cache(e.into()));
@@ -559,11 +568,14 @@ impl<C: Codec> Inner<C> {
             }
         };
         let result = self
-            .lead(key, loader, options, started, deadline, trace)
+            .lead(key, loader, options, sharing, started, deadline, trace)
             .await;
         // Followers get the outcome first; then the lock is released.
         leader.finish(match &result {
-            Ok(led) => flight::Outcome::Value(Arc::clone(&led.bytes)),
+            Ok(led) => flight::Outcome::Value(
+                Arc::clone(&led.bytes),
+                sharing.map(|s| (s.share)(&led.value)),
+            ),
             Err(LoadError::Loader(e)) => {
                 flight::Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
             }
@@ -584,6 +596,7 @@ impl<C: Codec> Inner<C> {
         key: &str,
         loader: L,
         options: &Resolved,
+        sharing: Option<Sharing<T>>,
         started: Instant,
         deadline: Instant,
         trace: &mut CallTrace,
@@ -594,7 +607,11 @@ impl<C: Codec> Inner<C> {
         L: Loader<Output = std::result::Result<T, E>>,
     {
         let value_key = keys::value_key(&self.key_prefix, key);
-        if let Some(found) = self.read::<T>(&value_key, options.reads_ttl()).await? {
+        // A shared call with the near cache on keeps a fresh value it reads
+        // (`shared.rs`); that needs its time left.
+        let keep = self.near_ticket(&value_key, sharing);
+        let with_ttl = options.reads_ttl() || keep.is_some();
+        if let Some(found) = self.read::<T>(&value_key, with_ttl).await? {
             let judged = freshness::judge(&found.meta, found.ttl_left, options, fastrand::f64());
             if judged != Freshness::TooStale {
                 Stats::add(&self.stats.hits);
@@ -604,6 +621,7 @@ impl<C: Codec> Inner<C> {
             }
             match judged {
                 Freshness::Fresh => {
+                    self.near_keep(&value_key, &found, keep);
                     return Ok(Led::unlocked(found.value, found.bytes, Outcome::Hit));
                 }
                 Freshness::RefreshEarly => {

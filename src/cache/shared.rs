@@ -12,13 +12,13 @@ use serde::{Deserialize, Serialize, Serializer};
 #[cfg(feature = "near-cache")]
 use std::time::Duration;
 
+use super::flight::Sharing;
 #[cfg(feature = "near-cache")]
 use super::freshness::{self, Freshness};
 #[cfg(feature = "near-cache")]
 use super::keys;
-#[cfg(feature = "near-cache")]
-use super::local::Near;
-use super::{LoadContext, LockedCache};
+use super::load::Inline;
+use super::{Found, Inner, LoadContext, LockedCache};
 use crate::codec::Codec;
 use crate::error::{LoadError, Result};
 #[cfg(feature = "near-cache")]
@@ -93,17 +93,16 @@ impl<C: Codec> LockedCache<C> {
                 tokio::task::consume_budget().await;
                 return Ok((value, Outcome::Hit));
             }
-            if let Some(value) = self.near_fill::<T>(near, &value_key).await? {
-                return Ok((value, Outcome::Hit));
-            }
-            // Missing, stale or not fresh enough for the near cache: the full
-            // path (lock, load, stale-while-revalidate), nothing kept; the
-            // next call's read keeps the value then stored.
+            // Otherwise the flight's leader reads Redis, and keeps the value
+            // if it is fresh (`Inner::near_keep`); a value it loads is kept by
+            // the next read.
         }
+        let loader =
+            Inline(|context| async move { loader(context).await.map(|v| Shared(Arc::new(v))) });
+        let options = self.inner.defaults;
         let (Shared(value), outcome) = self
-            .get_or_load_with_outcome(key, |context| async move {
-                loader(context).await.map(|v| Shared(Arc::new(v)))
-            })
+            .inner
+            .traced_call(key, loader, &options, Some(Shared::<T>::SHARING))
             .await?;
         Ok((value, outcome))
     }
@@ -123,7 +122,7 @@ impl<C: Codec> LockedCache<C> {
                 tokio::task::consume_budget().await;
                 return Ok(Some(value));
             }
-            if let Some(value) = self.near_fill::<T>(near, &value_key).await? {
+            if let Some(value) = self.near_fill::<T>(&value_key).await? {
                 return Ok(Some(value));
             }
         }
@@ -148,46 +147,110 @@ impl<C: Codec> LockedCache<C> {
         self.inner.near.as_ref().is_some_and(|n| n.local.is_live())
     }
 
-    /// After a near cache miss: reads the value with its time left (`GET` +
-    /// `PTTL`, one round trip) and, if it is fresh, keeps it for at most its
-    /// remaining freshness (so the near cache never serves a value Redis
-    /// would call stale) and returns it as a hit. `None` when it is missing,
-    /// stale, or a cached "not found": the caller takes the full path.
+    /// After a near cache miss outside a flight (`get_shared`): reads the
+    /// value with its time left (`GET` + `PTTL`, one round trip), keeps it if
+    /// it is fresh, and returns it as a hit. `None` when it is missing, stale
+    /// or a cached "not found": the caller takes the full path.
     #[cfg(feature = "near-cache")]
-    async fn near_fill<T>(&self, near: &Near, value_key: &str) -> Result<Option<Arc<T>>>
+    async fn near_fill<T>(&self, value_key: &str) -> Result<Option<Arc<T>>>
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         let inner = &*self.inner;
-        let ticket = near.local.ticket(value_key);
+        let keep = inner.near_ticket(value_key, Some(Shared::<T>::SHARING));
         let Some(found) = inner.read::<Shared<T>>(value_key, true).await? else {
             return Ok(None);
         };
-        let options = &inner.defaults;
         if found.meta.absent
-            || freshness::judge(&found.meta, found.ttl_left, options, 0.0) != Freshness::Fresh
+            || freshness::judge(&found.meta, found.ttl_left, &inner.defaults, 0.0)
+                != Freshness::Fresh
         {
             return Ok(None);
         }
         Stats::add(&inner.stats.hits);
-        // No expiry in Redis: the near cache's own TTL bounds it.
-        let fresh_left = found.ttl_left.map_or(Duration::MAX, |left| {
-            left.saturating_sub(found.meta.stale_for)
-        });
-        let value = found.value.0;
-        near.local.insert(
-            value_key,
-            Arc::clone(&value),
-            found.bytes.len(),
-            fresh_left,
-            ticket,
-        );
-        Ok(Some(value))
+        inner.near_keep(value_key, &found, keep);
+        Ok(Some(found.value.0))
+    }
+}
+
+/// What a call needs to keep the value it is about to read in the near
+/// cache: the key's invalidation epochs before the read, and how to share
+/// the decoded value.
+pub(super) struct Keep<T> {
+    #[cfg(feature = "near-cache")]
+    ticket: super::local::Ticket,
+    #[cfg(feature = "near-cache")]
+    sharing: Sharing<T>,
+    #[cfg(not(feature = "near-cache"))]
+    never: std::convert::Infallible,
+    #[cfg(not(feature = "near-cache"))]
+    _type: std::marker::PhantomData<T>,
+}
+
+impl<C: Codec> Inner<C> {
+    /// Before reading `value_key` for a call that shares its value: what
+    /// keeping it in the near cache takes (`None`: no near cache, or a call
+    /// that does not share its value).
+    pub(super) fn near_ticket<T>(
+        &self,
+        value_key: &str,
+        sharing: Option<Sharing<T>>,
+    ) -> Option<Keep<T>> {
+        #[cfg(feature = "near-cache")]
+        if let (Some(near), Some(sharing)) = (&self.near, sharing) {
+            return Some(Keep {
+                ticket: near.local.ticket(value_key),
+                sharing,
+            });
+        }
+        let _ = (value_key, sharing);
+        None
+    }
+
+    /// A fresh value read under `keep`: kept in the near cache for at most
+    /// its remaining freshness (its time left in Redis less its stale window),
+    /// so the near cache never serves a value Redis would call stale. Cached
+    /// "not found"s are not kept.
+    pub(super) fn near_keep<T>(&self, value_key: &str, found: &Found<T>, keep: Option<Keep<T>>) {
+        #[cfg(feature = "near-cache")]
+        if let (Some(near), Some(keep)) = (&self.near, keep) {
+            if found.meta.absent {
+                return;
+            }
+            // No expiry in Redis: the near cache's own TTL bounds it.
+            let fresh_left = found.ttl_left.map_or(Duration::MAX, |left| {
+                left.saturating_sub(found.meta.stale_for)
+            });
+            near.local.insert_erased(
+                value_key,
+                (keep.sharing.share)(&found.value),
+                found.bytes.len(),
+                fresh_left,
+                keep.ticket,
+            );
+        }
+        #[cfg(not(feature = "near-cache"))]
+        if let Some(keep) = keep {
+            match keep.never {}
+        }
+        let _ = (value_key, found);
     }
 }
 
 /// A `T` behind an `Arc`, stored exactly as `T` is.
 struct Shared<T>(Arc<T>);
+
+impl<T: Send + Sync + 'static> Shared<T> {
+    /// The flight's followers share the leader's `Arc`: one decode per flight.
+    const SHARING: Sharing<Shared<T>> = Sharing {
+        share: |value| Arc::new(Arc::clone(&value.0)),
+        take: |shared| {
+            shared
+                .downcast_ref::<Arc<T>>()
+                .map(|value| Shared(Arc::clone(value)))
+        },
+    };
+}
 
 impl<T: Serialize> Serialize for Shared<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {

@@ -87,6 +87,8 @@ impl<'a, C: Codec> With<'a, C> {
     {
         let inner = &self.cache.inner;
         let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
-        inner.traced_call(key, Spawnable(loader), &options).await
+        inner
+            .traced_call(key, Spawnable(loader), &options, None)
+            .await
     }
 }
