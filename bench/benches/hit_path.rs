@@ -412,7 +412,7 @@ struct Bench {
 }
 
 /// A hit through `get_or_load`, decoded as `T`.
-async fn hit<T: Serialize + DeserializeOwned>(cache: &LockedCache, key: &str) {
+async fn hit<T: Serialize + DeserializeOwned + Send + 'static>(cache: &LockedCache, key: &str) {
     let v: T = cache
         .get_or_load(key, || async { Err::<T, &str>("a hit must not load") })
         .await

@@ -378,7 +378,7 @@ async fn run(local: Weak<Local>, store: SharedStore) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MemoryStore, Store};
+    use crate::store::MemoryStore;
 
     const MINUTE: Duration = Duration::from_secs(60);
 

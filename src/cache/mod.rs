@@ -591,6 +591,7 @@ impl<C: Codec> Inner<C> {
     /// (`refresh.rs`); a miss waits for the lock and loads (`load.rs`), on a
     /// task of its own when the load is detached. Returns the value and its
     /// stored bytes (for the followers).
+    #[allow(clippy::too_many_arguments)]
     async fn lead<T, E, L>(
         self: &Arc<Self>,
         key: &str,
