@@ -109,7 +109,7 @@ mod stats;
 mod store;
 mod telemetry;
 
-pub use cache::{Builder, LoadContext, LockedCache, QuorumLossPolicy};
+pub use cache::{Builder, CallOptions, LoadContext, LockedCache, QuorumLossPolicy, With};
 #[cfg(feature = "json")]
 pub use codec::JsonCodec;
 pub use codec::{BincodeCodec, Codec};
@@ -119,9 +119,7 @@ pub use lock::{LockGuard, LockOptions, Redlock};
 pub use stats::StatsSnapshot;
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};
-pub use store::{
-    ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store, Stored,
-};
+pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store, Stored};
 pub use telemetry::Outcome;
 
 /// The README's examples, compiled as doctests.

@@ -180,7 +180,10 @@ mod tests {
         let load = Duration::from_millis(7);
         let (ttl, m) = storage(&o, false, load, 0.0).unwrap();
         assert_eq!(ttl, Duration::from_secs(15));
-        assert_eq!((m.stale_for, m.load_time, m.absent), (Duration::from_secs(5), load, false));
+        assert_eq!(
+            (m.stale_for, m.load_time, m.absent),
+            (Duration::from_secs(5), load, false)
+        );
         // The largest draw takes 20% off the fresh time only.
         let (ttl, _) = storage(&o, false, load, 1.0).unwrap();
         assert_eq!(ttl, Duration::from_secs(13));

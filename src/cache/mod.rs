@@ -353,7 +353,10 @@ impl<C: Codec> LockedCache<C> {
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
         let options = &inner.defaults;
         let found = inner
-            .read(&keys::value_key(&inner.key_prefix, key), options.reads_ttl())
+            .read(
+                &keys::value_key(&inner.key_prefix, key),
+                options.reads_ttl(),
+            )
             .await?
             .filter(|found| found.usable(options));
         Stats::add(if found.is_some() {

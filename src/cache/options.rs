@@ -316,7 +316,12 @@ mod tests {
         assert_eq!(plain.stale_for, Duration::ZERO);
         assert_eq!(plain.early_refresh_beta, 0.0);
         let off = CallOptions::new().early_refresh(false).or(cache);
-        assert_eq!(off.resolve(Duration::from_secs(1)).unwrap().early_refresh_beta, 0.0);
+        assert_eq!(
+            off.resolve(Duration::from_secs(1))
+                .unwrap()
+                .early_refresh_beta,
+            0.0
+        );
     }
 
     #[test]
@@ -325,8 +330,12 @@ mod tests {
         for bad in [
             CallOptions::new().ttl(Duration::ZERO),
             CallOptions::new().stale_for(Duration::from_secs(60 * 24 * 3600)),
-            CallOptions::new().early_refresh(true).early_refresh_beta(-1.0),
-            CallOptions::new().early_refresh(true).early_refresh_beta(f64::NAN),
+            CallOptions::new()
+                .early_refresh(true)
+                .early_refresh_beta(-1.0),
+            CallOptions::new()
+                .early_refresh(true)
+                .early_refresh_beta(f64::NAN),
             CallOptions::new().ttl_jitter(1.5),
             CallOptions::new().negative_ttl(Duration::from_secs(20 * 365 * 24 * 3600)),
             CallOptions::new().soft_timeout(Duration::ZERO),

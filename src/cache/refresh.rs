@@ -47,7 +47,11 @@ impl<C: Codec> Inner<C> {
         E: Send + Sync + 'static,
         L: Loader<Output = std::result::Result<T, E>>,
     {
-        let guard = match self.lock.attempt(&keys.lock, self.lock.options().expiry).await {
+        let guard = match self
+            .lock
+            .attempt(&keys.lock, self.lock.options().expiry)
+            .await
+        {
             Ok(Attempt::Acquired(guard)) => guard,
             // Someone holds the lock: they refresh. Or too few masters answered:
             // nobody refreshes now, and the value at hand is served either way.
@@ -210,4 +214,3 @@ impl<C: Codec> Inner<C> {
         );
     }
 }
-

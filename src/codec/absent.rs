@@ -133,11 +133,7 @@ impl ser::Serializer for AbsentProbe {
         Err(Present)
     }
 
-    fn serialize_struct(
-        self,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStruct, Present> {
+    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Present> {
         Err(Present)
     }
 

@@ -109,7 +109,9 @@ pub fn split_header(codec_id: u8, bytes: &[u8]) -> Result<(Meta, &[u8]), CodecEr
     }
     let flags = bytes[4];
     if flags & !FLAG_ABSENT != 0 {
-        return Err(CodecError::Decode(format!("unknown header flags {flags:#04x}")));
+        return Err(CodecError::Decode(format!(
+            "unknown header flags {flags:#04x}"
+        )));
     }
     let millis = |at: usize| {
         let ms = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
