@@ -851,6 +851,37 @@ fn micro(o: &Options) -> String {
                 format!("codec/decode/{size}"),
                 format!("decode, {}", size_label(size)),
             ));
+            // Bytes: as a `Vec<u8>` (a sequence of `u8`s to serde) and as a
+            // byte buffer (`serde_bytes`, what `get_or_load_bytes` uses): the
+            // same stored bytes.
+            let blob_bytes = encode(&BincodeCodec, &blob(size)).expect("encode");
+            g.bench_with_input(
+                BenchmarkId::new("decode_vec_u8", size),
+                &blob_bytes,
+                |b, bytes| {
+                    b.iter(|| {
+                        decode::<_, Vec<u8>>(&BincodeCodec, black_box(bytes)).expect("decode")
+                    })
+                },
+            );
+            g.bench_with_input(
+                BenchmarkId::new("decode_byte_buf", size),
+                &blob_bytes,
+                |b, bytes| {
+                    b.iter(|| {
+                        decode::<_, serde_bytes::ByteBuf>(&BincodeCodec, black_box(bytes))
+                            .expect("decode")
+                    })
+                },
+            );
+            ids.push((
+                format!("codec/decode_vec_u8/{size}"),
+                format!("decode `Vec<u8>`, {}", size_label(size)),
+            ));
+            ids.push((
+                format!("codec/decode_byte_buf/{size}"),
+                format!("decode bytes (`serde_bytes`), {}", size_label(size)),
+            ));
         }
         g.finish();
     }
@@ -970,7 +1001,7 @@ fn micro(o: &Options) -> String {
     }
     let mut out = String::from(
         "### Micro benchmarks (criterion)\n\n\
-         Codec: bincode with the locked-cache header, `String` values. Lock: `Redlock` with \
+         Codec: bincode with the locked-cache header, `String` values unless said. Lock: `Redlock` with \
          default options on loopback redis-servers; *acquire* times only the acquisition \
          (the release runs untimed between iterations).\n\n",
     );
