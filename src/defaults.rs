@@ -54,3 +54,7 @@ pub const DEFAULT_FAIL_SAFE: bool = true;
 /// are detached from their caller by default: a load runs to completion even
 /// if the caller that started it goes away.
 pub const DEFAULT_DETACHED: bool = true;
+/// The longest a load on a task of its own (a background refresh, a detached
+/// load) may run: 60 s. Then it is dropped, its lock released, and the failure
+/// counted: a hung backend call cannot hold a key's lock forever.
+pub const DEFAULT_BACKGROUND_TIMEOUT: Duration = Duration::from_secs(60);

@@ -21,8 +21,7 @@ pub enum Freshness {
     /// Past its fresh time, inside its stale window and inside what the call
     /// accepts: return it and refresh.
     Stale,
-    /// Past what the call accepts: treat as a miss (it is still at hand for
-    /// fail-safe if the value's own stale window has not run out).
+    /// Past what the call accepts: a miss.
     TooStale,
 }
 
@@ -69,29 +68,30 @@ pub fn xfetch_margin(load_time: Duration, beta: f64, draw: f64) -> Duration {
     Duration::try_from_secs_f64(load_time.as_secs_f64() * factor).unwrap_or(MAX_TTL)
 }
 
-/// How a loaded value is stored: the key's TTL (fresh time, jittered, plus
-/// the stale window) and its [`Meta`]; `None` when it is not to be stored (a
-/// "not found" with a zero negative TTL).
+/// How a loaded value is stored: its key's TTL (fresh time, jittered, plus
+/// the stale window; `None` when it is not to be stored: a "not found" with a
+/// zero negative TTL) and its [`Meta`]. A "not found" with a negative TTL keeps
+/// a stale window no longer than that TTL, so that it does not linger.
 pub fn storage(
     options: &Resolved,
     absent: bool,
     load_time: Duration,
     draw: f64,
-) -> Option<(Duration, Meta)> {
-    let fresh = match (absent, options.negative_ttl) {
-        (true, Some(negative)) => negative,
-        _ => options.ttl,
+) -> (Option<Duration>, Meta) {
+    let (fresh, stale_for) = match (absent, options.negative_ttl) {
+        (true, Some(negative)) => (negative, options.stale_for.min(negative)),
+        _ => (options.ttl, options.stale_for),
     };
-    if fresh.is_zero() {
-        return None;
-    }
-    let jittered = jitter(fresh, options.ttl_jitter, draw);
     let meta = Meta {
-        stale_for: options.stale_for,
+        stale_for,
         load_time,
         absent,
     };
-    Some(((jittered + options.stale_for).min(MAX_TTL), meta))
+    if fresh.is_zero() {
+        return (None, meta);
+    }
+    let jittered = jitter(fresh, options.ttl_jitter, draw);
+    (Some((jittered + stale_for).min(MAX_TTL)), meta)
 }
 
 /// `ttl` less a share `fraction * draw` of it, at least 1 ms.
@@ -185,20 +185,22 @@ mod tests {
                 .ttl_jitter(0.2),
         );
         let load = Duration::from_millis(7);
-        let (ttl, m) = storage(&o, false, load, 0.0).unwrap();
-        assert_eq!(ttl, Duration::from_secs(15));
+        let (ttl, m) = storage(&o, false, load, 0.0);
+        assert_eq!(ttl, Some(Duration::from_secs(15)));
         assert_eq!(
             (m.stale_for, m.load_time, m.absent),
             (Duration::from_secs(5), load, false)
         );
         // The largest draw takes 20% off the fresh time only.
-        let (ttl, _) = storage(&o, false, load, 1.0).unwrap();
-        assert_eq!(ttl, Duration::from_secs(13));
-        let (ttl, m) = storage(&o, true, load, 0.0).unwrap();
-        assert_eq!((ttl, m.absent), (Duration::from_secs(6), true));
+        let (ttl, _) = storage(&o, false, load, 1.0);
+        assert_eq!(ttl, Some(Duration::from_secs(13)));
+        // A "not found": the negative TTL, and a stale window no longer than it.
+        let (ttl, m) = storage(&o, true, load, 0.0);
+        assert_eq!((ttl, m.absent), (Some(Duration::from_secs(2)), true));
+        assert_eq!(m.stale_for, Duration::from_secs(1));
         let no_negative = options(CallOptions::new().negative_ttl(Duration::ZERO));
-        assert_eq!(storage(&no_negative, true, load, 0.0), None);
-        assert!(storage(&no_negative, false, load, 0.0).is_some());
+        assert_eq!(storage(&no_negative, true, load, 0.0).0, None);
+        assert!(storage(&no_negative, false, load, 0.0).0.is_some());
     }
 
     #[test]
