@@ -115,11 +115,17 @@ pub use codec::JsonCodec;
 pub use codec::{BincodeCodec, Codec};
 pub use defaults::*;
 pub use error::{CodecError, Error, LoadError, Result};
-pub use lock::{LockGuard, LockOptions, Redlock};
+pub use lock::{
+    HolderInfo, LockGuard, LockInfo, LockLost, LockOptions, LostSignal, Owner, Redlock, RunOnce,
+    RwLock, Semaphore,
+};
 pub use stats::StatsSnapshot;
+pub use store::{
+    Claim, ConnectionOptions, Holding, Holdings, MemoryStore, Publish, RedisStore, SharedStore,
+    Store,
+};
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};
-pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store};
 pub use telemetry::Outcome;
 
 /// The README's examples, compiled as doctests.

@@ -853,7 +853,7 @@ impl<C: Codec> Inner<C> {
         );
         let span = load_span(&self.telemetry);
         let loaded = self
-            .run_loader(loader(LoadContext::new(Some(keepalive.lost_signal()))))
+            .run_loader(loader(keepalive.context()))
             .instrument(span.clone())
             .await;
         let lost_during_load = keepalive.stop().await;
