@@ -35,6 +35,11 @@ const COMMANDS: &[&str] = &[
     "+pexpire",
     "+pttl",
     "+type",
+    "+hget",
+    "+hset",
+    "+hdel",
+    "+hkeys",
+    "+time",
 ];
 
 /// Commands the cache (or redis-rs's handshake) tries and whose refusal it

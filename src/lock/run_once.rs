@@ -42,8 +42,11 @@ impl Redlock {
     /// window may overlap the next window's run. `key` is a lock name: do not
     /// use the same name for a lock.
     ///
-    /// Concurrent callers: exactly one of a burst runs the action, unless the
-    /// masters are unreachable (then [`Error::QuorumNotReached`](crate::Error::QuorumNotReached)
+    /// Concurrent callers: exactly one of a burst runs the action (a caller is
+    /// told [`RunOnce::Skipped`] only once it saw another holding the window on
+    /// a majority of masters; in the rare case that holder's own acquisition
+    /// then fails, for instance its validity ran out while it was counting
+    /// votes, nobody runs it in that window), unless the masters are unreachable (then [`Error::QuorumNotReached`](crate::Error::QuorumNotReached)
     /// and nobody runs it). When the attempts of several callers split the
     /// masters' votes, they retry within the configured wait time (then
     /// [`Error::LockTimeout`](crate::Error::LockTimeout)).
@@ -77,6 +80,12 @@ impl Redlock {
         let claim = std::sync::Arc::new(Claimed::Exclusive(vec![key.to_owned()]));
         let started = Instant::now();
         let deadline = started + self.inner.options.wait;
+        // One contender per process (the others queue here, and are then
+        // told about the window at once): a burst does not split the votes.
+        let Some(_turn) = self.inner.lines.wait_turn(key, deadline).await else {
+            let outcome = Attempt::Held { split: false };
+            return Err(self.wait_error(key, &outcome, started.elapsed()));
+        };
         let mut splits = Splits::default();
         loop {
             let outcome = self.attempt_claim(&claim, window).await?;
@@ -85,8 +94,15 @@ impl Redlock {
                     guard.keep_until_expiry();
                     return Ok(RunOnce::Ran(action().await));
                 }
-                Attempt::Held { split: false } => return Ok(RunOnce::Skipped),
-                Attempt::Held { split: true } | Attempt::NoQuorum { .. } => {
+                // Refused by a majority: by the window's holder, or by
+                // contenders that split the masters between them and are
+                // undoing their grants (then nobody holds it: try again).
+                Attempt::Held { split: false }
+                    if self.inspect_claim(&claim).await?.holding().next().is_some() =>
+                {
+                    return Ok(RunOnce::Skipped);
+                }
+                Attempt::Held { .. } | Attempt::NoQuorum { .. } => {
                     let now = Instant::now();
                     if now >= deadline {
                         return Err(self.wait_error(key, &outcome, now - started));
