@@ -202,7 +202,7 @@ impl Redlock {
         {
             return Err(e);
         }
-        info.holders.sort_by(|a, b| b.masters.cmp(&a.masters));
+        info.holders.sort_by_key(|h| std::cmp::Reverse(h.masters));
         Ok(info)
     }
 }

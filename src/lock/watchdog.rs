@@ -70,8 +70,10 @@ impl LostSignal {
     /// released first. Cancel safe: `select!` on it next to the work.
     pub async fn lost(&self) -> LockLost {
         let mut lost = self.lost.clone();
-        match lost.wait_for(Option::is_some).await {
-            Ok(reason) => reason.clone().unwrap_or(LockLost::Refused),
+        // The borrow (not Send) must end before any other await.
+        let reason = lost.wait_for(Option::is_some).await.map(|r| r.clone());
+        match reason {
+            Ok(reason) => reason.unwrap_or(LockLost::Refused),
             Err(_) => std::future::pending().await,
         }
     }
@@ -177,5 +179,19 @@ impl Drop for Watchdog {
         if let Some(task) = &self.task {
             task.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_send<T: Send>(_: T) {}
+
+    #[test]
+    fn the_lost_futures_are_send() {
+        let (_tx, rx) = watch::channel(None);
+        let signal = LostSignal { lost: rx };
+        is_send(signal.lost());
     }
 }
