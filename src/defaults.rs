@@ -37,3 +37,20 @@ pub const DEFAULT_MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_KEY_LEN: usize = 1024;
 /// The name a cache reports itself under in metrics labels and spans: `default`.
 pub const DEFAULT_CACHE_NAME: &str = "default";
+/// How long a value stays usable after its TTL: zero, so a value is gone at
+/// its TTL and the next call waits for the reload (the behaviour without a
+/// stale window). See [`CallOptions::stale_for`](crate::CallOptions::stale_for).
+pub const DEFAULT_STALE_FOR: Duration = Duration::ZERO;
+/// Early refresh (XFetch) is off by default.
+pub const DEFAULT_EARLY_REFRESH: bool = false;
+/// XFetch's β when early refresh is on: 1.0, the paper's choice (Vattani et al.
+/// 2015). Above 1 refreshes earlier; below 1 later.
+pub const DEFAULT_EARLY_REFRESH_BETA: f64 = 1.0;
+/// TTL jitter: 0 (every value of a call lives exactly its TTL).
+pub const DEFAULT_TTL_JITTER: f64 = 0.0;
+/// Fail-safe is on: a usable stale value is served when its refresh fails.
+pub const DEFAULT_FAIL_SAFE: bool = true;
+/// Loads with a `'static` loader ([`LockedCache::with`](crate::LockedCache::with))
+/// are detached from their caller by default: a load runs to completion even
+/// if the caller that started it goes away.
+pub const DEFAULT_DETACHED: bool = true;

@@ -85,6 +85,17 @@ pub enum Error {
     /// A custom [`Store`](crate::Store) failed (build it with [`Error::store`]).
     #[error("store: {0}")]
     Store(Arc<dyn std::error::Error + Send + Sync>),
+    /// The call's hard timeout ([`CallOptions::hard_timeout`](crate::CallOptions::hard_timeout))
+    /// passed before the loader returned, and no usable stale value was at
+    /// hand. A detached load goes on in the background and still stores its
+    /// value.
+    #[error("loading `{key}` took longer than the hard timeout of {timeout:?}")]
+    LoadTimeout {
+        /// The cache key (without the prefix).
+        key: String,
+        /// The hard timeout.
+        timeout: std::time::Duration,
+    },
     /// A background task the call depended on (the one sending a lock command
     /// to a master) ended without an answer: the tokio runtime is shutting down.
     #[error("a background task ended without an answer (runtime shutting down)")]
@@ -97,12 +108,14 @@ impl Error {
         Error::Store(Arc::new(error))
     }
 
-    /// True when the failure is a timeout: lock wait, pool checkout or a command.
+    /// True when the failure is a timeout: lock wait, pool checkout, a command
+    /// or the call's hard timeout.
     pub fn is_timeout(&self) -> bool {
         match self {
             Error::LockTimeout { .. }
             | Error::PoolTimeout { .. }
-            | Error::CommandTimeout { .. } => true,
+            | Error::CommandTimeout { .. }
+            | Error::LoadTimeout { .. } => true,
             Error::Redis { source, .. } => source.is_timeout(),
             _ => false,
         }

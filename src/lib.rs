@@ -153,7 +153,7 @@ pub use lock::{
 pub use stats::StatsSnapshot;
 pub use store::{
     Claim, ConnectionOptions, Holding, Holdings, MemoryStore, Publish, RedisStore, SharedStore,
-    Store,
+    Store, Stored,
 };
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};

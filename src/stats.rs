@@ -151,6 +151,26 @@ counters! {
     /// Loaded values not stored because the store failed (Redis down, timeout).
     /// The callers got the value; it was not cached.
     store_errors,
+    /// Lookups that found a value past its fresh time, inside its stale window
+    /// (see [`CallOptions::stale_for`](crate::CallOptions::stale_for)), and
+    /// served it at once. Counted as hits too.
+    stale_served,
+    /// Refreshes started by this process for a stale value, or early (before
+    /// the value went stale): at most one per key across every process at a
+    /// time, since each holds the key's lock.
+    refreshes,
+    /// Fresh values that early refresh decided to reload before they expire.
+    early_refreshes,
+    /// Refreshes run in the background (stale-while-revalidate, early refresh,
+    /// a load detached from its caller) that failed: loader error or panic,
+    /// or the cache failed. The error is logged; the value in Redis is kept.
+    background_errors,
+    /// Calls that got a stale value instead of an error (fail-safe): the
+    /// refresh failed or passed its soft timeout, or the lock or Redis failed.
+    fail_safe_served,
+    /// Lookups that found a cached "not found" (a loader's `None` stored with
+    /// the negative TTL). Counted as hits too.
+    negative_hits,
 }
 
 impl StatsSnapshot {

@@ -37,16 +37,29 @@ pub enum Outcome {
     Waited,
     /// This call ran its loader (and stored the value).
     Loaded,
+    /// The value was past its fresh time but inside its stale window, and was
+    /// returned at once while one refresh runs (started by this call, or
+    /// already running elsewhere). See
+    /// [`CallOptions::stale_for`](crate::CallOptions::stale_for).
+    Stale,
+    /// The refresh of a stale value failed (loader error or panic, soft
+    /// timeout, lock or Redis unavailable) and the stale value was returned
+    /// instead of the error (fail-safe; the error is logged and counted in
+    /// [`fail_safe_served`](crate::StatsSnapshot::fail_safe_served)).
+    FailSafe,
 }
 
 impl Outcome {
-    /// The outcome's name: `hit`, `coalesced`, `waited` or `loaded`.
+    /// The outcome's name: `hit`, `coalesced`, `waited`, `loaded`, `stale` or
+    /// `fail_safe`.
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Hit => "hit",
             Outcome::Coalesced => "coalesced",
             Outcome::Waited => "waited",
             Outcome::Loaded => "loaded",
+            Outcome::Stale => "stale",
+            Outcome::FailSafe => "fail_safe",
         }
     }
 
@@ -76,7 +89,9 @@ impl CallEnd {
     pub(crate) fn of<T, E>(result: &Result<(T, Outcome), LoadError<E>>) -> CallEnd {
         match result {
             Ok((_, outcome)) => CallEnd::Served(*outcome),
-            Err(LoadError::Cache(Error::LockTimeout { .. })) => CallEnd::Timeout,
+            Err(LoadError::Cache(Error::LockTimeout { .. } | Error::LoadTimeout { .. })) => {
+                CallEnd::Timeout
+            }
             Err(_) => CallEnd::Error,
         }
     }
@@ -90,11 +105,13 @@ impl CallEnd {
     }
 
     #[cfg(feature = "metrics")]
-    const ALL: [CallEnd; 6] = [
+    const ALL: [CallEnd; 8] = [
         CallEnd::Served(Outcome::Hit),
         CallEnd::Served(Outcome::Coalesced),
         CallEnd::Served(Outcome::Waited),
         CallEnd::Served(Outcome::Loaded),
+        CallEnd::Served(Outcome::Stale),
+        CallEnd::Served(Outcome::FailSafe),
         CallEnd::Timeout,
         CallEnd::Error,
     ];
@@ -106,8 +123,10 @@ impl CallEnd {
             CallEnd::Served(Outcome::Coalesced) => 1,
             CallEnd::Served(Outcome::Waited) => 2,
             CallEnd::Served(Outcome::Loaded) => 3,
-            CallEnd::Timeout => 4,
-            CallEnd::Error => 5,
+            CallEnd::Served(Outcome::Stale) => 4,
+            CallEnd::Served(Outcome::FailSafe) => 5,
+            CallEnd::Timeout => 6,
+            CallEnd::Error => 7,
         }
     }
 }
@@ -126,6 +145,7 @@ pub(crate) fn error_type<E>(error: &LoadError<E>) -> &'static str {
             Error::ValueTooLarge { .. } => "value_too_large",
             Error::InvalidKey(_) => "invalid_key",
             Error::InvalidConfig(_) => "invalid_config",
+            Error::LoadTimeout { .. } => "load_timeout",
             Error::Store(_) => "store",
             Error::Abandoned => "abandoned",
         },
@@ -332,7 +352,7 @@ impl Drop for GaugeGuard<'_> {
 
 #[cfg(feature = "metrics")]
 struct Metrics {
-    calls: [metrics::Counter; 6],
+    calls: [metrics::Counter; 8],
     load: metrics::Histogram,
     wait: metrics::Histogram,
     lock_acquire: metrics::Histogram,
@@ -398,6 +418,8 @@ mod tests {
             CallEnd::Served(Outcome::Coalesced),
             CallEnd::Served(Outcome::Waited),
             CallEnd::Served(Outcome::Loaded),
+            CallEnd::Served(Outcome::Stale),
+            CallEnd::Served(Outcome::FailSafe),
             CallEnd::Timeout,
             CallEnd::Error,
         ]
@@ -406,7 +428,16 @@ mod tests {
         .collect();
         assert_eq!(
             names,
-            ["hit", "coalesced", "waited", "loaded", "timeout", "error"]
+            [
+                "hit",
+                "coalesced",
+                "waited",
+                "loaded",
+                "stale",
+                "fail_safe",
+                "timeout",
+                "error"
+            ]
         );
         assert!(Outcome::Waited.is_cached() && !Outcome::Loaded.is_cached());
     }

@@ -525,9 +525,7 @@ async fn crafted_bytes_never_take_the_process_down_and_read_as_a_miss() {
         .await
         .unwrap();
     let header = |payload: &[u8]| {
-        let mut bytes = codec::MAGIC.to_vec();
-        bytes.push(codec::FORMAT_VERSION);
-        bytes.push(b'b');
+        let mut bytes = codec::header(b'b', &codec::Meta::default()).to_vec();
         bytes.extend_from_slice(payload);
         bytes
     };

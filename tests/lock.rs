@@ -357,6 +357,9 @@ impl locked_cache::Store for SlowGrants {
     async fn get(&self, key: &str) -> locked_cache::Result<Option<Vec<u8>>> {
         self.inner.get(key).await
     }
+    async fn get_with_ttl(&self, key: &str) -> locked_cache::Result<Option<locked_cache::Stored>> {
+        self.inner.get_with_ttl(key).await
+    }
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> locked_cache::Result<()> {
         self.inner.set(key, value, ttl).await
     }
@@ -400,7 +403,7 @@ impl locked_cache::Store for SlowGrants {
         fence_key: &str,
         token: &[u8],
         fence_expiry: Duration,
-    ) -> locked_cache::Result<Option<Vec<u8>>> {
+    ) -> locked_cache::Result<Option<locked_cache::Stored>> {
         self.inner
             .get_or_fence(key, fence_key, token, fence_expiry)
             .await

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
 
-use super::{DebugConfig, Inner, LockedCache, keys};
+use super::{CallOptions, DebugConfig, Inner, LockedCache, keys};
 use crate::codec::{BincodeCodec, Codec};
 use crate::defaults::*;
 use crate::error::{Error, Result};
@@ -74,6 +74,7 @@ pub struct Builder<C = BincodeCodec> {
     cache_url: Option<String>,
     tls: TlsOptions,
     ttl: Duration,
+    call_options: CallOptions,
     lock: LockOptions,
     key_prefix: String,
     pool_size: u32,
@@ -96,6 +97,7 @@ impl Default for Builder<BincodeCodec> {
             cache_url: None,
             tls: TlsOptions::default(),
             ttl: DEFAULT_TTL,
+            call_options: CallOptions::new(),
             lock: LockOptions::default(),
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             pool_size: DEFAULT_POOL_SIZE,
@@ -256,10 +258,23 @@ impl<C: Codec> Builder<C> {
         self
     }
 
-    /// How long a stored value lives. Defaults to [`DEFAULT_TTL`] (60 s). Longer:
-    /// fewer loads, staler values. Must be at least 1 ms.
+    /// How long a stored value lives (is fresh). Defaults to [`DEFAULT_TTL`]
+    /// (60 s). Longer: fewer loads, staler values. Must be at least 1 ms. A
+    /// call can set its own ([`CallOptions::ttl`]).
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = ttl;
+        self
+    }
+
+    /// The cache's [`CallOptions`]: stale window (stale-while-revalidate and
+    /// fail-safe), early refresh, negative TTL, TTL jitter, soft and hard
+    /// timeouts, detached loads. Every call uses them, and a call through
+    /// [`LockedCache::with`] overrides the ones it sets. A TTL set here
+    /// overrides [`ttl`](Self::ttl). Defaults to [`CallOptions::new`]: every
+    /// option at its library default (no stale window, no early refresh, see
+    /// each option).
+    pub fn call_options(mut self, options: CallOptions) -> Self {
+        self.call_options = options;
         self
     }
 
@@ -406,6 +421,7 @@ impl<C: Codec> Builder<C> {
             cache_url: self.cache_url,
             tls: self.tls,
             ttl: self.ttl,
+            call_options: self.call_options,
             lock: self.lock,
             key_prefix: self.key_prefix,
             pool_size: self.pool_size,
@@ -430,6 +446,7 @@ impl<C: Codec> Builder<C> {
         if self.ttl > MAX_TTL {
             return invalid("ttl must be at most 10 years".into());
         }
+        self.call_options.resolve(self.ttl)?;
         if self.pool_size == 0 {
             return invalid("pool size must be at least 1".into());
         }
@@ -540,6 +557,8 @@ impl<C: Codec> Builder<C> {
             value_store,
             lock,
             ttl: self.ttl,
+            call_options: self.call_options,
+            defaults: self.call_options.resolve(self.ttl)?,
             key_prefix: self.key_prefix,
             max_value_size: self.max_value_size,
             max_key_len: self.max_key_len,

@@ -21,34 +21,40 @@
 
 mod builder;
 mod flight;
+mod freshness;
 mod keepalive;
 mod keys;
+mod load;
+mod options;
+mod refresh;
+mod with;
 
 pub use builder::{Builder, QuorumLossPolicy};
 pub use keepalive::LoadContext;
+pub use options::CallOptions;
+pub use with::With;
 
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::Instrument;
-use tracing::field::Empty;
 
-use crate::codec::{self, BincodeCodec, Codec};
+use crate::codec::{self, BincodeCodec, Codec, Meta};
 use crate::error::{Error, LoadError, Result};
-use crate::lock::{Attempt, LockGuard, Redlock, Splits, Token};
+use crate::lock::Redlock;
 use crate::stats::{Stats, StatsSnapshot};
-use crate::store::{Publish, SharedStore};
-use crate::telemetry::{CallTrace, KeyHash, Outcome, Telemetry, key_hash, millis};
+use crate::store::{SharedStore, Stored};
+use crate::telemetry::{CallTrace, Outcome, Telemetry};
 use flight::{Bytes, Flights, Role};
-use keepalive::KeepAlive;
+use freshness::Freshness;
 use keys::Keys;
+use load::{Inline, Led, Loader};
+use options::Resolved;
 
 /// A cache over Redis (or the embedded store) whose misses are loaded once across
 /// every process, guarded by a Redlock. Cheap to clone; clones share everything.
@@ -93,6 +99,7 @@ impl<C> fmt::Debug for LockedCache<C> {
             .field("masters", &inner.config.masters)
             .field("value_server", &inner.value_store.server())
             .field("ttl", &inner.ttl)
+            .field("call_options", &inner.call_options)
             .field("lock_expiry", &lock.expiry)
             .field("wait_time", &lock.wait)
             .field("retry_time", &lock.retry)
@@ -123,6 +130,10 @@ struct Inner<C> {
     value_store: SharedStore,
     lock: Redlock,
     ttl: Duration,
+    /// The options calls start from (the builder's `call_options`).
+    call_options: CallOptions,
+    /// `call_options` resolved: what a plain `get_or_load` call uses.
+    defaults: Resolved,
     key_prefix: String,
     max_value_size: usize,
     max_key_len: usize,
@@ -234,7 +245,7 @@ impl<C: Codec> LockedCache<C> {
     /// ```
     pub async fn get_or_load<T, E, F, Fut>(&self, key: &str, loader: F) -> Result<T, LoadError<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Send + 'static,
         E: Send + Sync + 'static,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -252,7 +263,7 @@ impl<C: Codec> LockedCache<C> {
         loader: F,
     ) -> Result<T, LoadError<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Send + 'static,
         E: Send + Sync + 'static,
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -293,40 +304,71 @@ impl<C: Codec> LockedCache<C> {
         loader: F,
     ) -> Result<(T, Outcome), LoadError<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Send + 'static,
         E: Send + Sync + 'static,
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let inner = &*self.inner;
-        let span = inner.telemetry.call_span(&inner.key_prefix, key);
-        // One deadline per call, for waiting on someone else's load: in this
-        // process (as a follower) or in another (for the lock).
-        let started = Instant::now();
-        let mut trace = CallTrace::default();
-        let result = inner
-            .call(key, loader, started, &mut trace)
-            .instrument(span.clone())
-            .await;
-        inner.telemetry.call_ended(&span, &trace, started, &result);
-        result
+        let options = self.inner.defaults;
+        self.inner.traced_call(key, Inline(loader), &options).await
     }
 
-    /// The value under `key`, if there is one that decodes. One round trip; no
-    /// lock. An undecodable value counts as absent (and as corrupt in the stats).
+    /// Calls with their own [`CallOptions`] (TTL, stale window, early refresh,
+    /// negative TTL, jitter, timeouts, detached loads): the ones set in
+    /// `options` override the cache's. The loader must be `Send + 'static` (move
+    /// what it needs into it), so that refreshes can run in the background and
+    /// loads can outlive a caller that went away.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use locked_cache::{CallOptions, LockedCache};
+    ///
+    /// const PROFILES: CallOptions = CallOptions::new()
+    ///     .ttl(Duration::from_secs(30))
+    ///     .stale_for(Duration::from_secs(600))
+    ///     .negative_ttl(Duration::from_secs(5));
+    ///
+    /// let cache = LockedCache::builder().build().await?;
+    /// let id = 42;
+    /// let name: Option<String> = cache
+    ///     .with(PROFILES)
+    ///     .get_or_load("profile:42", move || async move {
+    ///         Ok::<_, std::io::Error>((id == 42).then(|| "Ada".to_owned()))
+    ///     })
+    ///     .await?;
+    /// assert_eq!(name.as_deref(), Some("Ada"));
+    /// # Ok(()) }
+    /// ```
+    pub fn with(&self, options: CallOptions) -> With<'_, C> {
+        With::new(self, options)
+    }
+
+    /// The value under `key`, if there is one that decodes and is fresh, or
+    /// stale inside the cache's stale window. One round trip; no lock. An
+    /// undecodable value counts as absent (and as corrupt in the stats).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        let found = inner.read(&keys::value_key(&inner.key_prefix, key)).await?;
+        let options = &inner.defaults;
+        let found = inner
+            .read(
+                &keys::value_key(&inner.key_prefix, key),
+                options.reads_ttl(),
+            )
+            .await?
+            .filter(|found| found.usable(options));
         Stats::add(if found.is_some() {
             &inner.stats.hits
         } else {
             &inner.stats.misses
         });
-        Ok(found.map(|(value, _)| value))
+        Ok(found.map(|found| found.value))
     }
 
-    /// Stores `value` under `key` with the cache's TTL, unconditionally (no lock):
+    /// Stores `value` under `key` with the cache's TTL (and stale window),
+    /// unconditionally (no lock):
     /// for writers that know the fresh value, such as after an update. A load of
     /// `key` already running when this is called will not overwrite it (its write
     /// is fenced out); its callers still get the value it loaded.
@@ -349,12 +391,18 @@ impl<C: Codec> LockedCache<C> {
                 "ttl must be at least 1 ms and at most 10 years".into(),
             ));
         }
-        let bytes = inner.encode(key, value)?;
+        let meta = Meta {
+            stale_for: inner.defaults.stale_for,
+            load_time: Duration::ZERO,
+            absent: codec::is_absent(value),
+        };
+        let bytes = inner.encode(key, value, &meta)?;
         let keys = Keys::new(&inner.key_prefix, key);
         // Fence first: a load already running must not overwrite this value with
         // what it read before the change.
         inner.value_store.delete(&keys.fence).await?;
-        inner.value_store.set(&keys.value, &bytes, ttl).await
+        let key_ttl = (ttl + meta.stale_for).min(builder::MAX_TTL);
+        inner.value_store.set(&keys.value, &bytes, key_ttl).await
     }
 
     /// Removes the value under `key`; the next `get_or_load` loads it again.
@@ -409,25 +457,52 @@ impl<C: Codec> LockedCache<C> {
 }
 
 impl<C: Codec> Inner<C> {
+    /// One call in its `get_or_load` span, timed and counted by outcome.
+    async fn traced_call<T, E, L>(
+        self: &Arc<Self>,
+        key: &str,
+        loader: L,
+        options: &Resolved,
+    ) -> Result<(T, Outcome), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        L: Loader<Output = std::result::Result<T, E>>,
+    {
+        let span = self.telemetry.call_span(&self.key_prefix, key);
+        // One deadline per call, for waiting on someone else's load: in this
+        // process (as a follower) or in another (for the lock).
+        let started = Instant::now();
+        let mut trace = CallTrace::default();
+        let result = self
+            .call(key, loader, options, started, &mut trace)
+            .instrument(span.clone())
+            .await;
+        self.telemetry.call_ended(&span, &trace, started, &result);
+        result
+    }
+
     /// One `get_or_load` call: join the key's flight and wait for its leader,
     /// or lead it.
-    async fn call<T, E, F, Fut>(
-        &self,
+    async fn call<T, E, L>(
+        self: &Arc<Self>,
         key: &str,
-        loader: F,
+        loader: L,
+        options: &Resolved,
         started: Instant,
         trace: &mut CallTrace,
     ) -> Result<(T, Outcome), LoadError<E>>
     where
-        T: Serialize + DeserializeOwned,
+        T: Serialize + DeserializeOwned + Send + 'static,
         E: Send + Sync + 'static,
-        F: FnOnce(LoadContext) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
+        L: Loader<Output = std::result::Result<T, E>>,
     {
         keys::check_key(&self.key_prefix, key, self.max_key_len)?;
         let deadline = started + self.lock.options().wait;
         if !self.coalesce {
-            let led = self.lead(key, loader, started, deadline, trace).await?;
+            let led = self
+                .lead(key, loader, options, started, deadline, trace)
+                .await?;
             let outcome = led.outcome;
             return Ok((led.finish().await, outcome));
         }
@@ -472,7 +547,9 @@ impl<C: Codec> Inner<C> {
                 flight::Outcome::Abandoned => continue,
             }
         };
-        let result = self.lead(key, loader, started, deadline, trace).await;
+        let result = self
+            .lead(key, loader, options, started, deadline, trace)
+            .await;
         // Followers get the outcome first; then the lock is released.
         leader.finish(match &result {
             Ok(led) => flight::Outcome::Value(Arc::clone(&led.bytes)),
@@ -486,17 +563,130 @@ impl<C: Codec> Inner<C> {
         Ok((led.finish().await, outcome))
     }
 
-    /// Reads and decodes the value at `value_key`. A value that does not decode,
-    /// or a key of another Redis type, is a miss (reported and counted).
-    async fn read<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(T, Bytes)>> {
-        match self.value_store.get(value_key).await {
-            Ok(Some(bytes)) => Ok(self.decode_or_report(value_key, bytes, true)),
-            Ok(None) => Ok(None),
+    /// The leader's path: read and judge the value (`freshness.rs`); a fresh
+    /// one is a hit; a stale one is served while one refresh runs
+    /// (`refresh.rs`); a miss waits for the lock and loads (`load.rs`), on a
+    /// task of its own when the load is detached. Returns the value and its
+    /// stored bytes (for the followers).
+    async fn lead<T, E, L>(
+        self: &Arc<Self>,
+        key: &str,
+        loader: L,
+        options: &Resolved,
+        started: Instant,
+        deadline: Instant,
+        trace: &mut CallTrace,
+    ) -> Result<Led<T>, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        L: Loader<Output = std::result::Result<T, E>>,
+    {
+        let value_key = keys::value_key(&self.key_prefix, key);
+        if let Some(found) = self.read::<T>(&value_key, options.reads_ttl()).await? {
+            let judged = freshness::judge(&found.meta, found.ttl_left, options, fastrand::f64());
+            if judged != Freshness::TooStale {
+                Stats::add(&self.stats.hits);
+                if found.meta.absent {
+                    Stats::add(&self.stats.negative_hits);
+                }
+            }
+            match judged {
+                Freshness::Fresh => {
+                    return Ok(Led::unlocked(found.value, found.bytes, Outcome::Hit));
+                }
+                Freshness::RefreshEarly => {
+                    Stats::add(&self.stats.early_refreshes);
+                    let keys = Keys::with_value_key(value_key);
+                    return self
+                        .refresh(key, keys, found, loader, options, Outcome::Hit)
+                        .await;
+                }
+                Freshness::Stale => {
+                    Stats::add(&self.stats.stale_served);
+                    let keys = Keys::with_value_key(value_key);
+                    return self
+                        .refresh(key, keys, found, loader, options, Outcome::Stale)
+                        .await;
+                }
+                // Too old for this call: a miss.
+                Freshness::TooStale => {}
+            }
+        }
+        Stats::add(&self.stats.misses);
+        let keys = Keys::with_value_key(value_key);
+        let loader = if options.detached {
+            match loader.detach() {
+                Ok(detached) => {
+                    return self
+                        .load_detached(key, keys, detached, options, started, deadline, trace)
+                        .await;
+                }
+                Err(loader) => loader,
+            }
+        } else {
+            loader
+        };
+        let load = self.load_after_miss(key, &keys, loader, options, started, deadline, trace);
+        match options.hard_timeout {
+            None => load.await,
+            Some(limit) => match tokio::time::timeout(limit, load).await {
+                Ok(led) => led,
+                Err(_) => Err(self.hard_timeout_error(key, limit)),
+            },
+        }
+    }
+
+    /// The error of a call whose hard timeout passed with no value at hand.
+    fn hard_timeout_error<E>(&self, key: &str, timeout: Duration) -> LoadError<E> {
+        LoadError::Cache(Error::LoadTimeout {
+            key: key.to_owned(),
+            timeout,
+        })
+    }
+
+    /// Reads and decodes the value at `value_key`, with its time left when
+    /// `with_ttl` (or when the value turns out to have a stale window, whose
+    /// freshness needs it: a second round trip, only where calls with and
+    /// without a stale window share keys). A value that does not decode, or a
+    /// key of another Redis type, is a miss (reported and counted).
+    async fn read<T: DeserializeOwned>(
+        &self,
+        value_key: &str,
+        with_ttl: bool,
+    ) -> Result<Option<Found<T>>> {
+        let found = match self.fetch(value_key, with_ttl).await? {
+            Some(stored) => self.decode_or_report::<T>(value_key, stored, true),
+            None => None,
+        };
+        match found {
+            Some(found) if !with_ttl && !found.meta.stale_for.is_zero() => {
+                match self.fetch(value_key, true).await? {
+                    Some(stored) => Ok(self.decode_or_report(value_key, stored, true)),
+                    None => Ok(None),
+                }
+            }
+            found => Ok(found),
+        }
+    }
+
+    /// `GET`, or `GET` + `PTTL`; a key of another Redis type is reported and
+    /// reads as missing.
+    async fn fetch(&self, value_key: &str, with_ttl: bool) -> Result<Option<Stored>> {
+        let read = if with_ttl {
+            self.value_store.get_with_ttl(value_key).await
+        } else {
+            self.value_store
+                .get(value_key)
+                .await
+                .map(|bytes| bytes.map(|bytes| Stored { bytes, ttl: None }))
+        };
+        match read {
             Err(Error::Redis { source: e, .. }) if e.code() == Some("WRONGTYPE") => {
                 self.report_corrupt(value_key, &e);
                 Ok(None)
             }
-            Err(e) => Err(e),
+            read => read,
         }
     }
 
@@ -506,14 +696,15 @@ impl<C: Codec> Inner<C> {
     fn decode_or_report<T: DeserializeOwned>(
         &self,
         value_key: &str,
-        bytes: Vec<u8>,
+        stored: Stored,
         report: bool,
-    ) -> Option<(T, Bytes)> {
+    ) -> Option<Found<T>> {
         let report_corrupt = |error: &dyn fmt::Display| {
             if report {
                 self.report_corrupt(value_key, error);
             }
         };
+        let Stored { bytes, ttl } = stored;
         if bytes.len() > self.max_value_size {
             let error = format!(
                 "{} bytes, over the maximum value size of {}",
@@ -523,8 +714,13 @@ impl<C: Codec> Inner<C> {
             report_corrupt(&error);
             return None;
         }
-        match codec::decode(&self.codec, &bytes) {
-            Ok(value) => Some((value, Arc::new(bytes))),
+        match codec::decode_with_meta(&self.codec, &bytes) {
+            Ok((value, meta)) => Some(Found {
+                value,
+                bytes: Arc::new(bytes),
+                meta,
+                ttl_left: ttl,
+            }),
             Err(e) => {
                 report_corrupt(&e);
                 None
@@ -537,8 +733,8 @@ impl<C: Codec> Inner<C> {
         tracing::warn!(key = value_key, %error, "undecodable value treated as a miss; it will be reloaded and overwritten");
     }
 
-    fn encode<T: Serialize>(&self, key: &str, value: &T) -> Result<Vec<u8>> {
-        let bytes = codec::encode(&self.codec, value)?;
+    fn encode<T: Serialize>(&self, key: &str, value: &T, meta: &Meta) -> Result<Vec<u8>> {
+        let bytes = codec::encode_with_meta(&self.codec, value, meta)?;
         if bytes.len() > self.max_value_size {
             return Err(Error::ValueTooLarge {
                 key: key.to_owned(),
@@ -549,492 +745,63 @@ impl<C: Codec> Inner<C> {
         Ok(bytes)
     }
 
-    /// The leader's path: read; on a miss lock, re-read, load, store, release.
-    /// Returns the value and its stored bytes (for the followers).
-    async fn lead<T, E, F, Fut>(
+    /// Encodes a loaded value for the store: its key's TTL and its bytes, or
+    /// `None` when it is not to be stored (a "not found" with a zero negative
+    /// TTL).
+    fn encode_loaded<T: Serialize>(
         &self,
         key: &str,
-        loader: F,
-        started: Instant,
-        deadline: Instant,
-        trace: &mut CallTrace,
-    ) -> Result<Led<T>, LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce(LoadContext) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let value_key = keys::value_key(&self.key_prefix, key);
-        if let Some(found) = self.read(&value_key).await? {
-            Stats::add(&self.stats.hits);
-            return Ok(Led::unlocked(found.0, found.1, Outcome::Hit));
-        }
-        Stats::add(&self.stats.misses);
-        let keys = Keys::with_value_key(value_key);
-        let guard = match self
-            .lock_phase(key, &keys, started, deadline, trace)
-            .await?
-        {
-            Locked::Guard(guard) => guard,
-            Locked::ValueAppeared(found) => {
-                Stats::add(&self.stats.found_while_waiting);
-                return Ok(Led::unlocked(found.0, found.1, Outcome::Waited));
-            }
-            Locked::QuorumLost => return self.load_unlocked(key, &keys, loader).await,
+        value: &T,
+        load_time: Duration,
+        options: &Resolved,
+    ) -> Result<Option<(Duration, Vec<u8>)>> {
+        let absent = codec::is_absent(value);
+        let Some((ttl, meta)) = freshness::storage(options, absent, load_time, fastrand::f64())
+        else {
+            return Ok(None);
         };
-        self.load_locked(key, &keys, guard, loader).await
-    }
-
-    /// [`wait_for_lock`](Self::wait_for_lock) in a `lock` span, timed.
-    async fn lock_phase<T: DeserializeOwned>(
-        &self,
-        key: &str,
-        keys: &Keys,
-        started: Instant,
-        deadline: Instant,
-        trace: &mut CallTrace,
-    ) -> Result<Locked<T>> {
-        let span = tracing::debug_span!(
-            "lock",
-            db.system = self.telemetry.db_system,
-            db.operation.name = "lock",
-            locked_cache.lock_attempts = Empty,
-            locked_cache.lock_result = Empty,
-        );
-        let began = Instant::now();
-        let mut wait = LockWait::default();
-        let locked = self
-            .wait_for_lock(key, keys, started, deadline, &mut wait)
-            .instrument(span.clone())
-            .await;
-        trace.attempts += wait.attempts;
-        if let Some(since) = wait.refused_at {
-            trace.add_wait(since.elapsed());
-        }
-        let result = match &locked {
-            Ok(Locked::Guard(_)) => {
-                self.telemetry.lock_acquired(began.elapsed());
-                "acquired"
-            }
-            Ok(Locked::ValueAppeared(_)) => "value_found",
-            Ok(Locked::QuorumLost) => "quorum_lost",
-            Err(Error::LockTimeout { .. }) => "timeout",
-            Err(_) => "error",
-        };
-        span.record("locked_cache.lock_attempts", wait.attempts);
-        span.record("locked_cache.lock_result", result);
-        locked
-    }
-
-    /// Stores a loaded value through the fence (in a `store` span) and accounts
-    /// for the outcome. A refused or failed write is logged and counted, never
-    /// returned: the callers get the value they loaded either way.
-    async fn store_fenced(&self, keys: &Keys, bytes: &[u8], token: &[u8], lock_lost: bool) {
-        let span = tracing::debug_span!(
-            "store",
-            db.system = self.telemetry.db_system,
-            db.operation.name = "store",
-            locked_cache.store_result = Empty,
-        );
-        let result = self
-            .store_fenced_untraced(keys, bytes, token, lock_lost)
-            .instrument(span.clone())
-            .await;
-        span.record("locked_cache.store_result", result);
-    }
-
-    async fn store_fenced_untraced(
-        &self,
-        keys: &Keys,
-        bytes: &[u8],
-        token: &[u8],
-        lock_lost: bool,
-    ) -> &'static str {
-        // Waiters listen on the lock masters. When the value server is one of
-        // them, the store script publishes the wake-up; otherwise it is
-        // published on the masters once the value is stored.
-        let wake_up = self.wake_up(keys);
-        let (in_script, afterwards) = match wake_up {
-            Some(_) if self.separate_value_server => (None, true),
-            other => (other, false),
-        };
-        let stored = self
-            .value_store
-            .set_fenced(&keys.value, bytes, self.ttl, &keys.fence, token, in_script)
-            .await;
-        if afterwards && matches!(stored, Ok(true)) {
-            self.lock.publish_wake_up(&keys.lock);
-        }
-        match stored {
-            Ok(true) if !lock_lost => "stored",
-            Ok(true) => {
-                // Extension was refused but nobody took over: the write was still
-                // the newest. Count the loss all the same.
-                Stats::add(&self.stats.lock_lost);
-                "stored"
-            }
-            Ok(false) => {
-                Stats::add(&self.stats.writes_refused);
-                if lock_lost {
-                    Stats::add(&self.stats.lock_lost);
-                }
-                tracing::warn!(
-                    key = keys.value,
-                    "the fence was taken during the load (a newer holder, or set/invalidate): value returned, not stored"
-                );
-                "refused"
-            }
-            Err(e) => {
-                Stats::add(&self.stats.store_errors);
-                tracing::warn!(key = keys.value, error = %e, "storing the loaded value failed; returning it uncached");
-                "failed"
-            }
-        }
-    }
-
-    /// The wake-up the fenced store publishes: waiters of the key's lock learn of
-    /// the value the moment it is stored, a round trip before the release.
-    fn wake_up<'k>(&'k self, keys: &'k Keys) -> Option<Publish<'k>> {
-        let options = self.lock.options();
-        options.wake_ups.then_some(Publish {
-            channel: &options.channel,
-            payload: &keys.lock,
-        })
-    }
-
-    /// Waits for the lock, re-reading the value after every wake-up or retry.
-    /// While it waits it says at DEBUG what for (once, then at most every
-    /// second): a holder that crashed keeps the key blocked until its lock
-    /// expires, and the log should show it.
-    async fn wait_for_lock<T: DeserializeOwned>(
-        &self,
-        key: &str,
-        keys: &Keys,
-        started: Instant,
-        deadline: Instant,
-        wait: &mut LockWait,
-    ) -> Result<Locked<T>> {
-        let options = self.lock.options();
-        // Registered before the first attempt: a release after it wakes us.
-        let waiter = self.lock.waiter(&keys.lock);
-        let mut splits = Splits::default();
-        let mut waiting = None;
-        let mut next_log = started;
-        loop {
-            let outcome = self.lock.attempt(&keys.lock, options.expiry).await?;
-            wait.attempts += 1;
-            if let Attempt::Acquired(guard) = outcome {
-                return Ok(Locked::Guard(guard));
-            }
-            if matches!(outcome, Attempt::NoQuorum { .. })
-                && self.quorum_loss == QuorumLossPolicy::FailOpen
-            {
-                return Ok(Locked::QuorumLost);
-            }
-            let now = Instant::now();
-            wait.refused_at.get_or_insert(now);
-            waiting.get_or_insert_with(|| self.telemetry.waiting());
-            if now >= deadline {
-                return Err(self.lock.wait_error(&keys.lock, &outcome, now - started));
-            }
-            splits.after(&outcome);
-            let delay = self.lock.retry_delay(&outcome, splits).min(deadline - now);
-            if now >= next_log {
-                next_log = now + Duration::from_secs(1);
-                self.log_wait(
-                    key,
-                    &outcome,
-                    wait.attempts,
-                    now - started,
-                    deadline - now,
-                    delay,
-                );
-            }
-            waiter.wait(delay).await;
-            if let Some(found) = self.read(&keys.value).await? {
-                return Ok(Locked::ValueAppeared(found));
-            }
-        }
-    }
-
-    /// Says at DEBUG what a waiting call waits for.
-    fn log_wait(
-        &self,
-        key: &str,
-        outcome: &Attempt,
-        attempts: u32,
-        waited: Duration,
-        left: Duration,
-        next_try: Duration,
-    ) {
-        if !tracing::enabled!(tracing::Level::DEBUG) {
-            return;
-        }
-        let key_hash = KeyHash(key_hash(&self.key_prefix, key));
-        let options = self.lock.options();
-        let (waited_ms, wait_left_ms) = (millis(waited), millis(left));
-        let next_try_ms = millis(next_try);
-        match outcome {
-            Attempt::NoQuorum { reachable } => tracing::debug!(
-                locked_cache.key_hash = %key_hash,
-                reachable,
-                masters = self.lock.masters(),
-                attempts,
-                waited_ms,
-                wait_left_ms,
-                next_try_ms,
-                "waiting for the lock: too few masters reachable for a majority; retrying until the wait time is spent"
-            ),
-            Attempt::Held { split: true } => tracing::debug!(
-                locked_cache.key_hash = %key_hash,
-                attempts,
-                waited_ms,
-                wait_left_ms,
-                next_try_ms,
-                "waiting for the lock: the votes split between contenders; retrying soon"
-            ),
-            _ => tracing::debug!(
-                locked_cache.key_hash = %key_hash,
-                attempts,
-                waited_ms,
-                wait_left_ms,
-                next_try_ms,
-                lock_expiry_ms = millis(options.expiry),
-                wake_ups = options.wake_ups,
-                "waiting for the lock: another holder is loading this key; woken when it stores the value or releases the lock, or, if it crashed, when its lock expires (at most lock_expiry_ms after its last extension)"
-            ),
-        }
-    }
-
-    /// Holding the lock: the double check, then the load and the fenced store.
-    async fn load_locked<T, E, F, Fut>(
-        &self,
-        key: &str,
-        keys: &Keys,
-        guard: LockGuard,
-        loader: F,
-    ) -> Result<Led<T>, LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce(LoadContext) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let expiry = self.lock.options().expiry;
-        // The fence outlives the lock a little, so that a slow but live holder's
-        // write is judged by whether someone *else* took the fence, not by timing.
-        let fence_expiry = expiry * 2;
-        let found = self
-            .value_store
-            .get_or_fence(&keys.value, &keys.fence, guard.token(), fence_expiry)
-            .await;
-        // The fence is taken either way (a corrupt value is reloaded under it);
-        // a key of another Redis type reads as missing here.
-        match found {
-            Ok(Some(bytes)) => {
-                if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
-                    Stats::add(&self.stats.found_while_waiting);
-                    release(guard).await;
-                    return Ok(Led::unlocked(found.0, found.1, Outcome::Waited));
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                release(guard).await;
-                return Err(e.into());
-            }
-        }
-
-        let keepalive = KeepAlive::start(
-            &guard,
-            Arc::clone(&self.value_store),
-            keys.fence.clone(),
-            expiry,
-            fence_expiry,
-        );
-        let span = load_span(&self.telemetry);
-        let loaded = self
-            .run_loader(loader(keepalive.context()))
-            .instrument(span.clone())
-            .await;
-        let lost_during_load = keepalive.stop().await;
-        span.record("locked_cache.lock_lost", lost_during_load);
-        drop(span); // The load is over: close its span before the store's.
-
-        let value = match loaded {
-            Ok(value) => value,
-            Err(e) => {
-                release(guard).await;
-                return Err(LoadError::Loader(Arc::new(e)));
-            }
-        };
-        let bytes = match self.encode(key, &value) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                release(guard).await;
-                return Err(e.into());
-            }
-        };
-        self.store_fenced(keys, &bytes, guard.token(), lost_during_load)
-            .await;
-        // Released by the caller, after the flight's followers have the value.
-        Ok(Led {
-            value,
-            bytes: bytes.into(),
-            unlock: Some(guard),
-            outcome: Outcome::Loaded,
-        })
-    }
-
-    /// Fail-open path: the quorum is lost, load without the lock.
-    async fn load_unlocked<T, E, F, Fut>(
-        &self,
-        key: &str,
-        keys: &Keys,
-        loader: F,
-    ) -> Result<Led<T>, LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce(LoadContext) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        // Take the fence *before* loading (and look once more for a value): a
-        // `set`/`invalidate`, or a holder that gets the lock when the masters
-        // come back, takes the fence after us, and then our stale write is
-        // refused. Without the value server nothing can be stored anyway.
-        let fence_expiry = self.lock.options().expiry * 2;
-        let token = Token::new().map_err(|e| {
-            Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
-        })?;
-        let fenced = match self
-            .value_store
-            .get_or_fence(&keys.value, &keys.fence, token.as_bytes(), fence_expiry)
-            .await
-        {
-            Ok(Some(bytes)) => {
-                if let Some(found) = self.decode_or_report(&keys.value, bytes, false) {
-                    Stats::add(&self.stats.found_while_waiting);
-                    return Ok(Led::unlocked(found.0, found.1, Outcome::Waited));
-                }
-                true
-            }
-            Ok(None) => true,
-            Err(e) => {
-                tracing::warn!(key = keys.value, error = %e, "the value server failed too; the loaded value will not be cached");
-                false
-            }
-        };
-        Stats::add(&self.stats.fail_open_loads);
-        tracing::warn!(
-            key = keys.value,
-            "lock quorum lost: loading without the lock (fail-open)"
-        );
-        let value = match self
-            .run_loader(loader(LoadContext::new(None)))
-            .instrument(load_span(&self.telemetry))
-            .await
-        {
-            Ok(value) => value,
-            Err(e) => return Err(LoadError::Loader(Arc::new(e))),
-        };
-        let bytes = self.encode(key, &value)?;
-        if fenced {
-            self.store_fenced(keys, &bytes, token.as_bytes(), false)
-                .await;
-        } else {
-            Stats::add(&self.stats.store_errors);
-        }
-        Ok(Led {
-            value,
-            bytes: bytes.into(),
-            unlock: None,
-            outcome: Outcome::Loaded,
-        })
-    }
-
-    /// Runs a loader: counts it (and its failure, or panic), times it, and
-    /// counts it in flight while it runs. A panic continues to the caller (the
-    /// panic hook has already run; it is not run again).
-    async fn run_loader<T, E, Fut>(&self, load: Fut) -> Result<T, E>
-    where
-        Fut: Future<Output = Result<T, E>>,
-    {
-        Stats::add(&self.stats.loads);
-        let _loading = self.telemetry.loading();
-        let began = Instant::now();
-        let output = match AssertUnwindSafe(load).catch_unwind().await {
-            Ok(output) => output,
-            Err(panic) => {
-                Stats::add(&self.stats.load_errors);
-                std::panic::resume_unwind(panic)
-            }
-        };
-        self.telemetry.load_took(began.elapsed());
-        if output.is_err() {
-            Stats::add(&self.stats.load_errors);
-        }
-        output
+        Ok(Some((ttl, self.encode(key, value, &meta)?)))
     }
 }
 
-/// The span of a loader run.
-fn load_span(telemetry: &Telemetry) -> tracing::Span {
-    tracing::debug_span!(
-        "load",
-        db.system = telemetry.db_system,
-        db.operation.name = "load",
-        locked_cache.lock_lost = Empty,
-    )
-}
-
-/// What a wait for the lock saw: attempts, and when the first was refused.
-#[derive(Default)]
-struct LockWait {
-    attempts: u32,
-    refused_at: Option<Instant>,
-}
-
-/// What a leader got: the value, its stored bytes (for the followers), the
-/// lock to release once the followers have them, and how it was served.
-struct Led<T> {
+/// A decoded value as read, with what its freshness is judged by.
+struct Found<T> {
     value: T,
     bytes: Bytes,
-    unlock: Option<LockGuard>,
-    outcome: Outcome,
+    meta: Meta,
+    /// The key's remaining time to live; `None` when it has no expiry or it
+    /// was not read.
+    ttl_left: Option<Duration>,
 }
 
-impl<T> Led<T> {
-    fn unlocked(value: T, bytes: Bytes, outcome: Outcome) -> Led<T> {
-        Led {
-            value,
-            bytes,
-            unlock: None,
-            outcome,
-        }
-    }
-
-    /// Releases the lock, if held, and hands over the value.
-    async fn finish(self) -> T {
-        if let Some(guard) = self.unlock {
-            release(guard).await;
-        }
-        self.value
+impl<T> Found<T> {
+    /// Whether a call with `options` may return it without loading: fresh, or
+    /// stale within the call's stale window.
+    fn usable(&self, options: &Resolved) -> bool {
+        // The draw only matters for early refresh, which still counts as usable.
+        freshness::judge(&self.meta, self.ttl_left, options, 0.0) != Freshness::TooStale
     }
 }
 
-/// How a wait for the lock ended.
-enum Locked<T> {
-    Guard(LockGuard),
-    ValueAppeared((T, Bytes)),
-    QuorumLost,
+/// The value a refresh replaces, to tell whether someone else replaced it first.
+#[derive(Debug, Clone)]
+struct Replacing {
+    bytes: Bytes,
+    ttl_left: Option<Duration>,
 }
 
-/// Releases the lock, logging (not returning) a failure: the lock then expires
-/// on its own, and the caller's value or error matters more.
-async fn release(guard: LockGuard) {
-    let resource = guard.resource().to_owned();
-    match guard.release().await {
-        Ok(true) => {}
-        Ok(false) => tracing::debug!(resource, "lock was no longer held at release"),
-        Err(e) => tracing::warn!(resource, error = %e, "releasing the lock failed; it will expire"),
+impl Replacing {
+    fn of<T>(found: &Found<T>) -> Replacing {
+        Replacing {
+            bytes: Arc::clone(&found.bytes),
+            ttl_left: found.ttl_left,
+        }
+    }
+
+    /// True when `found` (read under the lock) is another value than the one
+    /// being replaced, or the same bytes stored again (more time left): someone
+    /// refreshed it since.
+    fn superseded_by<T>(&self, found: &Found<T>) -> bool {
+        found.bytes != self.bytes || found.ttl_left > self.ttl_left
     }
 }

@@ -1,4 +1,21 @@
-//! The header in front of every stored value: magic bytes, format version, codec id.
+//! The header in front of every stored value: magic bytes, format version,
+//! codec id, and the value's [`Meta`] (stale window, load time, absent flag).
+//!
+//! ```text
+//! 0..2  magic C7 4C
+//! 2     format version (2)
+//! 3     codec id
+//! 4     flags: bit 0 = absent (a cached "not found")
+//! 5..9  stale window, ms, u32 little-endian
+//! 9..13 load time, ms, u32 little-endian
+//! 13..  payload (the codec's)
+//! ```
+//!
+//! Version 1 (the 4-byte header of locked-cache before stale-while-revalidate)
+//! is not read: such bytes are [`CodecError::UnsupportedVersion`], which the
+//! cache treats as a miss, reloading and overwriting the value.
+
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -9,19 +26,103 @@ use crate::error::CodecError;
 /// The two bytes every locked-cache value starts with.
 pub const MAGIC: [u8; 2] = [0xC7, 0x4C];
 /// The header format this build writes and reads.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 /// Length of the header in bytes.
-pub const HEADER_LEN: usize = 4;
+pub const HEADER_LEN: usize = 13;
+/// The longest stale window or load time the header holds: `u32::MAX` ms
+/// (about 49.7 days). Longer durations are stored as this.
+pub const MAX_META_DURATION: Duration = Duration::from_millis(u32::MAX as u64);
 
-/// Encodes `value` with `codec` behind the locked-cache header.
+const FLAG_ABSENT: u8 = 1;
+
+/// What the cache stores with a value, besides the value itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// How long the value stays usable after it stops being fresh: the key's
+    /// Redis TTL is the fresh time plus this, so a value is fresh while its
+    /// remaining TTL exceeds it. Zero for values stored without a stale window.
+    pub stale_for: Duration,
+    /// How long the load that produced the value took (early refresh starts a
+    /// reload about this long, times a random factor, before the value goes
+    /// stale). Zero for values stored by `set`.
+    pub load_time: Duration,
+    /// The loader found nothing (`None`): a cached "not found", kept for the
+    /// negative TTL.
+    pub absent: bool,
+}
+
+/// The header for a value encoded by the codec with id `codec_id`.
+pub fn header(codec_id: u8, meta: &Meta) -> [u8; HEADER_LEN] {
+    let mut header = [0u8; HEADER_LEN];
+    header[..2].copy_from_slice(&MAGIC);
+    header[2] = FORMAT_VERSION;
+    header[3] = codec_id;
+    header[4] = if meta.absent { FLAG_ABSENT } else { 0 };
+    header[5..9].copy_from_slice(&meta_millis(meta.stale_for).to_le_bytes());
+    header[9..13].copy_from_slice(&meta_millis(meta.load_time).to_le_bytes());
+    header
+}
+
+fn meta_millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Encodes `value` with `codec` behind the locked-cache header, with no
+/// metadata (no stale window, no load time).
 pub fn encode<C: Codec, T: Serialize>(codec: &C, value: &T) -> Result<Vec<u8>, CodecError> {
+    encode_with_meta(codec, value, &Meta::default())
+}
+
+/// Encodes `value` with `codec` behind the locked-cache header carrying `meta`.
+pub fn encode_with_meta<C: Codec, T: Serialize>(
+    codec: &C,
+    value: &T,
+    meta: &Meta,
+) -> Result<Vec<u8>, CodecError> {
     let payload = codec.encode_payload(value)?;
     let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
-    bytes.extend_from_slice(&MAGIC);
-    bytes.push(FORMAT_VERSION);
-    bytes.push(C::ID);
+    bytes.extend_from_slice(&header(C::ID, meta));
     bytes.extend_from_slice(&payload);
     Ok(bytes)
+}
+
+/// Checks the header of `bytes` (written by the codec with id `codec_id`) and
+/// splits it into the value's [`Meta`] and the payload.
+pub fn split_header(codec_id: u8, bytes: &[u8]) -> Result<(Meta, &[u8]), CodecError> {
+    if bytes.len() < 3 || bytes[..2] != MAGIC {
+        return Err(CodecError::ForeignBytes);
+    }
+    if bytes[2] != FORMAT_VERSION {
+        return Err(CodecError::UnsupportedVersion(bytes[2]));
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(CodecError::Decode(format!(
+            "{} bytes, shorter than the {HEADER_LEN}-byte header",
+            bytes.len()
+        )));
+    }
+    if bytes[3] != codec_id {
+        return Err(CodecError::WrongCodec {
+            found: bytes[3],
+            expected: codec_id,
+        });
+    }
+    let flags = bytes[4];
+    if flags & !FLAG_ABSENT != 0 {
+        return Err(CodecError::Decode(format!(
+            "unknown header flags {flags:#04x}"
+        )));
+    }
+    let millis = |at: usize| {
+        let ms = u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        Duration::from_millis(u64::from(ms))
+    };
+    let meta = Meta {
+        stale_for: millis(5),
+        load_time: millis(9),
+        absent: flags & FLAG_ABSENT != 0,
+    };
+    Ok((meta, &bytes[HEADER_LEN..]))
 }
 
 /// Checks the header and decodes the payload with `codec`.
@@ -30,19 +131,16 @@ pub fn encode<C: Codec, T: Serialize>(codec: &C, value: &T) -> Result<Vec<u8>, C
 /// corrupt payload of any size is a [`CodecError::Decode`], never a panic, a
 /// stack overflow or an allocation failure (see [`decode_bounded`](super::decode_bounded)).
 pub fn decode<C: Codec, T: DeserializeOwned>(codec: &C, bytes: &[u8]) -> Result<T, CodecError> {
-    if bytes.len() < HEADER_LEN || bytes[..2] != MAGIC {
-        return Err(CodecError::ForeignBytes);
-    }
-    if bytes[2] != FORMAT_VERSION {
-        return Err(CodecError::UnsupportedVersion(bytes[2]));
-    }
-    if bytes[3] != C::ID {
-        return Err(CodecError::WrongCodec {
-            found: bytes[3],
-            expected: C::ID,
-        });
-    }
-    codec.decode_payload(&bytes[HEADER_LEN..])
+    decode_with_meta(codec, bytes).map(|(value, _)| value)
+}
+
+/// As [`decode`], also returning the value's [`Meta`].
+pub fn decode_with_meta<C: Codec, T: DeserializeOwned>(
+    codec: &C,
+    bytes: &[u8],
+) -> Result<(T, Meta), CodecError> {
+    let (meta, payload) = split_header(C::ID, bytes)?;
+    Ok((codec.decode_payload(payload)?, meta))
 }
 
 #[cfg(test)]
@@ -56,6 +154,26 @@ mod tests {
         assert_eq!(&bytes[..2], &MAGIC);
         let back: (String, u64) = decode(&BincodeCodec, &bytes).unwrap();
         assert_eq!(back, ("hello".to_string(), 42));
+    }
+
+    #[test]
+    fn meta_round_trips_and_long_durations_saturate() {
+        let meta = Meta {
+            stale_for: Duration::from_secs(300),
+            load_time: Duration::from_millis(57),
+            absent: true,
+        };
+        let bytes = encode_with_meta(&BincodeCodec, &Option::<u8>::None, &meta).unwrap();
+        let (value, back): (Option<u8>, Meta) = decode_with_meta(&BincodeCodec, &bytes).unwrap();
+        assert_eq!((value, back), (None, meta));
+
+        let long = Meta {
+            stale_for: Duration::from_secs(100 * 24 * 3600),
+            ..Meta::default()
+        };
+        let bytes = encode_with_meta(&BincodeCodec, &1u8, &long).unwrap();
+        let (_, back): (u8, Meta) = decode_with_meta(&BincodeCodec, &bytes).unwrap();
+        assert_eq!(back.stale_for, MAX_META_DURATION);
     }
 
     #[test]
@@ -74,10 +192,17 @@ mod tests {
             decode::<_, String>(&BincodeCodec, &bytes),
             Err(CodecError::Decode(_))
         ));
+        // A header cut short is a decode error, not a slice panic.
+        for len in 3..HEADER_LEN {
+            assert!(matches!(
+                decode::<_, u8>(&BincodeCodec, &bytes[..len]),
+                Err(CodecError::Decode(_))
+            ));
+        }
     }
 
     #[test]
-    fn other_version_and_codec_are_detected() {
+    fn other_version_codec_and_flags_are_detected() {
         let mut bytes = encode(&BincodeCodec, &1u8).unwrap();
         bytes[2] = 9;
         assert_eq!(
@@ -92,6 +217,22 @@ mod tests {
                 found: b'x',
                 expected: b'b'
             })
+        );
+        bytes[3] = b'b';
+        bytes[4] = 0x80;
+        assert!(matches!(
+            decode::<_, u8>(&BincodeCodec, &bytes),
+            Err(CodecError::Decode(_))
+        ));
+    }
+
+    #[test]
+    fn version_1_bytes_are_an_unsupported_version_not_a_value() {
+        // The 4-byte header locked-cache wrote before format 2, then bincode's 7.
+        let v1 = [0xC7, 0x4C, 1, b'b', 7];
+        assert_eq!(
+            decode::<_, u8>(&BincodeCodec, &v1),
+            Err(CodecError::UnsupportedVersion(1))
         );
     }
 }

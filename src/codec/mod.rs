@@ -1,7 +1,8 @@
 //! How values become bytes in Redis and back.
 //!
-//! Every stored value starts with a 4-byte header: two magic bytes, the format
-//! version and the codec's id. Bytes without the header (written by another
+//! Every stored value starts with a 13-byte header: two magic bytes, the format
+//! version, the codec's id and the value's [`Meta`] (its stale window, how long
+//! its load took, whether it is a cached "not found"). Bytes without the header (written by another
 //! program), with an unknown version, or from another codec are reported as such
 //! and never mis-decoded; the cache then treats the key as a miss and reloads it.
 //!
@@ -16,6 +17,7 @@
 //! Files: `envelope.rs` (the header), `bounded.rs` (bounded decoding), and one file
 //! per codec.
 
+mod absent;
 mod bincode_codec;
 mod bounded;
 mod envelope;
@@ -29,12 +31,16 @@ use serde::de::DeserializeOwned;
 
 use crate::error::CodecError;
 
+pub(crate) use absent::is_absent;
 pub use bincode_codec::BincodeCodec;
 pub use bounded::{
     DECODED_BYTES_PER_PAYLOAD_BYTE, EXTRA_ELEMENTS, MAX_DEPTH, MIN_DECODED_BYTES_LIMIT,
     decode_bounded,
 };
-pub use envelope::{FORMAT_VERSION, HEADER_LEN, MAGIC, decode, encode};
+pub use envelope::{
+    FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_META_DURATION, Meta, decode, decode_with_meta, encode,
+    encode_with_meta, header, split_header,
+};
 #[cfg(feature = "json")]
 pub use json_codec::JsonCodec;
 

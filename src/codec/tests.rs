@@ -115,9 +115,7 @@ impl<'de> Deserialize<'de> for Swallow {
 }
 
 fn header(codec: u8) -> Vec<u8> {
-    let mut bytes = MAGIC.to_vec();
-    bytes.extend([FORMAT_VERSION, codec]);
-    bytes
+    crate::codec::header(codec, &crate::codec::Meta::default()).to_vec()
 }
 
 /// bincode's variable-length integer: one byte below 251, else 251/252/253

@@ -33,7 +33,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use super::redis::{ConnectionOptions, RedisStore, redact};
 use super::slot::slot;
-use super::{Claim, Holdings, Publish, Store, commands, scripts};
+use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
 use crate::error::{Error, Result};
 
 /// How a [`ClusterStore`] acquires locks beyond the plain `SET NX`.
@@ -252,6 +252,13 @@ impl Store for ClusterStore {
         .await
     }
 
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+        self.run("GET+PTTL", |mut c| async move {
+            commands::get_with_ttl(&mut c, key).await
+        })
+        .await
+    }
+
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         self.run("SET", |mut c| async move {
             commands::set(&mut c, key, value, ttl).await
@@ -312,7 +319,7 @@ impl Store for ClusterStore {
         fence_key: &str,
         token: &[u8],
         fence_expiry: Duration,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         self.run("EVALSHA get_or_fence", |mut c| async move {
             commands::get_or_fence(&mut c, key, fence_key, token, fence_expiry).await
         })

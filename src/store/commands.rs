@@ -9,7 +9,7 @@ use redis::RedisResult;
 use redis::aio::ConnectionLike;
 
 use super::claims::{self, Claim, Holding, Holdings};
-use super::scripts;
+use super::{Stored, scripts};
 
 /// `PX` milliseconds; at least 1 (`PX 0` is an error in Redis; the builder
 /// rejects zero durations, this is a guard).
@@ -22,6 +22,21 @@ pub async fn get<C: ConnectionLike + Send>(
     key: &str,
 ) -> RedisResult<Option<Vec<u8>>> {
     redis::Cmd::get(key).query_async(conn).await
+}
+
+/// `GET` and `PTTL` pipelined: one round trip, the value with its remaining
+/// time to live as the server counts it.
+pub async fn get_with_ttl<C: ConnectionLike + Send>(
+    conn: &mut C,
+    key: &str,
+) -> RedisResult<Option<Stored>> {
+    let (bytes, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+        .get(key)
+        .cmd("PTTL")
+        .arg(key)
+        .query_async(conn)
+        .await?;
+    Ok(bytes.map(|bytes| Stored::from_pttl(bytes, pttl)))
 }
 
 pub async fn set<C: ConnectionLike + Send>(
@@ -101,14 +116,15 @@ pub async fn get_or_fence<C: ConnectionLike + Send>(
     fence_key: &str,
     token: &[u8],
     fence_expiry: Duration,
-) -> RedisResult<Option<Vec<u8>>> {
-    scripts::GET_OR_FENCE
+) -> RedisResult<Option<Stored>> {
+    let found: Option<(Vec<u8>, i64)> = scripts::GET_OR_FENCE
         .key(key)
         .key(fence_key)
         .arg(token)
         .arg(millis(fence_expiry))
         .invoke_async(conn)
-        .await
+        .await?;
+    Ok(found.map(|(bytes, pttl)| Stored::from_pttl(bytes, pttl)))
 }
 
 /// The fenced store; `publish` is `(channel, message)`.

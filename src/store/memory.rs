@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
 use super::memory_claims::Claims;
-use super::{Claim, Holdings, Publish, Store};
+use super::{Claim, Holdings, Publish, Store, Stored};
 use crate::error::Result;
 
 /// Sweep expired entries once per this many writes, so that keys nobody reads
@@ -89,6 +89,16 @@ impl State {
         self.entries.get(key).map(|e| &e.value)
     }
 
+    /// The live value under `key` with its time left.
+    fn live_with_ttl(&mut self, key: &str) -> Option<Stored> {
+        self.live(key)?;
+        let entry = self.entries.get(key)?;
+        Some(Stored {
+            bytes: entry.value.clone(),
+            ttl: Some(entry.expires_at.saturating_duration_since(Instant::now())),
+        })
+    }
+
     pub(super) fn put(&mut self, key: &str, value: &[u8], ttl: Duration) {
         self.writes += 1;
         let now = Instant::now();
@@ -120,6 +130,10 @@ fn deadline(now: Instant, ttl: Duration) -> Instant {
 impl Store for MemoryStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         Ok(self.lock().live(key).cloned())
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+        Ok(self.lock().live_with_ttl(key))
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
@@ -180,10 +194,10 @@ impl Store for MemoryStore {
         fence_key: &str,
         token: &[u8],
         fence_expiry: Duration,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         let mut state = self.lock();
         state.put(fence_key, token, fence_expiry);
-        Ok(state.live(key).cloned())
+        Ok(state.live_with_ttl(key))
     }
 
     async fn set_fenced(

@@ -43,6 +43,29 @@ pub struct Publish<'a> {
     pub payload: &'a str,
 }
 
+/// A value as read from the store, with its remaining time to live as the
+/// server counts it (so that freshness never depends on the clocks of the
+/// hosts that read it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The stored bytes.
+    pub bytes: Vec<u8>,
+    /// Time left before the key expires; `None` when it has no expiry.
+    pub ttl: Option<Duration>,
+}
+
+impl Stored {
+    /// From a Redis `PTTL` answer: milliseconds left, `-1` for no expiry, `-2`
+    /// for a key that expired between the read and the `PTTL` (no time left).
+    pub fn from_pttl(bytes: Vec<u8>, pttl: i64) -> Stored {
+        let ttl = match pttl {
+            -1 => None,
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        };
+        Stored { bytes, ttl }
+    }
+}
+
 /// A store shared by the lock, the cache and their background tasks.
 pub type SharedStore = Arc<dyn Store>;
 
@@ -54,6 +77,10 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// ([`Error::Redis`](crate::Error::Redis) whose source has code `WRONGTYPE`), which the
     /// cache treats as a corrupt value.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+
+    /// `GET key` and `PTTL key` in one round trip (Redis: pipelined): the value
+    /// with the time it has left. Errors as [`get`](Store::get).
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>>;
 
     /// `SET key value PX ttl`.
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()>;
@@ -77,15 +104,15 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// The double check of the cache, in one round trip: writes `token` under
     /// `fence_key` (expiring after `fence_expiry`), so that only this holder may
-    /// store the value, and returns the value under `key` (`None` when missing or
-    /// of another type).
+    /// store the value, and returns the value under `key` with its time left
+    /// (`None` when missing or of another type).
     async fn get_or_fence(
         &self,
         key: &str,
         fence_key: &str,
         token: &[u8],
         fence_expiry: Duration,
-    ) -> Result<Option<Vec<u8>>>;
+    ) -> Result<Option<Stored>>;
 
     /// Stores `value` under `key` with `ttl` only if `fence_key` still holds
     /// `token`, then deletes the fence and, given a [`Publish`], publishes it (so

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::pool::{Connection, Pool};
 use super::tls::{self, TlsOptions};
-use super::{Claim, Holdings, Publish, Store, commands};
+use super::{Claim, Holdings, Publish, Store, Stored, commands};
 use crate::error::{Error, Result};
 
 /// How often an idle wake-up subscription is checked with a PING.
@@ -197,6 +197,13 @@ impl Store for RedisStore {
         .await
     }
 
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+        self.run("GET+PTTL", |mut c, _| async move {
+            commands::get_with_ttl(&mut c, key).await
+        })
+        .await
+    }
+
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         self.run("SET", |mut c, _| async move {
             commands::set(&mut c, key, value, ttl).await
@@ -238,7 +245,7 @@ impl Store for RedisStore {
         fence_key: &str,
         token: &[u8],
         fence_expiry: Duration,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         self.run("EVALSHA get_or_fence", |mut c, _| async move {
             commands::get_or_fence(&mut c, key, fence_key, token, fence_expiry).await
         })

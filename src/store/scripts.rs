@@ -50,12 +50,13 @@ end
 return 0";
 
 /// KEYS[1] value, KEYS[2] fence, ARGV[1] token, ARGV[2] fence expiry ms:
-/// takes the fence for this token and returns the value if it is a string (a key
-/// of another type reads as missing, and is overwritten by the fenced store).
+/// takes the fence for this token and returns the value with its remaining
+/// time to live (`PTTL`) if it is a string (a key of another type reads as
+/// missing, and is overwritten by the fenced store).
 pub static GET_OR_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(GET_OR_FENCE_LUA));
 const GET_OR_FENCE_LUA: &str = r"redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
-    return redis.call('GET', KEYS[1])
+    return {redis.call('GET', KEYS[1]), redis.call('PTTL', KEYS[1])}
 end
 return false";
 

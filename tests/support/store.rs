@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use locked_cache::{Publish, Result, SharedStore, Store};
+use locked_cache::{Publish, Result, SharedStore, Store, Stored};
 use tokio::sync::mpsc;
 
 /// The operations of the [`Store`] trait, in a fixed order ([`Op::index`]).
@@ -98,6 +98,11 @@ impl Store for Observed {
         self.after(Op::Get, self.inner.get(key).await).await
     }
 
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+        self.after(Op::Get, self.inner.get_with_ttl(key).await)
+            .await
+    }
+
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
         self.after(Op::Set, self.inner.set(key, value, ttl).await)
             .await
@@ -128,7 +133,7 @@ impl Store for Observed {
         fence_key: &str,
         token: &[u8],
         fence_expiry: Duration,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         let answer = self
             .inner
             .get_or_fence(key, fence_key, token, fence_expiry)
