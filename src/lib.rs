@@ -140,7 +140,7 @@ mod stats;
 mod store;
 mod telemetry;
 
-pub use cache::{Builder, LoadContext, LockedCache, QuorumLossPolicy};
+pub use cache::{Builder, CallOptions, LoadContext, LockedCache, QuorumLossPolicy, With};
 #[cfg(feature = "json")]
 pub use codec::JsonCodec;
 pub use codec::{BincodeCodec, Codec};

@@ -35,10 +35,8 @@ const COMMANDS: &[&str] = &[
     "+pexpire",
     "+pttl",
     "+type",
-    "+hget",
+    "+hincrby",
     "+hset",
-    "+hdel",
-    "+hkeys",
     "+time",
 ];
 

@@ -288,8 +288,4 @@ impl Extender {
     pub(crate) fn validity_left(&self) -> Duration {
         self.valid_until().saturating_duration_since(Instant::now())
     }
-
-    pub(crate) fn resource(&self) -> &str {
-        self.claim.name()
-    }
 }

@@ -103,9 +103,14 @@ impl Watchdog {
         let extending = Arc::new(AtomicBool::new(extend));
         let on = Arc::clone(&extending);
         let task = tokio::spawn(async move {
-            let resource = extender.resource().to_owned();
+            // No lock name in the events: it may hold a cache key, which
+            // this crate never logs (the holder learns the name from the signal).
             let lose = |reason: LockLost| {
-                tracing::warn!(resource, %reason, "lock lost");
+                if on.load(Ordering::Acquire) {
+                    tracing::warn!(%reason, "lock lost");
+                } else {
+                    tracing::debug!(%reason, "lock not extended: expired");
+                }
                 lost_tx.send_replace(Some(reason));
             };
             let cadence = expiry / 3;
@@ -132,7 +137,7 @@ impl Watchdog {
                         Ok(true) => last_error = None,
                         Ok(false) => return lose(LockLost::Refused),
                         Err(e) => {
-                            tracing::warn!(resource, error = %e, "extending the lock failed; retrying");
+                            tracing::warn!(error = %e, "extending the lock failed; retrying");
                             last_error = Some(e);
                         }
                     }

@@ -11,8 +11,11 @@
 //! | reader-writer lock | `n` (the writer's token), `{n}:readers` (sorted set: token → expiry, server ms), `{n}:writer-waiting` (a queued writer's token), `{n}:meta` |
 //! | semaphore | `{n}:permits` (sorted set: token → expiry), `{n}:meta` |
 //!
-//! The meta key is a hash: `fence` (the last fencing token handed out for `n`)
-//! and `o:<token>` (each holder's owner metadata). It outlives the lock by at
+//! The meta key is a hash: `fence` (the last fencing token handed out for `n`),
+//! `x` (the exclusive holder's or writer's token, a space, its owner metadata:
+//! written on each grant, never deleted, so that a release costs no more than
+//! before) and `o:<token>` (each reader's or permit holder's owner metadata,
+//! deleted with its claim). It outlives the lock by at
 //! least [`META_KEEP`] after the last claim, so that the fencing counter
 //! survives between acquisitions; once it is gone, the next token is seeded
 //! from the server's clock (microseconds), which stays above every token handed

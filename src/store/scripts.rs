@@ -108,21 +108,18 @@ local function sweep(members, meta, now)
     end
 end
 local function last_fence(meta)
-    return tonumber(redis.call('HGET', meta, 'fence') or '0')
+    return redis.call('HINCRBY', meta, 'fence', 0)
 end
-local function next_fence(meta, owner, token, keep_ms)
-    local last = redis.call('HGET', meta, 'fence')
-    local fence
-    if last then
-        fence = tonumber(last) + 1
-    else
+local function next_fence(meta, field, owner, keep_ms)
+    local fence = redis.call('HINCRBY', meta, 'fence', 1)
+    if fence == 1 then
         local t = redis.call('TIME')
         fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        redis.call('HSET', meta, 'fence', string.format('%.0f', fence), field, owner)
+    else
+        redis.call('HSET', meta, field, owner)
     end
-    redis.call('HSET', meta, 'fence', string.format('%.0f', fence), 'o:' .. token, owner)
-    if redis.call('PTTL', meta) < tonumber(keep_ms) then
-        redis.call('PEXPIRE', meta, keep_ms)
-    end
+    redis.call('PEXPIRE', meta, keep_ms)
     return fence
 end
 local function keep_at_least(key, ms)
@@ -141,25 +138,31 @@ pub static CLAIM_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_ALL_
 const CLAIM_ALL_LUA: &str = concat!(
     helpers!(),
     r"local n = #KEYS / 2
+local owner = ARGV[1] .. ' ' .. ARGV[3]
+if n == 1 then
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+        return {next_fence(KEYS[2], 'x', owner, ARGV[4])}
+    end
+    if redis.call('GET', KEYS[1]) == ARGV[1] then
+        return {last_fence(KEYS[2])}
+    end
+    return false
+end
+local ours = {}
 for i = 1, n do
     local held = redis.call('GET', KEYS[i])
     if held and held ~= ARGV[1] then
         return false
     end
+    ours[i] = held == ARGV[1]
 end
 local fences = {}
 for i = 1, n do
-    local meta = KEYS[n + i]
-    if redis.call('GET', KEYS[i]) == ARGV[1] then
-        fences[i] = last_fence(meta)
+    if ours[i] then
+        fences[i] = last_fence(KEYS[n + i])
     else
         redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
-        for _, field in ipairs(redis.call('HKEYS', meta)) do
-            if string.sub(field, 1, 2) == 'o:' then
-                redis.call('HDEL', meta, field)
-            end
-        end
-        fences[i] = next_fence(meta, ARGV[3], ARGV[1], ARGV[4])
+        fences[i] = next_fence(KEYS[n + i], 'x', owner, ARGV[4])
     end
 end
 return fences"
@@ -184,7 +187,7 @@ if redis.call('EXISTS', KEYS[3]) == 1 then
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
 keep_at_least(KEYS[2], ARGV[2])
-return {next_fence(KEYS[4], ARGV[3], ARGV[1], ARGV[4])}"
+return {next_fence(KEYS[4], 'o:' .. ARGV[1], ARGV[3], ARGV[4])}"
 );
 
 /// A writer's claim. KEYS as `CLAIM_READ`; ARGV as `CLAIM_ALL`, plus ARGV[5]:
@@ -215,12 +218,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if waiting then
     redis.call('DEL', KEYS[3])
 end
-for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
-    if string.sub(field, 1, 2) == 'o:' then
-        redis.call('HDEL', KEYS[4], field)
-    end
-end
-return {next_fence(KEYS[4], ARGV[3], ARGV[1], ARGV[4])}"
+return {next_fence(KEYS[4], 'x', ARGV[1] .. ' ' .. ARGV[3], ARGV[4])}"
 );
 
 /// A semaphore permit. KEYS[1] permits (sorted set, score: expiry in server
@@ -238,7 +236,7 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 keep_at_least(KEYS[1], ARGV[2])
-return {next_fence(KEYS[2], ARGV[3], ARGV[1], ARGV[4])}"
+return {next_fence(KEYS[2], 'o:' .. ARGV[1], ARGV[3], ARGV[4])}"
 );
 
 /// Renews keyed claims (exclusive names, a writer). KEYS: n lock keys, then n
@@ -255,7 +253,7 @@ for i = 1, n do
 end
 for i = 1, n do
     redis.call('PEXPIRE', KEYS[i], ARGV[2])
-    keep_at_least(KEYS[n + i], ARGV[3])
+    redis.call('PEXPIRE', KEYS[n + i], ARGV[3])
 end
 return 1"
 );
@@ -272,13 +270,14 @@ if not until_ms or tonumber(until_ms) <= now then
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 keep_at_least(KEYS[1], ARGV[2])
-keep_at_least(KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1"
 );
 
 /// Releases keyed claims. KEYS: n lock keys, then n meta keys; ARGV[1] token,
 /// ARGV[2] channel (or empty). Each name held by the token is deleted (with its
-/// owner entry) and published. 1: at least one was ours; 0: none was, and
+/// published (its owner entry stays, naming a token that no longer holds).
+/// 1: at least one was ours; 0: none was, and
 /// another token holds one; -1: none was there.
 pub static UNCLAIM_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(UNCLAIM_ALL_LUA));
 const UNCLAIM_ALL_LUA: &str = r"local n = #KEYS / 2
@@ -287,7 +286,6 @@ for i = 1, n do
     local held = redis.call('GET', KEYS[i])
     if held == ARGV[1] then
         redis.call('DEL', KEYS[i])
-        redis.call('HDEL', KEYS[n + i], 'o:' .. ARGV[1])
         if ARGV[2] ~= '' then
             redis.call('PUBLISH', ARGV[2], KEYS[i])
         end
@@ -322,13 +320,10 @@ return -1";
 /// ARGV[i] the token for KEYS[i], ARGV[#KEYS + 1] meta keep ms.
 pub static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_FENCE_LUA));
 const RAISE_FENCE_LUA: &str = r"for i = 1, #KEYS do
-    local last = redis.call('HGET', KEYS[i], 'fence')
-    if not last or tonumber(last) < tonumber(ARGV[i]) then
+    if redis.call('HINCRBY', KEYS[i], 'fence', 0) < tonumber(ARGV[i]) then
         redis.call('HSET', KEYS[i], 'fence', ARGV[i])
     end
-    if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[#KEYS + 1]) then
-        redis.call('PEXPIRE', KEYS[i], ARGV[#KEYS + 1])
-    end
+    redis.call('PEXPIRE', KEYS[i], ARGV[#KEYS + 1])
 end
 return 1";
 
@@ -341,9 +336,15 @@ const HOLDERS_LUA: &str = concat!(
     r"local out = {redis.call('HGET', KEYS[3], 'fence') or '0'}
 if redis.call('TYPE', KEYS[1]).ok == 'string' then
     local token = redis.call('GET', KEYS[1])
+    local owner = redis.call('HGET', KEYS[3], 'x') or ''
+    if string.sub(owner, 1, #token + 1) == token .. ' ' then
+        owner = string.sub(owner, #token + 2)
+    else
+        owner = ''
+    end
     table.insert(out, token)
     table.insert(out, tostring(redis.call('PTTL', KEYS[1])))
-    table.insert(out, redis.call('HGET', KEYS[3], 'o:' .. token) or '')
+    table.insert(out, owner)
 end
 if redis.call('TYPE', KEYS[2]).ok == 'zset' then
     local now = now_ms()
