@@ -56,11 +56,23 @@
 //! its counters at once; with a single master, as long as its clock does not
 //! go back. A custom [`Store`] that implements only `set_nx` hands out 0.
 //!
+//! # Around an expiry
+//!
+//! By default a value is gone at its TTL and the next call waits for its
+//! reload (one load across the fleet). [`CallOptions`] change that, for the
+//! whole cache ([`Builder::call_options`]) or one call ([`LockedCache::with`]):
+//! a stale window (stale-while-revalidate: the old value is served at once while
+//! one caller refreshes it; fail-safe: served instead of a refresh's error),
+//! early refresh (XFetch: hot keys reloaded before they expire), a negative TTL
+//! for a loader's `None`, TTL jitter, soft and hard timeouts, and loads detached
+//! from a caller that goes away. Freshness is judged from the key's remaining
+//! TTL as Redis counts it, never from a host's clock.
+//!
 //! # Telemetry
 //!
 //! **Per call**: [`LockedCache::get_or_load_with_outcome`] returns how the value
-//! was served ([`Outcome`]: `hit`, `coalesced`, `waited` or `loaded`), e.g. for
-//! an `X-Cache` header.
+//! was served ([`Outcome`]: `hit`, `coalesced`, `waited`, `loaded`, `stale` or
+//! `fail_safe`), e.g. for an `X-Cache` header.
 //!
 //! **Spans** (`tracing`): every `get_or_load` call runs in an INFO span named
 //! `get_or_load`; a miss opens DEBUG child spans `lock` (waiting for and taking
@@ -78,7 +90,7 @@
 //! | `error.type` | `get_or_load` | what failed: `loader`, `lock_timeout`, `quorum_not_reached`, `redis`, `command_timeout`... |
 //! | `locked_cache.name` | `get_or_load` | the cache's [name](Builder::name) |
 //! | `locked_cache.key_hash` | `get_or_load` | FNV-1a (64 bits, 16 hex digits) of prefix + key: never the key |
-//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `timeout` or `error` |
+//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `stale`, `fail_safe`, `timeout` or `error` |
 //! | `locked_cache.wait_ms` | `get_or_load` | time spent waiting for someone else's load (absent when it did not wait) |
 //! | `locked_cache.lock_attempts` | `get_or_load`, `lock` | lock attempts made by the call |
 //! | `locked_cache.lock_result` | `lock` | `acquired`, `value_found`, `quorum_lost`, `timeout`, `error` |

@@ -439,8 +439,7 @@ fn the_corpus_decodes_without_panicking() {
         let bytes = std::fs::read(&path).unwrap();
         files += 1;
         // Its payload alone and behind every codec's header (its own included).
-        // The corpus files carry format 1's 4-byte header.
-        check_all(bytes.get(4..).unwrap_or(&bytes));
+        check_all(bytes.get(HEADER_LEN..).unwrap_or(&bytes));
         if let Some(rest) = name.strip_prefix("attack-") {
             let shape = rest.split('-').next().unwrap();
             let (_, check) = SHAPES

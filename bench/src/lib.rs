@@ -225,3 +225,30 @@ pub fn utc_now() -> String {
         rest % 3600 / 60
     )
 }
+
+/// Zipf(s) over ranks 1..=n by inverse CDF; returns the rank.
+pub struct Zipf {
+    cumulative: Vec<f64>,
+}
+
+impl Zipf {
+    /// Ranks 1..=n with weights 1/k^s.
+    pub fn new(n: u32, s: f64) -> Zipf {
+        let mut total = 0.0;
+        let cumulative = (1..=n.max(1))
+            .map(|k| {
+                total += 1.0 / f64::from(k).powf(s);
+                total
+            })
+            .collect();
+        Zipf { cumulative }
+    }
+
+    /// A rank in 1..=n.
+    pub fn sample(&self, rng: &mut fastrand::Rng) -> u32 {
+        let total = *self.cumulative.last().expect("n >= 1");
+        let u = rng.f64() * total;
+        let i = self.cumulative.partition_point(|&c| c <= u);
+        i.min(self.cumulative.len() - 1) as u32 + 1
+    }
+}

@@ -39,8 +39,11 @@ pub fn judge(meta: &Meta, ttl_left: Option<Duration>, options: &Resolved, draw: 
         return Freshness::Fresh;
     };
     if let Some(fresh_left) = left.checked_sub(meta.stale_for).filter(|d| !d.is_zero()) {
+        // XFetch aimed at the last moment a refresh can start and still finish
+        // before the value goes stale: one load time before its expiry.
         let early = options.early_refresh_beta > 0.0
-            && xfetch_margin(meta.load_time, options.early_refresh_beta, draw) >= fresh_left;
+            && meta.load_time + xfetch_margin(meta.load_time, options.early_refresh_beta, draw)
+                >= fresh_left;
         return if early {
             Freshness::RefreshEarly
         } else {
@@ -56,7 +59,8 @@ pub fn judge(meta: &Meta, ttl_left: Option<Duration>, options: &Resolved, draw: 
 }
 
 /// XFetch's margin: `load_time * beta * -ln(u)` with `u = 1 - draw` in `(0, 1]`.
-/// A refresh starts when the fresh time left is at most this. Its mean is
+/// A refresh starts when the fresh time left is at most the load time plus
+/// this. Its mean is
 /// `load_time * beta`; it exceeds `k * load_time * beta` with probability
 /// `e^-k`.
 pub fn xfetch_margin(load_time: Duration, beta: f64, draw: f64) -> Duration {
@@ -148,20 +152,23 @@ mod tests {
         // Far from the expiry: even an extreme draw (margin ~ 100 ms * 23) does
         // not reach 10 s.
         assert_eq!(judge(&m, MS(10_000), &early, 1.0 - 1e-10), Freshness::Fresh);
-        // 50 ms left, a median draw (margin 100 ms * ln 2 = 69 ms): refresh.
-        assert_eq!(judge(&m, MS(50), &early, 0.5), Freshness::RefreshEarly);
-        // A draw of 0 gives no margin: never early.
-        assert_eq!(judge(&m, MS(50), &early, 0.0), Freshness::Fresh);
+        // Less than a load time left: a refresh started now ends after the
+        // expiry, so every draw refreshes.
+        assert_eq!(judge(&m, MS(100), &early, 0.0), Freshness::RefreshEarly);
+        // 150 ms left, a median draw (margin 100 ms * ln 2 = 69 ms, aimed 100
+        // ms before the expiry): refresh; a draw of 0 (no margin): not yet.
+        assert_eq!(judge(&m, MS(150), &early, 0.5), Freshness::RefreshEarly);
+        assert_eq!(judge(&m, MS(150), &early, 0.0), Freshness::Fresh);
         // Off: never.
         let off = options(CallOptions::new());
         assert_eq!(judge(&m, MS(1), &off, 0.99), Freshness::Fresh);
-        // The share of calls that refresh at 100 ms left is P(margin >= 100 ms)
+        // The share of calls that refresh at 200 ms left is P(margin >= 100 ms)
         // = e^-1 with beta 1.
         let draws = 10_000;
         let fired = (0..draws)
             .filter(|i| {
                 let draw = (*i as f64 + 0.5) / draws as f64;
-                judge(&m, MS(100), &early, draw) == Freshness::RefreshEarly
+                judge(&m, MS(200), &early, draw) == Freshness::RefreshEarly
             })
             .count();
         let share = fired as f64 / draws as f64;

@@ -105,11 +105,16 @@ impl CallOptions {
     }
 
     /// Probabilistic early refresh (XFetch, Vattani et al. 2015): a call on a
-    /// fresh value refreshes it when `ttl_left <= load_time * beta * -ln(rand)`,
-    /// where `load_time` is how long the value's load took (stored with it). The
-    /// closer the expiry and the slower the load, the likelier; under steady
-    /// traffic a hot key is reloaded shortly before it expires, by one caller,
-    /// and nobody sees it stale or missing. The refresh runs as a stale one does
+    /// fresh value refreshes it when `fresh_left <= load_time + load_time *
+    /// beta * -ln(rand)`, where `load_time` is how long the value's load took
+    /// (stored with it) and `rand` is uniform in (0, 1]. That is XFetch aimed
+    /// at the last moment a refresh can start and still be stored before the
+    /// value goes stale (one load time before its expiry), rather than at the
+    /// expiry itself. The closer the expiry and the slower the load, the
+    /// likelier; under steady traffic a hot key is reloaded shortly before it
+    /// expires, by one caller, and nobody sees it stale or missing. Keys called
+    /// less often than about once per load time can still go stale (pair this
+    /// with [`stale_for`](Self::stale_for) so they are not waited for either). The refresh runs as a stale one does
     /// (one per key across the fleet; in the background for
     /// [`with`](crate::LockedCache::with) calls).
     ///

@@ -2,6 +2,7 @@
 //! [`LockedCache::with`].
 
 use std::future::Future;
+use std::pin::Pin;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -87,6 +88,11 @@ impl<'a, C: Codec> With<'a, C> {
     {
         let inner = &self.cache.inner;
         let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
-        inner.traced_call(key, Spawnable(loader), &options).await
+        // Boxed as `Send` here, where the compiler proves it once for any `T`,
+        // `E` and loader (a caller's `tokio::spawn` of this future otherwise
+        // trips over rustc's higher-ranked lifetime check of nested spawns).
+        let call: Pin<Box<dyn Future<Output = _> + Send + '_>> =
+            Box::pin(inner.traced_call(key, Spawnable(loader), &options));
+        call.await
     }
 }

@@ -95,6 +95,7 @@ impl ClusterStore {
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.command_timeout)
             .overall_response_timeout(Some(options.command_timeout))
+            .tcp_settings(super::tls::tcp_settings())
             .retries(CLUSTER_RETRIES)
             .min_retry_wait(5)
             .max_retry_wait(options.command_timeout.as_millis().min(200) as u64)

@@ -17,7 +17,7 @@ use locked_cache::codec::{self, BincodeCodec};
 use locked_cache::{ConnectionOptions, LockedCache, RedisStore, SharedStore, Store};
 use redis::aio::MultiplexedConnection;
 
-use crate::common::unix_micros;
+use crate::common::{Zipf, unix_micros};
 use crate::support::store::{Hook, Observed, Op};
 use crate::{Counters, Scenario, Strategy, WorkerConfig, WorkerReport};
 
@@ -410,32 +410,6 @@ async fn zipf_run(
     report.requests.dedup();
     report
 }
-
-/// Zipf(s) over ranks 1..=n by inverse CDF; returns the rank.
-struct Zipf {
-    cumulative: Vec<f64>,
-}
-
-impl Zipf {
-    fn new(n: u32, s: f64) -> Zipf {
-        let mut total = 0.0;
-        let cumulative = (1..=n.max(1))
-            .map(|k| {
-                total += 1.0 / f64::from(k).powf(s);
-                total
-            })
-            .collect();
-        Zipf { cumulative }
-    }
-
-    fn sample(&self, rng: &mut fastrand::Rng) -> u32 {
-        let total = *self.cumulative.last().expect("n >= 1");
-        let u = rng.f64() * total;
-        let i = self.cumulative.partition_point(|&c| c <= u);
-        i.min(self.cumulative.len() - 1) as u32 + 1
-    }
-}
-
 /// Store operations, counted process-wide and per caller, in the order of
 /// [`Op::ALL`].
 const OPS: [&str; Op::ALL.len()] = {
