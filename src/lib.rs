@@ -25,6 +25,37 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Locks
+//!
+//! The [`Redlock`] behind the cache is a toolkit of its own (README, "Locks"):
+//! exclusive locks ([`Redlock::acquire`]), several names at once, all or none
+//! ([`Redlock::acquire_all`]), a reader-writer lock ([`RwLock`]), a semaphore
+//! on one server ([`Semaphore`]), run once per window ([`Redlock::run_once`])
+//! and inspection ([`Redlock::inspect`]). Each hands out a [`LockGuard`] with
+//! a watchdog that keeps the lock alive, a lost-lock signal
+//! ([`LockGuard::lost`], [`LockLost`]) and a fencing token.
+//!
+//! # Fencing tokens
+//!
+//! [`LockGuard::fencing_token`] (and [`LoadContext::fencing_token`] in a
+//! loader) is a number per lock name that grows with every acquisition. Write
+//! it with the work the lock protects, to a store that refuses a token lower
+//! than the highest it has seen: a holder that lost its lock without knowing
+//! it (paused past its expiry) is then refused there.
+//!
+//! Each master keeps a counter per name and advances it in the script that
+//! grants the lock; the token is the highest among the granting masters, and
+//! when they disagree the acquisition raises every master's counter to it and
+//! waits for a majority before returning. Any two majorities share a master,
+//! so the next acquisition hands out a higher token. **Where it does not
+//! hold**: a master restarted without persistence (AOF/RDB) loses its
+//! counters, and a counter expires an hour after the last acquisition of its
+//! name; a lost counter restarts from the server's clock in microseconds,
+//! which is above every earlier token unless that clock went back. With
+//! several masters, tokens stay monotonic as long as at most a minority lost
+//! its counters at once; with a single master, as long as its clock does not
+//! go back. A custom [`Store`] that implements only `set_nx` hands out 0.
+//!
 //! # Around an expiry
 //!
 //! By default a value is gone at its TTL and the next call waits for its
@@ -127,11 +158,17 @@ pub use codec::JsonCodec;
 pub use codec::{BincodeCodec, Codec};
 pub use defaults::*;
 pub use error::{CodecError, Error, LoadError, Result};
-pub use lock::{LockGuard, LockOptions, Redlock};
+pub use lock::{
+    HolderInfo, LockGuard, LockInfo, LockLost, LockOptions, LostSignal, Owner, Redlock, RunOnce,
+    RwLock, Semaphore,
+};
 pub use stats::StatsSnapshot;
+pub use store::{
+    Claim, ConnectionOptions, Holding, Holdings, MemoryStore, Publish, RedisStore, SharedStore,
+    Store, Stored,
+};
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};
-pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store, Stored};
 pub use telemetry::Outcome;
 
 /// The README's examples, compiled as doctests.

@@ -445,7 +445,7 @@ impl<C: Codec> Inner<C> {
         );
         let span = load_span(&self.telemetry);
         let loaded = self
-            .run_loader(loader.load(LoadContext::new(Some(keepalive.lost_signal()))))
+            .run_loader(loader.load(keepalive.context()))
             .instrument(span.clone())
             .await;
         let lost_during_load = keepalive.stop().await;
