@@ -54,8 +54,12 @@ pub const DEFAULT_FAIL_SAFE: bool = true;
 /// are detached from their caller by default: a load runs to completion even
 /// if the caller that started it goes away.
 pub const DEFAULT_DETACHED: bool = true;
+/// The longest a load on a task of its own (a background refresh, a detached
+/// load) may run: 60 s. Then it is dropped, its lock released, and the failure
+/// counted: a hung backend call cannot hold a key's lock forever.
+pub const DEFAULT_BACKGROUND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest an entry lives in the near cache (feature `near-cache`): 1 s, and
 /// never longer than the value's remaining time in Redis. This bounds how long a
 /// process may serve a value another process replaced when the invalidation
 /// message is lost.
-pub const DEFAULT_NEAR_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+pub const DEFAULT_NEAR_CACHE_TTL: Duration = Duration::from_secs(1);

@@ -25,11 +25,54 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Locks
+//!
+//! The [`Redlock`] behind the cache is a toolkit of its own (README, "Locks"):
+//! exclusive locks ([`Redlock::acquire`]), several names at once, all or none
+//! ([`Redlock::acquire_all`]), a reader-writer lock ([`RwLock`]), a semaphore
+//! on one server ([`Semaphore`]), run once per window ([`Redlock::run_once`])
+//! and inspection ([`Redlock::inspect`]). Each hands out a [`LockGuard`] with
+//! a watchdog that keeps the lock alive, a lost-lock signal
+//! ([`LockGuard::lost`], [`LockLost`]) and a fencing token.
+//!
+//! # Fencing tokens
+//!
+//! [`LockGuard::fencing_token`] (and [`LoadContext::fencing_token`] in a
+//! loader) is a number per lock name that grows with every acquisition. Write
+//! it with the work the lock protects, to a store that refuses a token lower
+//! than the highest it has seen: a holder that lost its lock without knowing
+//! it (paused past its expiry) is then refused there.
+//!
+//! Each master keeps a counter per name and advances it in the script that
+//! grants the lock; the token is the highest among the granting masters, and
+//! when they disagree the acquisition raises every master's counter to it and
+//! waits for a majority before returning. Any two majorities share a master,
+//! so the next acquisition hands out a higher token. **Where it does not
+//! hold**: a master restarted without persistence (AOF/RDB) loses its
+//! counters, and a counter expires an hour after the last acquisition of its
+//! name; a lost counter restarts from the server's clock in microseconds,
+//! which is above every earlier token unless that clock went back. With
+//! several masters, tokens stay monotonic as long as at most a minority lost
+//! its counters at once; with a single master, as long as its clock does not
+//! go back. A custom [`Store`] that implements only `set_nx` hands out 0.
+//!
+//! # Around an expiry
+//!
+//! By default a value is gone at its TTL and the next call waits for its
+//! reload (one load across the fleet). [`CallOptions`] change that, for the
+//! whole cache ([`Builder::call_options`]) or one call ([`LockedCache::with`]):
+//! a stale window (stale-while-revalidate: the old value is served at once while
+//! one caller refreshes it; fail-safe: served instead of a refresh's error),
+//! early refresh (XFetch: hot keys reloaded before they expire), a negative TTL
+//! for a loader's `None`, TTL jitter, soft and hard timeouts, and loads detached
+//! from a caller that goes away. Freshness is judged from the key's remaining
+//! TTL as Redis counts it, never from a host's clock.
+//!
 //! # Telemetry
 //!
 //! **Per call**: [`LockedCache::get_or_load_with_outcome`] returns how the value
-//! was served ([`Outcome`]: `hit`, `coalesced`, `waited` or `loaded`), e.g. for
-//! an `X-Cache` header.
+//! was served ([`Outcome`]: `hit`, `coalesced`, `waited`, `loaded`, `stale` or
+//! `fail_safe`), e.g. for an `X-Cache` header.
 //!
 //! **Spans** (`tracing`): every `get_or_load` call runs in an INFO span named
 //! `get_or_load`; a miss opens DEBUG child spans `lock` (waiting for and taking
@@ -47,7 +90,7 @@
 //! | `error.type` | `get_or_load` | what failed: `loader`, `lock_timeout`, `quorum_not_reached`, `redis`, `command_timeout`... |
 //! | `locked_cache.name` | `get_or_load` | the cache's [name](Builder::name) |
 //! | `locked_cache.key_hash` | `get_or_load` | FNV-1a (64 bits, 16 hex digits) of prefix + key: never the key |
-//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `timeout` or `error` |
+//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `stale`, `fail_safe`, `timeout` or `error` |
 //! | `locked_cache.wait_ms` | `get_or_load` | time spent waiting for someone else's load (absent when it did not wait) |
 //! | `locked_cache.lock_attempts` | `get_or_load`, `lock` | lock attempts made by the call |
 //! | `locked_cache.lock_result` | `lock` | `acquired`, `value_found`, `quorum_lost`, `timeout`, `error` |
@@ -116,11 +159,17 @@ pub use codec::JsonCodec;
 pub use codec::{BincodeCodec, Codec};
 pub use defaults::*;
 pub use error::{CodecError, Error, LoadError, Result};
-pub use lock::{LockGuard, LockOptions, Redlock};
+pub use lock::{
+    HolderInfo, LockGuard, LockInfo, LockLost, LockOptions, LostSignal, Owner, Redlock, RunOnce,
+    RwLock, Semaphore,
+};
 pub use stats::StatsSnapshot;
+pub use store::{
+    Claim, ConnectionOptions, Holding, Holdings, MemoryStore, Publish, RedisStore, SharedStore,
+    Store, Stored,
+};
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};
-pub use store::{ConnectionOptions, MemoryStore, Publish, RedisStore, SharedStore, Store, Stored};
 pub use telemetry::Outcome;
 
 /// The README's examples, compiled as doctests.

@@ -115,7 +115,9 @@ counters! {
     /// later, after waiting for another process's load, is counted in
     /// `found_while_waiting` instead.
     hits,
-    /// Lookups whose first read found no (usable) value.
+    /// Lookups whose first read found no usable value, or a stale one this
+    /// call then refreshed itself before returning (a plain `get_or_load`
+    /// that got the key's lock).
     misses,
     /// Calls that joined a load already in flight in this process instead of
     /// touching Redis; they get that load's outcome.
@@ -153,7 +155,8 @@ counters! {
     store_errors,
     /// Lookups that found a value past its fresh time, inside its stale window
     /// (see [`CallOptions::stale_for`](crate::CallOptions::stale_for)), and
-    /// served it at once. Counted as hits too.
+    /// served it at once ([`Outcome::Stale`](crate::Outcome::Stale)). Counted
+    /// as hits too.
     stale_served,
     /// Refreshes started by this process for a stale value, or early (before
     /// the value went stale): at most one per key across every process at a
@@ -161,12 +164,16 @@ counters! {
     refreshes,
     /// Fresh values that early refresh decided to reload before they expire.
     early_refreshes,
-    /// Refreshes run in the background (stale-while-revalidate, early refresh,
-    /// a load detached from its caller) that failed: loader error or panic,
-    /// or the cache failed. The error is logged; the value in Redis is kept.
+    /// Loads on a task of their own that failed with nobody to tell: a
+    /// background refresh (loader error or panic, the cache failed, or the
+    /// [background timeout](crate::CallOptions::background_timeout) passed),
+    /// or a detached load whose caller had gone away. The error is logged;
+    /// the value in Redis is kept.
     background_errors,
-    /// Calls that got a stale value instead of an error (fail-safe): the
-    /// refresh failed or passed its soft timeout, or the lock or Redis failed.
+    /// Calls that refreshed a stale value themselves and, that refresh having
+    /// failed or passed its soft or hard timeout, returned the stale value
+    /// instead ([`Outcome::FailSafe`](crate::Outcome::FailSafe)). Counted as
+    /// misses (see `misses`).
     fail_safe_served,
     /// Lookups that found a cached "not found" (a loader's `None` stored with
     /// the negative TTL). Counted as hits too.

@@ -42,8 +42,9 @@ pub enum Outcome {
     /// already running elsewhere). See
     /// [`CallOptions::stale_for`](crate::CallOptions::stale_for).
     Stale,
-    /// The refresh of a stale value failed (loader error or panic, soft
-    /// timeout, lock or Redis unavailable) and the stale value was returned
+    /// This call refreshed a stale value itself (a plain `get_or_load` that
+    /// got the key's lock), the refresh failed (loader error, store failure) or
+    /// passed its soft or hard timeout, and the stale value was returned
     /// instead of the error (fail-safe; the error is logged and counted in
     /// [`fail_safe_served`](crate::StatsSnapshot::fail_safe_served)).
     FailSafe,

@@ -35,6 +35,9 @@ const COMMANDS: &[&str] = &[
     "+pexpire",
     "+pttl",
     "+type",
+    "+hincrby",
+    "+hset",
+    "+time",
 ];
 
 /// Commands the cache (or redis-rs's handshake) tries and whose refusal it

@@ -151,22 +151,36 @@ async fn a_plain_get_or_load_refreshes_in_the_caller_that_takes_the_lock() {
         .await
         .unwrap();
     tokio::time::sleep(MS(400)).await;
-    let (a, b) = tokio::join!(
-        caches[0].get_or_load_with_outcome("k", load("new", MS(600))),
-        async {
+    let later = |cache: &LockedCache| {
+        let cache = cache.clone();
+        let load = load("other", MS(600));
+        async move {
             tokio::time::sleep(MS(100)).await;
             let began = Instant::now();
-            let r = caches[1]
-                .get_or_load_with_outcome("k", load("other", MS(600)))
-                .await;
+            let r = cache.get_or_load_with_outcome("k", load).await;
             (r, began.elapsed())
         }
+    };
+    let (a, b, c) = tokio::join!(
+        caches[0].get_or_load_with_outcome("k", load("new", MS(600))),
+        later(&caches[1]),
+        // In the refreshing caller's own process too.
+        later(&caches[0]),
     );
     assert_eq!(a.unwrap(), ("new".to_owned(), Outcome::Loaded));
-    let (b, took) = b;
-    assert_eq!(b.unwrap(), ("old".to_owned(), Outcome::Stale));
-    assert!(took < MS(400), "the other caller waited {took:?}");
+    for (other, took) in [b, c] {
+        assert_eq!(other.unwrap(), ("old".to_owned(), Outcome::Stale));
+        assert!(took < MS(400), "another caller waited {took:?}");
+    }
     assert_eq!(runs.load(Ordering::SeqCst), 2, "the prime and one refresh");
+    for cache in &caches {
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                cache.retained_entries() == 0
+            })
+            .await
+        );
+    }
 }
 
 /// A background refresh is fenced: a `set` while it runs wins, and the
@@ -233,10 +247,11 @@ async fn a_failed_refresh_serves_the_stale_value_fail_safe() {
     assert_eq!(served, ("old".to_owned(), Outcome::FailSafe));
     assert_eq!(cache.stats().fail_safe_served, 1);
 
-    // Soft timeout, inline: the stale value well before the slow loader ends.
+    // A `with` call whose refresh hangs: served at once; the hung refresh is
+    // dropped at the background timeout, its lock released.
     let began = Instant::now();
     let served = cache
-        .with(CallOptions::new().soft_timeout(MS(100)))
+        .with(CallOptions::new().background_timeout(MS(300)))
         .get_or_load_with_outcome("k", |_| async {
             std::future::pending::<()>().await;
             Ok::<String, String>("never".to_owned())
@@ -252,6 +267,22 @@ async fn a_failed_refresh_serves_the_stale_value_fail_safe() {
         .await
         .unwrap();
     assert_eq!(served, ("old".to_owned(), Outcome::Stale));
+    let timed_out = eventually(Duration::from_secs(2), || async {
+        cache.stats().background_errors == 1
+    })
+    .await;
+    assert!(timed_out, "the hung refresh was not dropped");
+    assert!(began.elapsed() >= MS(300));
+    let served = cache
+        .get_or_load_with_outcome("k", ok("new"))
+        .await
+        .unwrap();
+    assert_eq!(
+        served,
+        ("new".to_owned(), Outcome::Loaded),
+        "the lock was freed"
+    );
+    tokio::time::sleep(MS(300)).await; // "new" is stale again.
 
     // Fail-safe off: the error.
     let other = LockedCache::builder()
@@ -627,4 +658,75 @@ async fn values_of_the_previous_format_are_reloaded() {
     let stored: Vec<u8> = redis::cmd("GET").arg(&key).query(&mut conn).unwrap();
     assert_eq!(stored[2], locked_cache::codec::FORMAT_VERSION);
     assert_eq!(stored[2], 2);
+}
+
+/// In one process, a call that accepts no stale value never gets one from a
+/// concurrent call that does: they do not share a flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_without_a_stale_window_never_gets_a_stale_value_from_a_concurrent_one() {
+    let server = RedisServer::start();
+    let cache = cache_on(&server, &unique_prefix("flight-window")).await;
+    let swr = CallOptions::new()
+        .ttl(MS(200))
+        .stale_for(Duration::from_secs(30));
+    prime(&cache, swr, "k", "old").await;
+    tokio::time::sleep(MS(300)).await;
+    let slow_refresh = || async {
+        tokio::time::sleep(MS(300)).await;
+        Ok::<_, String>("new".to_owned())
+    };
+    let with_swr = cache.with(swr);
+    let strict_options = cache.with(CallOptions::new().stale_for(Duration::ZERO));
+    let (stale, strict) = tokio::join!(
+        with_swr.get_or_load_with_outcome("k", move |_| slow_refresh()),
+        async {
+            tokio::time::sleep(MS(20)).await;
+            strict_options
+                .get_or_load_with_outcome("k", |_| async { Ok::<_, String>("strict".to_owned()) })
+                .await
+        }
+    );
+    assert_eq!(stale.unwrap(), ("old".to_owned(), Outcome::Stale));
+    let (value, outcome) = strict.unwrap();
+    assert_ne!(
+        value, "old",
+        "a strict call got the stale value ({outcome:?})"
+    );
+}
+
+/// A detached load's panic reaches its caller, as a plain loader's would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_detached_loaders_panic_reaches_its_caller() {
+    let server = RedisServer::start();
+    let cache = cache_on(&server, &unique_prefix("detached-panic")).await;
+    let call = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            cache
+                .with(CallOptions::new())
+                .get_or_load("k", || async {
+                    if true {
+                        panic!("the loader blew up");
+                    }
+                    Ok::<String, String>(String::new())
+                })
+                .await
+        })
+    };
+    let joined = call.await;
+    let panic = joined.expect_err("the caller should have panicked");
+    assert!(panic.is_panic());
+    // The lock is free: the next call loads.
+    let v: String = cache
+        .with(CallOptions::new())
+        .get_or_load("k", || async { Ok::<_, String>("after".to_owned()) })
+        .await
+        .unwrap();
+    assert_eq!(v, "after");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            cache.retained_entries() == 0
+        })
+        .await
+    );
 }

@@ -91,8 +91,10 @@ async fn mutual_exclusion_on_5_masters() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_cannot_release_or_extend_another_holders_lock() {
     let fleet = Fleet::start(3);
+    // No watchdog: the first lock must expire.
     let short = LockOptions {
         expiry: Duration::from_millis(200),
+        watchdog: false,
         ..LockOptions::default()
     };
     let a = redlock(&fleet, short.clone()).await;

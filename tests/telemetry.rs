@@ -227,6 +227,9 @@ async fn a_waiter_on_a_crashed_holder_says_at_debug_what_it_waits_for() {
         .await
         .unwrap()
         .expect("the lock is free");
+    // Its watchdog must not keep the lock alive either.
+    let mut guard = guard;
+    guard.stop_watchdog();
     std::mem::forget(guard);
     let (spans, _guard) = capture_spans();
     let started = Instant::now();

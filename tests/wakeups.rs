@@ -99,7 +99,8 @@ async fn followers_share_one_load_and_one_lock_in_process() {
     // GET, then four scripts (acquire, re-check, store, release): five round
     // trips. Redis counts the commands inside scripts too (SET NX; SET fence +
     // TYPE; GET fence, SET value, PTTL + SET fence mark, PUBLISH; GET lock, DEL
-    // lock, PUBLISH): 16 for 200 callers.
+    // lock, PUBLISH): 16 for 200 callers; and the acquire's fencing counter
+    // and owner (HINCRBY, HSET, PEXPIRE, and TIME for a name's first token): 20.
     let commands = server.command_stats();
     assert_eq!(server.command_calls("evalsha"), 4, "{commands:?}");
     assert_eq!(
@@ -116,7 +117,7 @@ async fn followers_share_one_load_and_one_lock_in_process() {
     );
     // Connections the pool opened during the burst load the scripts first.
     let script_loads = server.command_calls("script|load");
-    assert!(server.total_commands() - script_loads <= 16, "{commands:?}");
+    assert!(server.total_commands() - script_loads <= 20, "{commands:?}");
 }
 
 /// A waiter in another process learns of the stored value at once, although its

@@ -13,8 +13,10 @@
 //!
 //! Reported per mode (calls in the first second, when every key is cold, are
 //! left out): calls, the share that waited for a load (took at least L/2 ms),
-//! latency p50/p90/p99/max, the p99 of hits alone, stale values served
-//! (all keys, and the 10 hottest), loads, and loads that duplicated another
+//! and of those the share on a warm key (one whose first load was done),
+//! latency p50/p90/p99/max, the p99 of calls on warm keys and of hits alone,
+//! stale values served (all keys, and the hot keys: those called at least once
+//! per load time on average), loads, and loads that duplicated another
 //! load of the same key less than T/2 apart (the ideal is 0: one load per key
 //! per expiry).
 //!
@@ -68,12 +70,15 @@ impl Mode {
         }
     }
 
-    fn options(self, ttl: Duration) -> CallOptions {
+    fn options(self, ttl: Duration, beta: f64) -> CallOptions {
         let base = CallOptions::new().ttl(ttl);
         match self {
             Mode::Blocking => base,
             Mode::StaleWhileRevalidate => base.stale_for(Duration::from_secs(10)),
-            Mode::EarlyRefresh => base.stale_for(Duration::from_secs(10)).early_refresh(true),
+            Mode::EarlyRefresh => base
+                .stale_for(Duration::from_secs(10))
+                .early_refresh(true)
+                .early_refresh_beta(beta),
         }
     }
 }
@@ -90,6 +95,8 @@ struct WorkerConfig {
     keys: u32,
     ttl_ms: u64,
     loader_ms: u64,
+    /// XFetch's β for early refresh.
+    beta: f64,
     /// Shared start instant, µs since the epoch.
     start_us: u64,
 }
@@ -124,7 +131,8 @@ fn main() {
              \n  --duration-s D    seconds per mode                 [8]\
              \n  --keys N          Zipf(1.0) keys                   [100]\
              \n  --ttl-ms T        value TTL                        [1000]\
-             \n  --loader-ms L     loader time                      [50]"
+             \n  --loader-ms L     loader time                      [50]\
+             \n  --beta B          early refresh's XFetch beta      [1.0]"
         );
         return;
     }
@@ -135,6 +143,7 @@ fn main() {
         "keys",
         "ttl-ms",
         "loader-ms",
+        "beta",
     ]);
     // `cargo test --benches` runs this without `--bench`: a smoke run.
     let smoke = !flags.bench_mode;
@@ -144,6 +153,7 @@ fn main() {
     let keys: u32 = flags.get("keys", 100);
     let ttl_ms: u64 = flags.get("ttl-ms", if smoke { 500 } else { 1000 });
     let loader_ms: u64 = flags.get("loader-ms", 50);
+    let beta: f64 = flags.get("beta", 1.0);
     if processes == 0 || rate <= 0.0 || keys == 0 || ttl_ms == 0 {
         die("--processes, --rate, --keys and --ttl-ms must be above zero");
     }
@@ -153,12 +163,14 @@ fn main() {
         "mode",
         "calls",
         "waited for a load",
+        "of which on a warm key",
         "p50 ms",
         "p90 ms",
         "p99 ms",
         "max ms",
+        "warm-key p99 ms",
         "hit p99 ms",
-        "stale served (top 10 keys)",
+        "stale served (on hot keys)",
         "loads",
         "duplicate loads",
     ]);
@@ -176,6 +188,7 @@ fn main() {
                 keys,
                 ttl_ms,
                 loader_ms,
+                beta,
                 start_us,
             };
             let child = Command::new(std::env::current_exe().expect("current exe"))
@@ -215,9 +228,39 @@ fn main() {
 
 fn summarise(mode: Mode, reports: &[WorkerReport], ttl_ms: u64, loader_ms: u64) -> Vec<String> {
     let warm_after_us = 1_000_000;
+    // A key is cold until its first load (in any process) is done.
+    let mut first_load: BTreeMap<u32, u64> = BTreeMap::new();
+    for report in reports {
+        for (rank, at) in &report.loads {
+            let first = first_load.entry(*rank).or_insert(*at);
+            *first = (*first).min(*at);
+        }
+    }
+    let cold_until = |rank: u32| {
+        first_load
+            .get(&rank)
+            .map_or(u64::MAX, |at| at + loader_ms * 1000 + 10_000)
+    };
+    // Hot keys: called at least once per load time on average (the steady
+    // load early refresh is for).
+    let mut calls_per_key: BTreeMap<u32, u64> = BTreeMap::new();
+    let mut span_us = 1u64;
+    for report in reports {
+        for (at, _, rank, _) in &report.calls {
+            *calls_per_key.entry(*rank).or_default() += 1;
+            span_us = span_us.max(*at);
+        }
+    }
+    let hot = |rank: u32| {
+        let per_s = calls_per_key.get(&rank).copied().unwrap_or(0) as f64 / (span_us as f64 / 1e6);
+        per_s * (loader_ms as f64 / 1000.0) >= 1.0
+    };
+    let hot_keys = calls_per_key.keys().filter(|r| hot(**r)).count();
     let mut latencies = Vec::new();
+    let mut warm_latencies = Vec::new();
     let mut hit_latencies = Vec::new();
-    let (mut waited, mut stale, mut stale_hot, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let (mut waited, mut waited_warm, mut stale, mut stale_hot, mut errors) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     for report in reports {
         errors += report.errors;
         for (at, took, rank, outcome) in &report.calls {
@@ -225,14 +268,20 @@ fn summarise(mode: Mode, reports: &[WorkerReport], ttl_ms: u64, loader_ms: u64) 
                 continue;
             }
             latencies.push(*took);
+            if *at > cold_until(*rank) {
+                warm_latencies.push(*took);
+            }
             if *took >= loader_ms * 1000 / 2 {
                 waited += 1;
+                if *at > cold_until(*rank) {
+                    waited_warm += 1;
+                }
             }
             match outcome.as_str() {
                 "hit" => hit_latencies.push(*took),
                 "stale" | "fail_safe" => {
                     stale += 1;
-                    if *rank <= 10 {
+                    if hot(*rank) {
                         stale_hot += 1;
                     }
                 }
@@ -244,6 +293,7 @@ fn summarise(mode: Mode, reports: &[WorkerReport], ttl_ms: u64, loader_ms: u64) 
         die(&format!("{}: {errors} calls failed", mode.name()));
     }
     latencies.sort_unstable();
+    warm_latencies.sort_unstable();
     hit_latencies.sort_unstable();
     // Loads of one key less than half a TTL apart: a duplicate.
     let mut by_key: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
@@ -268,12 +318,14 @@ fn summarise(mode: Mode, reports: &[WorkerReport], ttl_ms: u64, loader_ms: u64) 
         mode.name().to_owned(),
         latencies.len().to_string(),
         format!("{:.1}%", 100.0 * waited as f64 / calls as f64),
+        format!("{:.1}%", 100.0 * waited_warm as f64 / calls as f64),
         ms(percentile(&latencies, 50.0)),
         ms(percentile(&latencies, 90.0)),
         ms(percentile(&latencies, 99.0)),
         ms(latencies.last().copied().unwrap_or(0)),
+        ms(percentile(&warm_latencies, 99.0)),
         ms(percentile(&hit_latencies, 99.0)),
-        format!("{stale} ({stale_hot})"),
+        format!("{stale} ({stale_hot} on {hot_keys})"),
         loads.to_string(),
         duplicates.to_string(),
     ]
@@ -290,7 +342,9 @@ async fn worker(config: WorkerConfig) -> WorkerReport {
         .ping()
         .await
         .unwrap_or_else(|e| die(&format!("ping: {e}")));
-    let options = config.mode.options(Duration::from_millis(config.ttl_ms));
+    let options = config
+        .mode
+        .options(Duration::from_millis(config.ttl_ms), config.beta);
     let zipf = Zipf::new(config.keys, 1.0);
     let mut rng = fastrand::Rng::with_seed(config.seed);
     let report = Arc::new(Mutex::new(WorkerReport::default()));

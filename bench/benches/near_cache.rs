@@ -237,7 +237,7 @@ async fn run(
                 // a near hit costs about as much as two clock reads on this VM,
                 // so timing every op would mostly measure the clock.
                 loop {
-                    let timed = if ops % 16 == 0 {
+                    let timed = if ops.is_multiple_of(16) {
                         let now = Instant::now();
                         if now >= deadline {
                             break;

@@ -636,6 +636,7 @@ impl<C: Codec> Builder<C> {
             separate_value_server: self.cache_url.is_some(),
             codec: self.codec,
             flights: Default::default(),
+            refreshing: Default::default(),
             stats,
             telemetry: Telemetry::new(self.name, db_system),
             config,

@@ -21,8 +21,7 @@ pub enum Freshness {
     /// Past its fresh time, inside its stale window and inside what the call
     /// accepts: return it and refresh.
     Stale,
-    /// Past what the call accepts: treat as a miss (it is still at hand for
-    /// fail-safe if the value's own stale window has not run out).
+    /// Past what the call accepts: a miss.
     TooStale,
 }
 
@@ -39,8 +38,11 @@ pub fn judge(meta: &Meta, ttl_left: Option<Duration>, options: &Resolved, draw: 
         return Freshness::Fresh;
     };
     if let Some(fresh_left) = left.checked_sub(meta.stale_for).filter(|d| !d.is_zero()) {
+        // XFetch aimed at the last moment a refresh can start and still finish
+        // before the value goes stale: one load time before its expiry.
         let early = options.early_refresh_beta > 0.0
-            && xfetch_margin(meta.load_time, options.early_refresh_beta, draw) >= fresh_left;
+            && meta.load_time + xfetch_margin(meta.load_time, options.early_refresh_beta, draw)
+                >= fresh_left;
         return if early {
             Freshness::RefreshEarly
         } else {
@@ -56,7 +58,8 @@ pub fn judge(meta: &Meta, ttl_left: Option<Duration>, options: &Resolved, draw: 
 }
 
 /// XFetch's margin: `load_time * beta * -ln(u)` with `u = 1 - draw` in `(0, 1]`.
-/// A refresh starts when the fresh time left is at most this. Its mean is
+/// A refresh starts when the fresh time left is at most the load time plus
+/// this. Its mean is
 /// `load_time * beta`; it exceeds `k * load_time * beta` with probability
 /// `e^-k`.
 pub fn xfetch_margin(load_time: Duration, beta: f64, draw: f64) -> Duration {
@@ -65,29 +68,30 @@ pub fn xfetch_margin(load_time: Duration, beta: f64, draw: f64) -> Duration {
     Duration::try_from_secs_f64(load_time.as_secs_f64() * factor).unwrap_or(MAX_TTL)
 }
 
-/// How a loaded value is stored: the key's TTL (fresh time, jittered, plus
-/// the stale window) and its [`Meta`]; `None` when it is not to be stored (a
-/// "not found" with a zero negative TTL).
+/// How a loaded value is stored: its key's TTL (fresh time, jittered, plus
+/// the stale window; `None` when it is not to be stored: a "not found" with a
+/// zero negative TTL) and its [`Meta`]. A "not found" with a negative TTL keeps
+/// a stale window no longer than that TTL, so that it does not linger.
 pub fn storage(
     options: &Resolved,
     absent: bool,
     load_time: Duration,
     draw: f64,
-) -> Option<(Duration, Meta)> {
-    let fresh = match (absent, options.negative_ttl) {
-        (true, Some(negative)) => negative,
-        _ => options.ttl,
+) -> (Option<Duration>, Meta) {
+    let (fresh, stale_for) = match (absent, options.negative_ttl) {
+        (true, Some(negative)) => (negative, options.stale_for.min(negative)),
+        _ => (options.ttl, options.stale_for),
     };
-    if fresh.is_zero() {
-        return None;
-    }
-    let jittered = jitter(fresh, options.ttl_jitter, draw);
     let meta = Meta {
-        stale_for: options.stale_for,
+        stale_for,
         load_time,
         absent,
     };
-    Some(((jittered + options.stale_for).min(MAX_TTL), meta))
+    if fresh.is_zero() {
+        return (None, meta);
+    }
+    let jittered = jitter(fresh, options.ttl_jitter, draw);
+    (Some((jittered + stale_for).min(MAX_TTL)), meta)
 }
 
 /// `ttl` less a share `fraction * draw` of it, at least 1 ms.
@@ -148,20 +152,23 @@ mod tests {
         // Far from the expiry: even an extreme draw (margin ~ 100 ms * 23) does
         // not reach 10 s.
         assert_eq!(judge(&m, MS(10_000), &early, 1.0 - 1e-10), Freshness::Fresh);
-        // 50 ms left, a median draw (margin 100 ms * ln 2 = 69 ms): refresh.
-        assert_eq!(judge(&m, MS(50), &early, 0.5), Freshness::RefreshEarly);
-        // A draw of 0 gives no margin: never early.
-        assert_eq!(judge(&m, MS(50), &early, 0.0), Freshness::Fresh);
+        // Less than a load time left: a refresh started now ends after the
+        // expiry, so every draw refreshes.
+        assert_eq!(judge(&m, MS(100), &early, 0.0), Freshness::RefreshEarly);
+        // 150 ms left, a median draw (margin 100 ms * ln 2 = 69 ms, aimed 100
+        // ms before the expiry): refresh; a draw of 0 (no margin): not yet.
+        assert_eq!(judge(&m, MS(150), &early, 0.5), Freshness::RefreshEarly);
+        assert_eq!(judge(&m, MS(150), &early, 0.0), Freshness::Fresh);
         // Off: never.
         let off = options(CallOptions::new());
         assert_eq!(judge(&m, MS(1), &off, 0.99), Freshness::Fresh);
-        // The share of calls that refresh at 100 ms left is P(margin >= 100 ms)
+        // The share of calls that refresh at 200 ms left is P(margin >= 100 ms)
         // = e^-1 with beta 1.
         let draws = 10_000;
         let fired = (0..draws)
             .filter(|i| {
                 let draw = (*i as f64 + 0.5) / draws as f64;
-                judge(&m, MS(100), &early, draw) == Freshness::RefreshEarly
+                judge(&m, MS(200), &early, draw) == Freshness::RefreshEarly
             })
             .count();
         let share = fired as f64 / draws as f64;
@@ -178,20 +185,22 @@ mod tests {
                 .ttl_jitter(0.2),
         );
         let load = Duration::from_millis(7);
-        let (ttl, m) = storage(&o, false, load, 0.0).unwrap();
-        assert_eq!(ttl, Duration::from_secs(15));
+        let (ttl, m) = storage(&o, false, load, 0.0);
+        assert_eq!(ttl, Some(Duration::from_secs(15)));
         assert_eq!(
             (m.stale_for, m.load_time, m.absent),
             (Duration::from_secs(5), load, false)
         );
         // The largest draw takes 20% off the fresh time only.
-        let (ttl, _) = storage(&o, false, load, 1.0).unwrap();
-        assert_eq!(ttl, Duration::from_secs(13));
-        let (ttl, m) = storage(&o, true, load, 0.0).unwrap();
-        assert_eq!((ttl, m.absent), (Duration::from_secs(6), true));
+        let (ttl, _) = storage(&o, false, load, 1.0);
+        assert_eq!(ttl, Some(Duration::from_secs(13)));
+        // A "not found": the negative TTL, and a stale window no longer than it.
+        let (ttl, m) = storage(&o, true, load, 0.0);
+        assert_eq!((ttl, m.absent), (Some(Duration::from_secs(2)), true));
+        assert_eq!(m.stale_for, Duration::from_secs(1));
         let no_negative = options(CallOptions::new().negative_ttl(Duration::ZERO));
-        assert_eq!(storage(&no_negative, true, load, 0.0), None);
-        assert!(storage(&no_negative, false, load, 0.0).is_some());
+        assert_eq!(storage(&no_negative, true, load, 0.0).0, None);
+        assert!(storage(&no_negative, false, load, 0.0).0.is_some());
     }
 
     #[test]

@@ -1,12 +1,11 @@
 //! Keeps a lock (and its write fence) alive while a loader runs, and signals when
-//! it was lost.
+//! it was lost: the lock's [`Watchdog`], with the fence's extension added to
+//! each round.
 
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
-
-use crate::lock::{LockGuard, validity};
+use crate::lock::{LockGuard, LostSignal, Watchdog};
 use crate::store::SharedStore;
 
 /// A background task that extends the lock and the fence every `expiry / 3`.
@@ -14,9 +13,8 @@ use crate::store::SharedStore;
 /// can land after the release); dropping it instead aborts the task, so a
 /// cancelled or panicking load leaves no task behind.
 pub struct KeepAlive {
-    task: Option<JoinHandle<()>>,
-    stop: watch::Sender<bool>,
-    lost: watch::Receiver<bool>,
+    watchdog: Watchdog,
+    fencing_token: u64,
 }
 
 impl KeepAlive {
@@ -31,83 +29,40 @@ impl KeepAlive {
         expiry: Duration,
         fence_expiry: Duration,
     ) -> KeepAlive {
-        let extender = guard.extender();
-        let token = guard.token().to_vec();
-        let mut valid_until = Instant::now() + guard.validity_left();
-        let (lost_tx, lost) = watch::channel(false);
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let cadence = expiry / 3;
-            // After a slow acquisition little validity may be left: extend early.
-            let mut next = cadence.min(valid_until.saturating_duration_since(Instant::now()) / 2);
-            let lost = |why: &str| {
-                tracing::warn!(
-                    fence = fence_key,
-                    why,
-                    "lock lost while loading; the value will be stored only if no newer holder took the fence"
-                );
-                lost_tx.send_replace(true);
-            };
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(std::mem::replace(&mut next, cadence)) => {}
-                    _ = stopped.wait_for(|s| *s) => return,
-                }
-                let started = Instant::now();
-                let (lock, fence) = tokio::join!(
-                    extender.extend(expiry, valid_until),
-                    value_store.extend(&fence_key, &token, fence_expiry)
-                );
-                match lock {
-                    Ok(true) => {
-                        let elapsed = started.elapsed();
-                        if let Some(v) = validity(expiry, elapsed) {
-                            valid_until = started + elapsed + v;
-                        }
-                    }
-                    Ok(false) => return lost("extension refused"),
-                    Err(e) if Instant::now() >= valid_until => {
-                        return lost(&format!("extensions failed until the lock expired: {e}"));
-                    }
-                    Err(e) => {
-                        tracing::warn!(fence = fence_key, error = %e, "extending the lock failed; retrying");
-                    }
-                }
+        let token: Arc<[u8]> = guard.token().into();
+        let fence_key: Arc<str> = fence_key.into();
+        let fence = move || {
+            let (store, key, token) = (
+                Arc::clone(&value_store),
+                Arc::clone(&fence_key),
+                Arc::clone(&token),
+            );
+            Box::pin(async move {
                 // A fence that is gone while the lock holds (the value server
-                // restarted, or set/invalidate superseded this load) is left gone:
-                // the write will be refused, which is right in both cases.
-                if let Err(e) = fence {
-                    tracing::debug!(fence = fence_key, error = %e, "extending the fence failed");
+                // restarted, or set/invalidate superseded this load) is left
+                // gone: the write will be refused, which is right in both cases.
+                if let Err(e) = store.extend(&key, &token, fence_expiry).await {
+                    tracing::debug!(fence = &*key, error = %e, "extending the fence failed");
                 }
-            }
-        });
+            }) as _
+        };
         KeepAlive {
-            task: Some(task),
-            stop,
-            lost,
+            watchdog: Watchdog::start(guard.extender(), expiry, true, Some(Box::new(fence))),
+            fencing_token: guard.fencing_token(),
         }
     }
 
     /// Stops extending, after the extension in flight (if any) has answered.
     /// Returns whether the lock was lost.
-    pub async fn stop(mut self) -> bool {
-        self.stop.send_replace(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-        *self.lost.borrow()
+    pub async fn stop(self) -> bool {
+        self.watchdog.stop().await
     }
 
-    /// A receiver that turns `true` once the lock was lost.
-    pub fn lost_signal(&self) -> watch::Receiver<bool> {
-        self.lost.clone()
-    }
-}
-
-impl Drop for KeepAlive {
-    fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
+    /// The loader's view of the lock: its lost signal and fencing token.
+    pub fn context(&self) -> LoadContext {
+        LoadContext {
+            lost: Some(self.watchdog.signal()),
+            fencing_token: Some(self.fencing_token),
         }
     }
 }
@@ -115,19 +70,34 @@ impl Drop for KeepAlive {
 /// What a loader can learn about its lock while it runs.
 #[derive(Debug, Clone)]
 pub struct LoadContext {
-    lost: Option<watch::Receiver<bool>>,
+    lost: Option<LostSignal>,
+    fencing_token: Option<u64>,
 }
 
 impl LoadContext {
-    pub(crate) fn new(lost: Option<watch::Receiver<bool>>) -> LoadContext {
-        LoadContext { lost }
+    /// The context of a load without the lock (fail-open): never lost, no token.
+    pub(crate) fn new(lost: Option<LostSignal>) -> LoadContext {
+        LoadContext {
+            lost,
+            fencing_token: None,
+        }
+    }
+
+    /// The fencing token of the lock protecting this load: higher than that
+    /// of every earlier lock on the same key (see the crate docs, "Fencing
+    /// tokens"). Write it with whatever the loader changes downstream (a row
+    /// version that refuses lower tokens), so that a load that lost its lock
+    /// cannot overwrite a newer one's work. `None` for a load that runs without
+    /// the lock ([`QuorumLossPolicy::FailOpen`](crate::QuorumLossPolicy::FailOpen)).
+    pub fn fencing_token(&self) -> Option<u64> {
+        self.fencing_token
     }
 
     /// True once the lock protecting this load was lost: another process may be
     /// loading the same key now. The value this load returns is still handed to
     /// its callers, but stored only if no newer holder took over.
     pub fn is_lock_lost(&self) -> bool {
-        self.lost.as_ref().is_some_and(|l| *l.borrow())
+        self.lost.as_ref().is_some_and(LostSignal::is_lost)
     }
 
     /// Completes when the lock is lost (never, if it is not): `select!` on it to
@@ -135,10 +105,7 @@ impl LoadContext {
     pub async fn lock_lost(&self) {
         match &self.lost {
             Some(lost) => {
-                let mut lost = lost.clone();
-                if lost.wait_for(|l| *l).await.is_err() {
-                    std::future::pending::<()>().await;
-                }
+                lost.lost().await;
             }
             None => std::future::pending().await,
         }

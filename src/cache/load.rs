@@ -21,7 +21,7 @@ use super::keepalive::{KeepAlive, LoadContext};
 use super::keys::Keys;
 use super::options::Resolved;
 use super::{Found, Inner, QuorumLossPolicy, Replacing};
-use crate::codec::{self, Codec};
+use crate::codec::Codec;
 use crate::error::{Error, LoadError, Result};
 use crate::lock::{Attempt, LockGuard, Splits, Token};
 use crate::stats::Stats;
@@ -109,17 +109,12 @@ impl<O> Loader for Detached<O> {
     }
 }
 
-/// The bytes followers get for a value that was not stored (a "not found"
-/// with a zero negative TTL): the codec's encoding of `None`, which decodes to
-/// `None` for any `Option` type.
-fn bytes_of_unstored<C: Codec>(codec: &C) -> Result<Bytes> {
-    Ok(Arc::new(codec::encode(codec, &Option::<()>::None)?))
-}
-
 impl<C: Codec> Inner<C> {
     /// The miss path: wait for the lock (or a value stored meanwhile), then
     /// load under it, or without it when the quorum is lost and the policy
-    /// says fail open.
+    /// says fail open. The wait for the lock ends early, with
+    /// [`Error::Abandoned`], when `abandon` completes (a detached load whose
+    /// caller went away: nobody is left to load for).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn load_after_miss<T, E, L>(
         &self,
@@ -130,15 +125,18 @@ impl<C: Codec> Inner<C> {
         started: Instant,
         deadline: Instant,
         trace: &mut CallTrace,
+        abandon: impl Future<Output = ()>,
     ) -> std::result::Result<Led<T>, LoadError<E>>
     where
         T: Serialize + DeserializeOwned,
         L: Loader<Output = std::result::Result<T, E>>,
     {
-        let guard = match self
-            .lock_phase(key, keys, options, started, deadline, trace)
-            .await?
-        {
+        let locked = tokio::select! {
+            biased;
+            locked = self.lock_phase(key, keys, options, started, deadline, trace) => locked?,
+            () = abandon => return Err(LoadError::Cache(Error::Abandoned)),
+        };
+        let guard = match locked {
             Locked::Guard(guard) => guard,
             Locked::ValueAppeared(found) => {
                 Stats::add(&self.stats.found_while_waiting);
@@ -146,8 +144,13 @@ impl<C: Codec> Inner<C> {
             }
             Locked::QuorumLost => return self.load_unlocked(key, keys, loader, options).await,
         };
-        self.load_locked(key, keys, guard, loader, options, None)
-            .await
+        let led = self
+            .load_locked(key, keys, guard, loader, options, None)
+            .await?;
+        if led.outcome == Outcome::Waited {
+            Stats::add(&self.stats.found_while_waiting);
+        }
+        Ok(led)
     }
 
     /// [`wait_for_lock`](Self::wait_for_lock) in a `lock` span, timed.
@@ -402,7 +405,8 @@ impl<C: Codec> Inner<C> {
     /// `replacing` is the value a refresh replaces (a stale one, or a fresh one
     /// early refresh picked): the load is skipped when the value under the lock
     /// is no longer that one (another process refreshed it meanwhile). For a
-    /// miss, it is skipped when the value under the lock is usable.
+    /// miss, it is skipped when the value under the lock is usable. A skipped
+    /// load is [`Outcome::Waited`] (the caller counts it).
     pub(super) async fn load_locked<T, E, L>(
         &self,
         key: &str,
@@ -434,7 +438,6 @@ impl<C: Codec> Inner<C> {
                         None => found.usable(options),
                     };
                     if done {
-                        Stats::add(&self.stats.found_while_waiting);
                         release(guard).await;
                         return Ok(Led::unlocked(found.value, found.bytes, Outcome::Waited));
                     }
@@ -456,7 +459,7 @@ impl<C: Codec> Inner<C> {
         );
         let span = load_span(&self.telemetry);
         let loaded = self
-            .run_loader(loader.load(LoadContext::new(Some(keepalive.lost_signal()))))
+            .run_loader(loader.load(keepalive.context()))
             .instrument(span.clone())
             .await;
         let lost_during_load = keepalive.stop().await;
@@ -470,17 +473,18 @@ impl<C: Codec> Inner<C> {
                 return Err(LoadError::Loader(Arc::new(e)));
             }
         };
-        let Some((ttl, bytes)) = (match self.encode_loaded(key, &value, load_time, options) {
+        let (ttl, bytes) = match self.encode_loaded(key, &value, load_time, options) {
             Ok(stored) => stored,
             Err(e) => {
                 release(guard).await;
                 return Err(e.into());
             }
-        }) else {
+        };
+        let Some(ttl) = ttl else {
             // A "not found" with a zero negative TTL: handed out, not stored.
             return Ok(Led {
                 value,
-                bytes: bytes_of_unstored(&self.codec)?,
+                bytes: bytes.into(),
                 unlock: Some(guard),
                 outcome: Outcome::Loaded,
             });
@@ -549,10 +553,11 @@ impl<C: Codec> Inner<C> {
             Ok(loaded) => loaded,
             Err(e) => return Err(LoadError::Loader(Arc::new(e))),
         };
-        let Some((ttl, bytes)) = self.encode_loaded(key, &value, load_time, options)? else {
+        let (ttl, bytes) = self.encode_loaded(key, &value, load_time, options)?;
+        let Some(ttl) = ttl else {
             return Ok(Led {
                 value,
-                bytes: bytes_of_unstored(&self.codec)?,
+                bytes: bytes.into(),
                 unlock: None,
                 outcome: Outcome::Loaded,
             });

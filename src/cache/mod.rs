@@ -59,6 +59,7 @@ use freshness::Freshness;
 use keys::Keys;
 use load::{Inline, Led, Loader};
 use options::Resolved;
+use refresh::{Lead, Refreshing};
 
 /// A cache over Redis (or the embedded store) whose misses are loaded once across
 /// every process, guarded by a Redlock. Cheap to clone; clones share everything.
@@ -151,6 +152,8 @@ struct Inner<C> {
     separate_value_server: bool,
     codec: C,
     flights: Flights,
+    /// Keys this process is refreshing (`refresh.rs`).
+    refreshing: Arc<Refreshing>,
     stats: Arc<Stats>,
     telemetry: Telemetry,
     config: DebugConfig,
@@ -355,8 +358,10 @@ impl<C: Codec> LockedCache<C> {
     }
 
     /// The value under `key`, if there is one that decodes and is fresh, or
-    /// stale inside the cache's stale window. One round trip; no lock. An
-    /// undecodable value counts as absent (and as corrupt in the stats).
+    /// stale inside the cache's stale window. One round trip (two when the
+    /// value was stored with a stale window and the cache has none: its time
+    /// left is read to judge it); no lock. An undecodable value counts as
+    /// absent (and as corrupt in the stats).
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         let inner = &*self.inner;
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
@@ -382,7 +387,7 @@ impl<C: Codec> LockedCache<C> {
     /// `key` already running when this is called will not overwrite it (its write
     /// is fenced out); its callers still get the value it loaded.
     pub async fn set<T: Serialize>(&self, key: &str, value: &T) -> Result<()> {
-        self.set_with_ttl(key, value, self.inner.ttl).await
+        self.set_with_ttl(key, value, self.inner.defaults.ttl).await
     }
 
     /// As [`set`](Self::set), with its own TTL (1 ms to 10 years, else
@@ -450,7 +455,7 @@ impl<C: Codec> LockedCache<C> {
     /// call has ended, however it ended. For tests and diagnostics.
     #[doc(hidden)]
     pub fn retained_entries(&self) -> usize {
-        self.inner.flights.len() + self.inner.lock.retained_entries()
+        self.inner.flights.len() + self.inner.refreshing.len() + self.inner.lock.retained_entries()
     }
 
     /// Counters of hits, loads, wake-ups, lost locks, corrupt values...
@@ -516,15 +521,22 @@ impl<C: Codec> Inner<C> {
         keys::check_key(&self.key_prefix, key, self.max_key_len)?;
         let deadline = started + self.lock.options().wait;
         if !self.coalesce {
-            let led = self
+            let led = match self
                 .lead(key, loader, options, sharing, started, deadline, trace)
-                .await?;
+                .await?
+            {
+                Lead::Done(led) => led,
+                Lead::RefreshInPlace(refresh) => {
+                    self.refresh_in_place(key, refresh, options).await?
+                }
+            };
             let outcome = led.outcome;
             return Ok((led.finish().await, outcome));
         }
+        let flight_key = flight_key(key, options);
         let mut counted = false;
         let leader = loop {
-            let rx = match self.flights.join(key) {
+            let rx = match self.flights.join(&flight_key) {
                 Role::Leader(leader) => break leader,
                 Role::Follower(rx) => rx,
             };
@@ -533,15 +545,22 @@ impl<C: Codec> Inner<C> {
             }
             // The leader gives up on the lock at the same deadline, after at most
             // one more read and one more attempt: leave it that long to hand over
-            // its own outcome.
+            // its own outcome. A follower with a hard timeout waits no longer.
             let give_up = deadline + self.command_timeout * 2;
+            let hard_limit = options.hard_timeout.map(|limit| (started + limit, limit));
+            let until = hard_limit.map_or(give_up, |(at, _)| at.min(give_up));
             let waiting_since = Instant::now();
             let waited = {
                 let _waiting = self.telemetry.waiting();
-                tokio::time::timeout_at(give_up.into(), flight::outcome(rx)).await
+                tokio::time::timeout_at(until.into(), flight::outcome(rx)).await
             };
             trace.add_wait(waiting_since.elapsed());
             let Ok(outcome) = waited else {
+                if let Some((at, limit)) = hard_limit
+                    && at <= give_up
+                {
+                    return Err(self.hard_timeout_error(key, limit));
+                }
                 Stats::add(&self.stats.lock_timeouts);
                 return Err(LoadError::Cache(Error::LockTimeout {
                     resource: Keys::new(&self.key_prefix, key).lock,
@@ -563,13 +582,30 @@ impl<C: Codec> Inner<C> {
                     // A caller with another error type led: load for ourselves.
                     Err(_) => continue,
                 },
+                // The leader's own hard timeout is not this call's.
+                flight::Outcome::Failed(Error::LoadTimeout { .. })
+                    if options.hard_timeout.is_none() =>
+                {
+                    continue;
+                }
                 flight::Outcome::Failed(e) => return Err(LoadError::Cache(e)),
                 flight::Outcome::Abandoned => continue,
             }
         };
-        let result = self
+        let result = match self
             .lead(key, loader, options, sharing, started, deadline, trace)
-            .await;
+            .await
+        {
+            Ok(Lead::Done(led)) => Ok(led),
+            Ok(Lead::RefreshInPlace(refresh)) => {
+                // The followers get the stale value now; this caller refreshes.
+                leader.finish(flight::Outcome::Value(Arc::clone(refresh.bytes()), None));
+                let led = self.refresh_in_place(key, refresh, options).await?;
+                let outcome = led.outcome;
+                return Ok((led.finish().await, outcome));
+            }
+            Err(e) => Err(e),
+        };
         // Followers get the outcome first; then the lock is released.
         leader.finish(match &result {
             Ok(led) => flight::Outcome::Value(
@@ -601,7 +637,7 @@ impl<C: Codec> Inner<C> {
         started: Instant,
         deadline: Instant,
         trace: &mut CallTrace,
-    ) -> Result<Led<T>, LoadError<E>>
+    ) -> Result<Lead<T, L>, LoadError<E>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
         E: Send + Sync + 'static,
@@ -614,16 +650,18 @@ impl<C: Codec> Inner<C> {
         let with_ttl = options.reads_ttl() || keep.is_some();
         if let Some(found) = self.read::<T>(&value_key, with_ttl).await? {
             let judged = freshness::judge(&found.meta, found.ttl_left, options, fastrand::f64());
-            if judged != Freshness::TooStale {
-                Stats::add(&self.stats.hits);
-                if found.meta.absent {
-                    Stats::add(&self.stats.negative_hits);
-                }
+            if judged != Freshness::TooStale && found.meta.absent {
+                Stats::add(&self.stats.negative_hits);
             }
             match judged {
                 Freshness::Fresh => {
                     self.near_keep(&value_key, &found, keep);
-                    return Ok(Led::unlocked(found.value, found.bytes, Outcome::Hit));
+                    Stats::add(&self.stats.hits);
+                    return Ok(Lead::Done(Led::unlocked(
+                        found.value,
+                        found.bytes,
+                        Outcome::Hit,
+                    )));
                 }
                 Freshness::RefreshEarly => {
                     Stats::add(&self.stats.early_refreshes);
@@ -633,7 +671,6 @@ impl<C: Codec> Inner<C> {
                         .await;
                 }
                 Freshness::Stale => {
-                    Stats::add(&self.stats.stale_served);
                     let keys = Keys::with_value_key(value_key);
                     return self
                         .refresh(key, keys, found, loader, options, Outcome::Stale)
@@ -650,21 +687,32 @@ impl<C: Codec> Inner<C> {
                 Ok(detached) => {
                     return self
                         .load_detached(key, keys, detached, options, started, deadline, trace)
-                        .await;
+                        .await
+                        .map(Lead::Done);
                 }
                 Err(loader) => loader,
             }
         } else {
             loader
         };
-        let load = self.load_after_miss(key, &keys, loader, options, started, deadline, trace);
-        match options.hard_timeout {
+        let load = self.load_after_miss(
+            key,
+            &keys,
+            loader,
+            options,
+            started,
+            deadline,
+            trace,
+            std::future::pending(),
+        );
+        let led = match options.hard_timeout {
             None => load.await,
             Some(limit) => match tokio::time::timeout(limit, load).await {
                 Ok(led) => led,
                 Err(_) => Err(self.hard_timeout_error(key, limit)),
             },
-        }
+        };
+        led.map(Lead::Done)
     }
 
     /// The error of a call whose hard timeout passed with no value at hand.
@@ -775,22 +823,19 @@ impl<C: Codec> Inner<C> {
         Ok(bytes)
     }
 
-    /// Encodes a loaded value for the store: its key's TTL and its bytes, or
-    /// `None` when it is not to be stored (a "not found" with a zero negative
-    /// TTL).
+    /// Encodes a loaded value: its bytes (for the store and the followers), and
+    /// its key's TTL, or `None` when it is not to be stored (a "not found" with
+    /// a zero negative TTL).
     fn encode_loaded<T: Serialize>(
         &self,
         key: &str,
         value: &T,
         load_time: Duration,
         options: &Resolved,
-    ) -> Result<Option<(Duration, Vec<u8>)>> {
+    ) -> Result<(Option<Duration>, Vec<u8>)> {
         let absent = codec::is_absent(value);
-        let Some((ttl, meta)) = freshness::storage(options, absent, load_time, fastrand::f64())
-        else {
-            return Ok(None);
-        };
-        Ok(Some((ttl, self.encode(key, value, &meta)?)))
+        let (ttl, meta) = freshness::storage(options, absent, load_time, fastrand::f64());
+        Ok((ttl, self.encode(key, value, &meta)?))
     }
 }
 
@@ -833,5 +878,17 @@ impl Replacing {
     /// refreshed it since.
     fn superseded_by<T>(&self, found: &Found<T>) -> bool {
         found.bytes != self.bytes || found.ttl_left > self.ttl_left
+    }
+}
+
+/// The in-process flight a call joins: the key, and the stale window the call
+/// accepts, so that a call never gets, from a leader that accepts staler
+/// values, a value staler than it accepts. `\0<window ms>\0<key>` when there
+/// is a window (or the key itself starts with `\0`), else the key.
+fn flight_key<'k>(key: &'k str, options: &Resolved) -> std::borrow::Cow<'k, str> {
+    if options.stale_for.is_zero() && !key.starts_with('\0') {
+        std::borrow::Cow::Borrowed(key)
+    } else {
+        std::borrow::Cow::Owned(format!("\0{}\0{key}", options.stale_for.as_millis()))
     }
 }

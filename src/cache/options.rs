@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::codec::MAX_META_DURATION;
 use crate::defaults::{
-    DEFAULT_DETACHED, DEFAULT_EARLY_REFRESH, DEFAULT_EARLY_REFRESH_BETA, DEFAULT_FAIL_SAFE,
-    DEFAULT_STALE_FOR, DEFAULT_TTL_JITTER,
+    DEFAULT_BACKGROUND_TIMEOUT, DEFAULT_DETACHED, DEFAULT_EARLY_REFRESH,
+    DEFAULT_EARLY_REFRESH_BETA, DEFAULT_FAIL_SAFE, DEFAULT_STALE_FOR, DEFAULT_TTL_JITTER,
 };
 use crate::error::{Error, Result};
 
@@ -57,6 +57,7 @@ pub struct CallOptions {
     soft_timeout: Option<Duration>,
     hard_timeout: Option<Duration>,
     detached: Option<bool>,
+    background_timeout: Option<Duration>,
 }
 
 impl CallOptions {
@@ -73,6 +74,7 @@ impl CallOptions {
             soft_timeout: None,
             hard_timeout: None,
             detached: None,
+            background_timeout: None,
         }
     }
 
@@ -105,13 +107,21 @@ impl CallOptions {
     }
 
     /// Probabilistic early refresh (XFetch, Vattani et al. 2015): a call on a
-    /// fresh value refreshes it when `ttl_left <= load_time * beta * -ln(rand)`,
-    /// where `load_time` is how long the value's load took (stored with it). The
-    /// closer the expiry and the slower the load, the likelier; under steady
-    /// traffic a hot key is reloaded shortly before it expires, by one caller,
-    /// and nobody sees it stale or missing. The refresh runs as a stale one does
+    /// fresh value refreshes it when `fresh_left <= load_time + load_time *
+    /// beta * -ln(rand)`, where `load_time` is how long the value's load took
+    /// (stored with it) and `rand` is uniform in (0, 1]. That is XFetch aimed
+    /// at the last moment a refresh can start and still be stored before the
+    /// value goes stale (one load time before its expiry), rather than at the
+    /// expiry itself. The closer the expiry and the slower the load, the
+    /// likelier; under steady traffic a hot key is reloaded shortly before it
+    /// expires, by one caller, and nobody sees it stale or missing. Keys called
+    /// less often than about once per load time can still go stale (pair this
+    /// with [`stale_for`](Self::stale_for) so they are not waited for either). The refresh runs as a stale one does
     /// (one per key across the fleet; in the background for
     /// [`with`](crate::LockedCache::with) calls).
+    ///
+    /// Values stored by `set` (no load time) and loads under a millisecond are
+    /// refreshed early only once less than a millisecond of freshness is left.
     ///
     /// Defaults to off ([`DEFAULT_EARLY_REFRESH`]). On, it trades a few more
     /// loads (a value is replaced a little before its TTL) for no expiry ever
@@ -130,8 +140,10 @@ impl CallOptions {
     }
 
     /// The TTL of a cached "not found": a loaded value that serialises as
-    /// `None` (the loader's `T` is an `Option` and it found nothing). Zero
-    /// does not cache them at all. At most 10 years.
+    /// `None` (the loader's `T` is an `Option` and it found nothing). Its
+    /// stale window is no longer than this. Zero does not cache them at all
+    /// (each caller then loads in turn, one at a time per key across the
+    /// fleet; callers in one process still share one load). At most 10 years.
     ///
     /// Defaults to unset: a `None` is cached like any value, for the TTL.
     /// Setting it short lets a missing id appear soon after it is created,
@@ -151,11 +163,20 @@ impl CallOptions {
         self
     }
 
-    /// Fail-safe: when a stale value is at hand (inside the stale window) and
-    /// its refresh fails (loader error or panic, soft timeout, lock or Redis
-    /// failure), return the stale value instead of the error, logged and
-    /// counted in [`fail_safe_served`](crate::StatsSnapshot::fail_safe_served).
-    /// Defaults to on ([`DEFAULT_FAIL_SAFE`]). Off, such calls get the error.
+    /// Fail-safe: when a caller holding a stale value (inside the stale
+    /// window) runs its refresh itself (a plain `get_or_load` that got the
+    /// key's lock) and the loader returns an error, or the store fails, return
+    /// the stale value ([`Outcome::FailSafe`](crate::Outcome::FailSafe)) instead
+    /// of the error, logged and counted in
+    /// [`fail_safe_served`](crate::StatsSnapshot::fail_safe_served), as long as
+    /// the stale value has not expired meanwhile. A panicking loader still
+    /// panics in its caller. Defaults to on ([`DEFAULT_FAIL_SAFE`]). Off, such
+    /// calls get the error.
+    ///
+    /// Without fail-safe too, a stale value is served when nobody can refresh
+    /// it (the lock is held elsewhere, or the lock masters are unreachable), and
+    /// when a refresh runs in the background (its failure is logged and
+    /// counted in [`background_errors`](crate::StatsSnapshot::background_errors)).
     /// Without a stale window there is never a value at hand, so this does
     /// nothing.
     pub const fn fail_safe(mut self, on: bool) -> Self {
@@ -163,21 +184,28 @@ impl CallOptions {
         self
     }
 
-    /// How long a caller that holds a stale value waits for its refresh before
-    /// it returns the stale value (fail-safe). The refresh goes on: in the
-    /// background for [`with`](crate::LockedCache::with) calls, and stores its
-    /// value; a plain `get_or_load` call's loader is dropped instead (it cannot
-    /// outlive the call). Defaults to none (wait for the refresh).
+    /// How long a plain `get_or_load` caller that holds a stale value and runs
+    /// its refresh itself waits for it before it returns the stale value
+    /// ([`Outcome::FailSafe`](crate::Outcome::FailSafe), whatever
+    /// [`fail_safe`](Self::fail_safe) says: the caller chose to bound its wait).
+    /// Its loader is then dropped (it cannot outlive the call) and the lock
+    /// released; the next call tries again. [`with`](crate::LockedCache::with)
+    /// calls never wait for a refresh, so this does not apply to them.
+    /// Defaults to none (wait for the refresh).
     pub const fn soft_timeout(mut self, timeout: Duration) -> Self {
         self.soft_timeout = Some(timeout);
         self
     }
 
-    /// The longest a call waits for a load, whatever it holds: after it the
-    /// call returns a stale value if it has one (fail-safe), else
-    /// [`Error::LoadTimeout`]. A detached load goes on and stores its value.
-    /// Defaults to none: a call waits for its loader as long as it takes (and
-    /// for someone else's load up to the [wait time](crate::Builder::wait_time)).
+    /// The longest a call waits for a load (its own, or one it joined in this
+    /// process), from the miss to the value: then it fails with
+    /// [`Error::LoadTimeout`] (`is_timeout()`). A detached load goes on and
+    /// stores its value (within the [background
+    /// timeout](Self::background_timeout)); a plain call's load is dropped. A
+    /// plain call refreshing a stale value is bounded by it too, and then
+    /// returns the stale value, as for the soft timeout. Defaults to none: a
+    /// call waits for its loader as long as it takes (and for someone else's
+    /// load up to the [wait time](crate::Builder::wait_time)).
     pub const fn hard_timeout(mut self, timeout: Duration) -> Self {
         self.hard_timeout = Some(timeout);
         self
@@ -197,6 +225,19 @@ impl CallOptions {
         self
     }
 
+    /// The longest a load on a task of its own may run: a background refresh,
+    /// or a detached load (whose caller may have gone away). Then the load is
+    /// dropped, its lock released, and the failure logged and counted in
+    /// [`background_errors`](crate::StatsSnapshot::background_errors); a
+    /// caller still waiting gets [`Error::LoadTimeout`]. Defaults to 60 s
+    /// ([`DEFAULT_BACKGROUND_TIMEOUT`]): without a bound, a backend call that
+    /// hangs would hold the key's lock (kept alive by its holder) for as long
+    /// as the process lives. Raise it for loads that legitimately take longer.
+    pub const fn background_timeout(mut self, timeout: Duration) -> Self {
+        self.background_timeout = Some(timeout);
+        self
+    }
+
     /// These options, with every unset one taken from `fallback`.
     pub const fn or(self, fallback: CallOptions) -> CallOptions {
         CallOptions {
@@ -210,6 +251,7 @@ impl CallOptions {
             soft_timeout: or(self.soft_timeout, fallback.soft_timeout),
             hard_timeout: or(self.hard_timeout, fallback.hard_timeout),
             detached: or(self.detached, fallback.detached),
+            background_timeout: or(self.background_timeout, fallback.background_timeout),
         }
     }
 
@@ -234,6 +276,9 @@ impl CallOptions {
             soft_timeout: self.soft_timeout,
             hard_timeout: self.hard_timeout,
             detached: self.detached.unwrap_or(DEFAULT_DETACHED),
+            background_timeout: self
+                .background_timeout
+                .unwrap_or(DEFAULT_BACKGROUND_TIMEOUT),
         };
         resolved.check()?;
         Ok(resolved)
@@ -260,6 +305,7 @@ pub(crate) struct Resolved {
     pub soft_timeout: Option<Duration>,
     pub hard_timeout: Option<Duration>,
     pub detached: bool,
+    pub background_timeout: Duration,
 }
 
 impl Resolved {
@@ -288,8 +334,9 @@ impl Resolved {
         }
         if self.soft_timeout.is_some_and(|t| t.is_zero())
             || self.hard_timeout.is_some_and(|t| t.is_zero())
+            || self.background_timeout.is_zero()
         {
-            return invalid("soft_timeout and hard_timeout must be above zero");
+            return invalid("soft_timeout, hard_timeout and background_timeout must be above zero");
         }
         Ok(())
     }
@@ -340,6 +387,7 @@ mod tests {
             CallOptions::new().negative_ttl(Duration::from_secs(20 * 365 * 24 * 3600)),
             CallOptions::new().soft_timeout(Duration::ZERO),
             CallOptions::new().hard_timeout(Duration::ZERO),
+            CallOptions::new().background_timeout(Duration::ZERO),
         ] {
             assert!(
                 matches!(bad.resolve(ttl), Err(Error::InvalidConfig(_))),

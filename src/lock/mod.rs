@@ -24,16 +24,31 @@
 //! # Ok(()) }
 //! ```
 
+mod claim;
+mod fencing;
 mod guard;
+mod inspect;
 mod local;
+mod multi;
 mod quorum;
+mod run_once;
+mod rwlock;
+mod semaphore;
 mod token;
 mod vote;
 mod wakeups;
+mod watchdog;
 
+use claim::Claimed;
 pub use guard::LockGuard;
+pub use inspect::{HolderInfo, LockInfo, Owner};
 use quorum::quorum;
 pub(crate) use quorum::validity;
+pub use run_once::RunOnce;
+pub use rwlock::RwLock;
+pub use semaphore::Semaphore;
+pub(crate) use watchdog::Watchdog;
+pub use watchdog::{LockLost, LostSignal};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +106,14 @@ pub struct LockOptions {
     /// The pub/sub channel releases are published on. Defaults to
     /// [`DEFAULT_CHANNEL`]. All processes sharing locks must use the same one.
     pub channel: String,
+    /// Give each guard of the public API a watchdog that extends the lock
+    /// every third of its expiry while the guard lives. Defaults to `true`.
+    /// Off: a guard's lock expires after its expiry unless the holder calls
+    /// [`LockGuard::extend`] (or a single acquisition opts out with
+    /// [`LockGuard::stop_watchdog`]); a holder that hangs then frees the lock
+    /// after the expiry instead of keeping it. The lost-lock signal works
+    /// either way. (The cache's own loads always keep their lock alive.)
+    pub watchdog: bool,
 }
 
 impl Default for LockOptions {
@@ -102,6 +125,7 @@ impl Default for LockOptions {
             master_timeout: DEFAULT_MASTER_TIMEOUT,
             wake_ups: true,
             channel: DEFAULT_CHANNEL.to_owned(),
+            watchdog: true,
         }
     }
 }
@@ -304,57 +328,118 @@ impl Redlock {
     ///
     /// Tasks of this process that want the same lock queue in process (first come,
     /// first served) and only the first of them sends commands to the masters.
+    ///
+    /// Cancellation: safe at every await. A call dropped while waiting leaves
+    /// nothing behind; one dropped while an attempt is in flight has its grants
+    /// undone by the masters' tasks (see `vote.rs`), and a guard dropped is
+    /// released.
     pub async fn acquire_with(
         &self,
         resource: &str,
         expiry: Duration,
         wait: Duration,
     ) -> Result<LockGuard> {
-        check_expiry(expiry)?;
-        check_wait(wait)?;
-        let started = Instant::now();
-        let deadline = started + wait;
-        let Some(turn) = self.inner.lines.wait_turn(resource, deadline).await else {
-            Stats::add(&self.inner.stats.lock_timeouts);
-            return Err(Error::LockTimeout {
-                resource: resource.to_owned(),
-                waited: started.elapsed(),
-            });
-        };
-        let waiter = self.waiter(resource);
-        let mut splits = Splits::default();
-        loop {
-            let outcome = self.attempt(resource, expiry).await?;
-            match outcome {
-                Attempt::Acquired(guard) => return Ok(guard.with_turn(turn)),
-                Attempt::Held { .. } | Attempt::NoQuorum { .. } => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(self.wait_error(resource, &outcome, now - started));
-                    }
-                    splits.after(&outcome);
-                    waiter
-                        .wait(self.retry_delay(&outcome, splits).min(deadline - now))
-                        .await;
-                }
-            }
-        }
+        let claim = Claimed::Exclusive(vec![resource.to_owned()]);
+        self.acquire_claim(claim, expiry, wait).await
     }
 
     /// One attempt, no waiting: `Ok(None)` when someone else (in this process or
     /// another) holds the lock, or when competing attempts split the votes so that
     /// nobody got a majority (try again shortly).
     pub async fn try_acquire(&self, resource: &str, expiry: Duration) -> Result<Option<LockGuard>> {
+        let claim = Claimed::Exclusive(vec![resource.to_owned()]);
+        self.try_claim(claim, expiry).await
+    }
+
+    /// Waits up to `wait` for `claim`: the acquisition loop of every primitive.
+    /// Claims that exclude each other in process too queue in the process's
+    /// line first; the caller registers for wake-ups of every name before each
+    /// attempt, and sleeps until one comes or the (jittered) retry time passes.
+    pub(crate) async fn acquire_claim(
+        &self,
+        claim: Claimed,
+        expiry: Duration,
+        wait: Duration,
+    ) -> Result<LockGuard> {
         check_expiry(expiry)?;
-        let Some(turn) = self.inner.lines.try_turn(resource) else {
-            return Ok(None);
+        check_wait(wait)?;
+        let claim = Arc::new(claim);
+        let started = Instant::now();
+        let deadline = started + wait;
+        let turn = match claim.line() {
+            Some(line) => match self.inner.lines.wait_turn(&line, deadline).await {
+                Some(turn) => Some(turn),
+                None => {
+                    Stats::add(&self.inner.stats.lock_timeouts);
+                    return Err(Error::LockTimeout {
+                        resource: claim.name().to_owned(),
+                        waited: started.elapsed(),
+                    });
+                }
+            },
+            None => None,
         };
-        match self.attempt(resource, expiry).await? {
-            Attempt::Acquired(guard) => Ok(Some(guard.with_turn(turn))),
+        let waiters: Vec<Waiter> = claim.names().iter().map(|n| self.waiter(n)).collect();
+        let mut splits = Splits::default();
+        loop {
+            let outcome = self.attempt_claim(&claim, expiry).await?;
+            match outcome {
+                Attempt::Acquired(guard) => {
+                    drop(waiters);
+                    self.chain_wake_up(&claim);
+                    return Ok(guard
+                        .with_turn(turn)
+                        .watched(expiry, self.inner.options.watchdog));
+                }
+                Attempt::Held { .. } | Attempt::NoQuorum { .. } => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(self.wait_error(claim.name(), &outcome, now - started));
+                    }
+                    splits.after(&outcome);
+                    let pause = self.retry_delay(&outcome, splits).min(deadline - now);
+                    wait_any(&waiters, pause).await;
+                }
+            }
+        }
+    }
+
+    /// One attempt at `claim`, no waiting (see [`try_acquire`](Self::try_acquire)).
+    pub(crate) async fn try_claim(
+        &self,
+        claim: Claimed,
+        expiry: Duration,
+    ) -> Result<Option<LockGuard>> {
+        check_expiry(expiry)?;
+        let claim = Arc::new(claim);
+        let turn = match claim.line() {
+            Some(line) => match self.inner.lines.try_turn(&line) {
+                Some(turn) => Some(turn),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        match self.attempt_claim(&claim, expiry).await? {
+            Attempt::Acquired(guard) => {
+                self.chain_wake_up(&claim);
+                let watchdog = self.inner.options.watchdog;
+                Ok(Some(guard.with_turn(turn).watched(expiry, watchdog)))
+            }
             Attempt::Held { .. } => Ok(None),
             ref outcome @ Attempt::NoQuorum { .. } => {
-                Err(self.wait_error(resource, outcome, Duration::ZERO))
+                Err(self.wait_error(claim.name(), outcome, Duration::ZERO))
             }
+        }
+    }
+
+    /// After a reader got in, wakes the next waiter of this process for the
+    /// same lock: a writer's release wakes one waiter per process, and the
+    /// readers behind it may all come in too.
+    fn chain_wake_up(&self, claim: &Claimed) {
+        if let Claimed::Read(name) = claim
+            && self.inner.listeners.is_some()
+        {
+            self.inner.registry.wake(name);
         }
     }
 
@@ -419,21 +504,34 @@ impl Redlock {
         }
     }
 
-    /// Sends `SET NX PX` to every master at once and counts the grants, deciding
-    /// as soon as a majority answered alike (see `vote.rs`).
+    /// One attempt at an exclusive lock on `resource` (the cache's).
     pub(crate) async fn attempt(&self, resource: &str, expiry: Duration) -> Result<Attempt> {
+        let claim = Arc::new(Claimed::Exclusive(vec![resource.to_owned()]));
+        self.attempt_claim(&claim, expiry).await
+    }
+
+    /// Sends the claim to every master at once and counts the grants, deciding
+    /// as soon as a majority answered alike (see `vote.rs`); when granted, makes
+    /// the fencing tokens known to a majority (see `fencing.rs`).
+    pub(crate) async fn attempt_claim(
+        &self,
+        claim: &Arc<Claimed>,
+        expiry: Duration,
+    ) -> Result<Attempt> {
         let token = Token::new().map_err(|e| {
             Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
         })?;
         Stats::add(&self.inner.stats.lock_attempts);
         let started = Instant::now();
         let health = &self.inner.health;
+        let owner = Owner::here(std::time::SystemTime::now()).encode();
         let mut ballot = Ballot::open(
             &self.inner.masters,
             health,
-            resource,
+            claim,
             &token,
             expiry,
+            &owner,
             &self.inner.options.channel,
         );
         ballot
@@ -445,23 +543,36 @@ impl Redlock {
             .await;
         let elapsed = ballot.settled_at - started;
         let votes = &ballot.votes;
-        let needed = quorum(self.inner.masters.len());
+        let masters = self.inner.masters.len();
+        let needed = quorum(masters);
         if votes.yes >= needed
             && let Some(validity) = validity(expiry, elapsed)
         {
             ballot.decide(Decision::Keep);
-            return Ok(Attempt::Acquired(LockGuard::new(
+            let (fences, up_to_date) =
+                fencing::settle(&ballot.grants.lock().unwrap_or_else(|e| e.into_inner()));
+            // The validity counts from when the grants were in.
+            let guard = LockGuard::new(
                 Arc::clone(&self.inner),
-                resource.to_owned(),
+                Arc::clone(claim),
                 token,
-                // The validity counts from when the grants were in.
+                fences.clone(),
                 ballot.settled_at + validity,
-            )));
+            );
+            if fencing::must_raise(up_to_date, masters)
+                && !self.inner.raise_fences(claim, &fences).await
+            {
+                // The guard releases the lock as it drops; nobody could
+                // count on its tokens.
+                return Ok(Attempt::Held { split: true });
+            }
+            return Ok(Attempt::Acquired(guard));
         }
         // Undo the partial acquisition, including grants still to arrive and
         // masters whose answer was lost. Not published: the lock was never held,
         // and waking waiters for a split vote would only start the next one.
         ballot.decide(Decision::Undo);
+        let resource = claim.name();
         if let Some(e) = &votes.first_error {
             tracing::debug!(resource, error = %e, granted = votes.yes, "lock attempt: a master failed");
         }
@@ -472,7 +583,7 @@ impl Redlock {
         if reachable < needed {
             return Ok(Attempt::NoQuorum { reachable });
         }
-        if self.inner.masters.len() - votes.error_replies < needed
+        if masters - votes.error_replies < needed
             && let Some(e) = &votes.first_error_reply
         {
             // Enough masters are up, but refuse the command (OOM, NOPERM...):
@@ -488,22 +599,57 @@ impl Redlock {
     }
 }
 
+/// Sleeps until one of `waiters` is woken or `max` passes.
+async fn wait_any(waiters: &[Waiter], max: Duration) {
+    match waiters {
+        [] => tokio::time::sleep(max).await,
+        [one] => {
+            one.wait(max).await;
+        }
+        many => {
+            let waits = many.iter().map(|w| Box::pin(w.wait(max)));
+            futures_util::future::select_all(waits).await;
+        }
+    }
+}
+
 impl Inner {
     /// Compare-and-delete on every master, publishing the release to waiters when
     /// `publish`; true when a majority still held `token`.
-    async fn release_all(&self, resource: &str, token: &Token, publish: bool) -> Result<bool> {
+    async fn release_all(
+        &self,
+        claim: &Arc<Claimed>,
+        token: &Token,
+        publish: bool,
+    ) -> Result<bool> {
         let channel = publish.then(|| self.options.channel.clone());
-        let (resource, token) = (resource.to_owned(), token.clone());
+        let (claim, token) = (Arc::clone(claim), token.clone());
         vote::ask(&self.masters, &self.health, move |master| {
-            let (resource, token, channel) = (resource.clone(), token.clone(), channel.clone());
+            let (claim, token, channel) = (Arc::clone(&claim), token.clone(), channel.clone());
             async move {
                 master
-                    .release(&resource, token.as_bytes(), channel.as_deref())
+                    .unclaim(claim.as_claim(), token.as_bytes(), channel.as_deref())
                     .await
             }
         })
         .majority()
         .await
+    }
+
+    /// Raises the fencing counters of every master to `fences`; true once a
+    /// majority has them (see `fencing.rs`).
+    async fn raise_fences(&self, claim: &Arc<Claimed>, fences: &[u64]) -> bool {
+        let (claim, fences) = (Arc::clone(claim), fences.to_vec());
+        let raised = vote::ask(&self.masters, &self.health, move |master| {
+            let (claim, fences) = (Arc::clone(&claim), fences.clone());
+            async move {
+                master.raise_fence(claim.as_claim(), &fences).await?;
+                Ok(true)
+            }
+        })
+        .majority()
+        .await;
+        matches!(raised, Ok(true))
     }
 
     /// Compare-and-pexpire on every master; true when a majority holds `token`
@@ -525,16 +671,21 @@ impl Inner {
     /// holds.
     async fn extend_all(
         &self,
-        resource: &str,
+        claim: &Arc<Claimed>,
         token: &Token,
         expiry: Duration,
         valid_until: Instant,
         ended: &Arc<AtomicBool>,
     ) -> Result<bool> {
-        let (owned_resource, owned_token) = (resource.to_owned(), token.clone());
+        let resource = claim.name();
+        let (owned_claim, owned_token) = (Arc::clone(claim), token.clone());
         let mut votes = vote::ask(&self.masters, &self.health, move |master| {
-            let (resource, token) = (owned_resource.clone(), owned_token.clone());
-            async move { master.extend(&resource, token.as_bytes(), expiry).await }
+            let (claim, token) = (Arc::clone(&owned_claim), owned_token.clone());
+            async move {
+                master
+                    .renew(claim.as_claim(), token.as_bytes(), expiry)
+                    .await
+            }
         });
         votes.all_or_majority().await;
         let needed = quorum(self.masters.len());
@@ -546,16 +697,19 @@ impl Inner {
         {
             let regrants = votes.refused_by.iter().map(|&i| {
                 let master = SharedStore::clone(&self.masters[i]);
-                let (resource, token, ended) =
-                    (resource.to_owned(), token.clone(), Arc::clone(ended));
+                let (claim, token, ended) = (Arc::clone(claim), token.clone(), Arc::clone(ended));
+                let owner = Owner::here(std::time::SystemTime::now()).encode();
                 tokio::spawn(async move {
+                    let claimed = claim.as_claim();
                     let granted = matches!(
-                        master.set_nx(&resource, token.as_bytes(), expiry).await,
-                        Ok(true)
+                        master
+                            .claim(claimed, token.as_bytes(), expiry, &owner)
+                            .await,
+                        Ok(Some(_))
                     );
                     let in_time = Instant::now() < valid_until;
                     if granted && (!in_time || ended.load(Ordering::Acquire)) {
-                        let _ = master.release(&resource, token.as_bytes(), None).await;
+                        let _ = master.unclaim(claimed, token.as_bytes(), None).await;
                         return false;
                     }
                     granted

@@ -21,12 +21,13 @@
 //! timeout, not the command timeout.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use super::claim::Claimed;
 use super::quorum::quorum;
 use super::token::Token;
 use crate::error::{Error, Result};
@@ -229,31 +230,42 @@ pub struct Ballot {
     decision: watch::Sender<Decision>,
     /// When enough grants were in, for the validity.
     pub settled_at: Instant,
+    /// The fencing tokens each master granted, by master.
+    pub grants: Arc<Mutex<Vec<Option<Vec<u64>>>>>,
 }
 
 impl Ballot {
-    /// Sends `SET resource token NX PX expiry` to every master.
+    /// Sends the claim (for an exclusive lock: `SET resource token NX PX
+    /// expiry`, and the fencing counter's increment) to every master.
     pub fn open(
         masters: &[SharedStore],
         health: &Arc<Health>,
-        resource: &str,
+        claim: &Arc<Claimed>,
         token: &Token,
         expiry: Duration,
+        owner: &str,
         channel: &str,
     ) -> Ballot {
         let (decision, decided) = watch::channel(Decision::Pending);
         let (tx, rx) = mpsc::unbounded_channel();
+        let grants = Arc::new(Mutex::new(vec![None; masters.len()]));
         for (i, master) in masters.iter().enumerate() {
             let (tx, mut decided) = (tx.clone(), decided.clone());
-            let (master, resource, token) = (
-                SharedStore::clone(master),
-                resource.to_owned(),
-                token.clone(),
-            );
-            let channel = channel.to_owned();
-            let health = Arc::clone(health);
+            let (master, claim, token) =
+                (SharedStore::clone(master), Arc::clone(claim), token.clone());
+            let (channel, owner) = (channel.to_owned(), owner.to_owned());
+            let (health, grants) = (Arc::clone(health), Arc::clone(&grants));
             tokio::spawn(async move {
-                let answer = master.set_nx(&resource, token.as_bytes(), expiry).await;
+                let answer = master
+                    .claim(claim.as_claim(), token.as_bytes(), expiry, &owner)
+                    .await
+                    .map(|granted| match granted {
+                        Some(fences) => {
+                            grants.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(fences);
+                            true
+                        }
+                        None => false,
+                    });
                 health.note(i, &answer);
                 let maybe_granted = !matches!(answer, Ok(false));
                 let _ = tx.send((i, answer));
@@ -266,13 +278,16 @@ impl Ballot {
                     // The caller is gone: someone may have seen the lock held.
                     Err(_) => Some(channel.as_str()),
                 };
-                let _ = master.release(&resource, token.as_bytes(), publish).await;
+                let _ = master
+                    .unclaim(claim.as_claim(), token.as_bytes(), publish)
+                    .await;
             });
         }
         Ballot {
             votes: Votes::new(rx, masters.len()),
             decision,
             settled_at: Instant::now(),
+            grants,
         }
     }
 

@@ -79,7 +79,7 @@ impl Registry {
     /// send `SET NX` together, which on several masters splits the votes so that
     /// nobody wins. (The cache coalesces its callers, so a process has one waiter
     /// per key there anyway.) The others keep their retry timers.
-    fn wake(&self, resource: &str) {
+    pub fn wake(&self, resource: &str) {
         let mut map = self.map();
         if let Some(list) = map.get_mut(resource)
             && !list.is_empty()

@@ -33,7 +33,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use super::redis::{ConnectionOptions, RedisStore, redact};
 use super::slot::slot;
-use super::{Publish, Store, Stored, commands, scripts};
+use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
 use crate::error::{Error, Result};
 
 /// How a [`ClusterStore`] acquires locks beyond the plain `SET NX`.
@@ -95,6 +95,7 @@ impl ClusterStore {
             .connection_timeout(options.connect_timeout)
             .response_timeout(options.command_timeout)
             .overall_response_timeout(Some(options.command_timeout))
+            .tcp_settings(super::tls::tcp_settings())
             .retries(CLUSTER_RETRIES)
             .min_retry_wait(5)
             .max_retry_wait(options.command_timeout.as_millis().min(200) as u64)
@@ -364,6 +365,64 @@ impl Store for ClusterStore {
     async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
         self.run("PUBLISH", |mut c| async move {
             commands::publish(&mut c, channel, payload).await
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        claim: Claim<'_>,
+        token: &[u8],
+        expiry: Duration,
+        owner: &str,
+    ) -> Result<Option<Vec<u64>>> {
+        let acks = self.cluster.replica_acks;
+        let key = claim.names()[0].to_owned();
+        self.run("EVALSHA claim", |mut c| async move {
+            let granted = commands::claim(&mut c, claim, token, expiry, owner).await?;
+            let Some((replicas, timeout)) = acks.filter(|_| granted.is_some()) else {
+                return Ok(granted);
+            };
+            let acked = Self::replica_acks(&mut c, &key, replicas, timeout).await?;
+            if acked >= replicas {
+                return Ok(granted);
+            }
+            tracing::warn!(
+                key,
+                acked,
+                wanted = replicas,
+                "too few replicas acknowledged the claim; undone (a failover could lose it)"
+            );
+            commands::unclaim(&mut c, claim, token, None, false).await?;
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn renew(&self, claim: Claim<'_>, token: &[u8], expiry: Duration) -> Result<bool> {
+        self.run("EVALSHA renew", |mut c| async move {
+            commands::renew(&mut c, claim, token, expiry).await
+        })
+        .await
+    }
+
+    async fn unclaim(&self, claim: Claim<'_>, token: &[u8], channel: Option<&str>) -> Result<bool> {
+        self.run("EVALSHA unclaim", |mut c| async move {
+            commands::unclaim(&mut c, claim, token, channel, false).await
+        })
+        .await
+    }
+
+    async fn raise_fence(&self, claim: Claim<'_>, fences: &[u64]) -> Result<()> {
+        self.run("EVALSHA raise_fence", |mut c| async move {
+            commands::raise_fence(&mut c, claim, fences).await
+        })
+        .await
+    }
+
+    async fn holders(&self, claim: Claim<'_>) -> Result<Holdings> {
+        self.run("EVALSHA holders", |mut c| async move {
+            commands::holders(&mut c, claim).await
         })
         .await
     }

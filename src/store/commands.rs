@@ -8,6 +8,7 @@ use std::time::Duration;
 use redis::RedisResult;
 use redis::aio::ConnectionLike;
 
+use super::claims::{self, Claim, Holding, Holdings};
 use super::{Stored, scripts};
 
 /// `PX` milliseconds; at least 1 (`PX 0` is an error in Redis; the builder
@@ -165,4 +166,207 @@ pub async fn publish<C: ConnectionLike + Send>(
 
 pub async fn ping<C: ConnectionLike + Send>(conn: &mut C) -> RedisResult<()> {
     redis::cmd("PING").query_async(conn).await
+}
+
+/// The keys and script of a claim's `renew` / `unclaim`: keyed claims
+/// (exclusive names, a writer) or member claims (readers, permits).
+enum Shape {
+    /// Lock keys, then their meta keys.
+    Keyed(Vec<String>),
+    /// The members' sorted set and the meta key.
+    Member([String; 2]),
+}
+
+fn shape(claim: Claim<'_>) -> Shape {
+    match claim {
+        Claim::Exclusive(names) => {
+            let mut keys: Vec<String> = names.to_vec();
+            keys.extend(names.iter().map(|n| claims::meta_key(n)));
+            Shape::Keyed(keys)
+        }
+        Claim::Write { name, .. } => Shape::Keyed(vec![name.to_owned(), claims::meta_key(name)]),
+        Claim::Read(name) => Shape::Member([claims::readers_key(name), claims::meta_key(name)]),
+        Claim::Permit { name, .. } => {
+            Shape::Member([claims::permits_key(name), claims::meta_key(name)])
+        }
+    }
+}
+
+/// The claim scripts: the fencing token per name when granted, `None` when refused.
+pub async fn claim<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claim: Claim<'_>,
+    token: &[u8],
+    expiry: Duration,
+    owner: &str,
+) -> RedisResult<Option<Vec<u64>>> {
+    let keep = millis(claims::meta_keep(expiry));
+    let mut invocation = match claim {
+        Claim::Exclusive(names) => {
+            let mut inv = scripts::CLAIM_ALL.prepare_invoke();
+            for name in names {
+                inv.key(name);
+            }
+            for name in names {
+                inv.key(claims::meta_key(name));
+            }
+            inv
+        }
+        Claim::Read(name) | Claim::Write { name, .. } => {
+            let script = match claim {
+                Claim::Read(_) => &*scripts::CLAIM_READ,
+                _ => &*scripts::CLAIM_WRITE,
+            };
+            let mut inv = script.prepare_invoke();
+            inv.key(name)
+                .key(claims::readers_key(name))
+                .key(claims::writer_waiting_key(name))
+                .key(claims::meta_key(name));
+            inv
+        }
+        Claim::Permit { name, .. } => {
+            let mut inv = scripts::CLAIM_PERMIT.prepare_invoke();
+            inv.key(claims::permits_key(name))
+                .key(claims::meta_key(name));
+            inv
+        }
+    };
+    invocation
+        .arg(token)
+        .arg(millis(expiry))
+        .arg(owner)
+        .arg(keep);
+    match claim {
+        Claim::Write { queue, .. } => {
+            invocation.arg(millis(queue));
+        }
+        Claim::Permit { limit, .. } => {
+            invocation.arg(limit);
+        }
+        _ => {}
+    }
+    invocation.invoke_async(conn).await
+}
+
+/// Renews a claim: true when it was still held by `token` (on every name).
+pub async fn renew<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claim: Claim<'_>,
+    token: &[u8],
+    expiry: Duration,
+) -> RedisResult<bool> {
+    let keep = millis(claims::meta_keep(expiry));
+    let mut invocation = match shape(claim) {
+        Shape::Keyed(keys) => {
+            let mut inv = scripts::RENEW_ALL.prepare_invoke();
+            for key in keys {
+                inv.key(key);
+            }
+            inv
+        }
+        Shape::Member([members, meta]) => {
+            let mut inv = scripts::RENEW_MEMBER.prepare_invoke();
+            inv.key(members).key(meta);
+            inv
+        }
+    };
+    let renewed: i64 = invocation
+        .arg(token)
+        .arg(millis(expiry))
+        .arg(keep)
+        .invoke_async(conn)
+        .await?;
+    Ok(renewed == 1)
+}
+
+/// Releases a claim and publishes its name(s) on `channel`. True when it was
+/// ours, and, on a re-send (`resent`), also when it was already gone.
+pub async fn unclaim<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claim: Claim<'_>,
+    token: &[u8],
+    channel: Option<&str>,
+    resent: bool,
+) -> RedisResult<bool> {
+    let channel = channel.unwrap_or("");
+    let released: i64 = match shape(claim) {
+        Shape::Keyed(keys) => {
+            let mut inv = scripts::UNCLAIM_ALL.prepare_invoke();
+            for key in keys {
+                inv.key(key);
+            }
+            inv.arg(token).arg(channel).invoke_async(conn).await?
+        }
+        Shape::Member([members, meta]) => {
+            scripts::UNCLAIM_MEMBER
+                .key(members)
+                .key(meta)
+                .arg(token)
+                .arg(channel)
+                .arg(claim.names()[0])
+                .invoke_async(conn)
+                .await?
+        }
+    };
+    Ok(released == 1 || (released == -1 && resent))
+}
+
+/// Raises the fencing counter of each name of the claim to at least `fences`.
+pub async fn raise_fence<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claim: Claim<'_>,
+    fences: &[u64],
+) -> RedisResult<()> {
+    let mut inv = scripts::RAISE_FENCE.prepare_invoke();
+    for name in claim.names() {
+        inv.key(claims::meta_key(name));
+    }
+    for fence in fences {
+        inv.arg(*fence);
+    }
+    let _: i64 = inv
+        .arg(millis(claims::META_KEEP))
+        .invoke_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Who holds the claim's (first) name, and its last fencing token.
+pub async fn holders<C: ConnectionLike + Send>(
+    conn: &mut C,
+    claim: Claim<'_>,
+) -> RedisResult<Holdings> {
+    let [lock, members, meta] = claim.holders_keys();
+    let raw: Vec<Vec<u8>> = scripts::HOLDERS
+        .key(lock)
+        .key(members)
+        .key(meta)
+        .invoke_async(conn)
+        .await?;
+    Ok(parse_holdings(&raw))
+}
+
+/// The `HOLDERS` answer as [`Holdings`]; fields that do not parse read as 0
+/// or absent (never a panic on what a server hands back).
+fn parse_holdings(raw: &[Vec<u8>]) -> Holdings {
+    let number = |b: &[u8]| {
+        std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+    };
+    let fence = raw
+        .first()
+        .and_then(|b| number(b))
+        .map_or(0, |n| n.max(0) as u64);
+    let holders = raw
+        .get(1..)
+        .unwrap_or_default()
+        .chunks_exact(3)
+        .map(|h| Holding {
+            token: h[0].clone(),
+            ttl: Duration::from_millis(number(&h[1]).unwrap_or(0).max(0) as u64),
+            owner: (!h[2].is_empty()).then(|| String::from_utf8_lossy(&h[2]).into_owned()),
+        })
+        .collect();
+    Holdings { fence, holders }
 }

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tokio::sync::{broadcast, mpsc};
 
-use super::{Publish, Store, Stored};
+use super::memory_claims::Claims;
+use super::{Claim, Holdings, Publish, Store, Stored};
 use crate::error::Result;
 
 /// Sweep expired entries once per this many writes, so that keys nobody reads
@@ -28,15 +29,17 @@ pub struct MemoryStore {
 }
 
 #[derive(Debug, Default)]
-struct State {
-    entries: HashMap<String, Entry>,
+pub(super) struct State {
+    pub(super) entries: HashMap<String, Entry>,
     writes: u64,
+    /// Readers, permits, fencing counters and owners (`memory_claims.rs`).
+    pub(super) claims: Claims,
 }
 
 #[derive(Debug)]
-struct Entry {
-    value: Vec<u8>,
-    expires_at: Instant,
+pub(super) struct Entry {
+    pub(super) value: Vec<u8>,
+    pub(super) expires_at: Instant,
 }
 
 impl Default for MemoryStore {
@@ -78,7 +81,7 @@ impl MemoryStore {
 }
 
 impl State {
-    fn live(&mut self, key: &str) -> Option<&Vec<u8>> {
+    pub(super) fn live(&mut self, key: &str) -> Option<&Vec<u8>> {
         let now = Instant::now();
         if self.entries.get(key).is_some_and(|e| e.expires_at <= now) {
             self.entries.remove(key);
@@ -96,7 +99,7 @@ impl State {
         })
     }
 
-    fn put(&mut self, key: &str, value: &[u8], ttl: Duration) {
+    pub(super) fn put(&mut self, key: &str, value: &[u8], ttl: Duration) {
         self.writes += 1;
         let now = Instant::now();
         if self.writes.is_multiple_of(SWEEP_EVERY) {
@@ -111,7 +114,7 @@ impl State {
         );
     }
 
-    fn holds(&mut self, key: &str, token: &[u8]) -> bool {
+    pub(super) fn holds(&mut self, key: &str, token: &[u8]) -> bool {
         self.live(key).is_some_and(|v| v == token)
     }
 }
@@ -220,6 +223,42 @@ impl Store for MemoryStore {
                 .send((p.channel.to_owned(), p.payload.as_bytes().to_vec()));
         }
         Ok(true)
+    }
+
+    async fn claim(
+        &self,
+        claim: Claim<'_>,
+        token: &[u8],
+        expiry: Duration,
+        owner: &str,
+    ) -> Result<Option<Vec<u64>>> {
+        Ok(self.lock().claim(claim, token, expiry, owner))
+    }
+
+    async fn renew(&self, claim: Claim<'_>, token: &[u8], expiry: Duration) -> Result<bool> {
+        Ok(self.lock().renew(claim, token, expiry))
+    }
+
+    async fn unclaim(&self, claim: Claim<'_>, token: &[u8], channel: Option<&str>) -> Result<bool> {
+        let released = self.lock().unclaim(claim, token);
+        let Ok(names) = released else {
+            return Ok(false);
+        };
+        if let Some(channel) = channel {
+            for name in names {
+                let _ = self.published.send((channel.to_owned(), name.into_bytes()));
+            }
+        }
+        Ok(true)
+    }
+
+    async fn raise_fence(&self, claim: Claim<'_>, fences: &[u64]) -> Result<()> {
+        self.lock().raise_fence(claim, fences);
+        Ok(())
+    }
+
+    async fn holders(&self, claim: Claim<'_>) -> Result<Holdings> {
+        Ok(self.lock().holders(claim))
     }
 
     async fn publish(&self, channel: &str, payload: &str) -> Result<()> {

@@ -5,11 +5,13 @@
 //! The lock and the cache only ever speak to a `Store`; every Redis command the
 //! library sends is in `redis.rs`, every Lua script in `scripts.rs`.
 
+pub(crate) mod claims;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod commands;
 mod eviction;
 mod memory;
+mod memory_claims;
 mod pool;
 pub(crate) mod redis;
 mod scripts;
@@ -17,6 +19,7 @@ mod scripts;
 pub(crate) mod slot;
 pub(crate) mod tls;
 
+pub use claims::{Claim, Holding, Holdings};
 #[cfg(feature = "cluster")]
 pub use cluster::{ClusterOptions, ClusterStore};
 pub use memory::MemoryStore;
@@ -29,7 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A message to publish together with a write: `payload` on `channel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +141,59 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// [`cache_url`](crate::Builder::cache_url)).
     async fn publish(&self, channel: &str, payload: &str) -> Result<()>;
 
+    /// Takes `claim` for `token` until `expiry`, writing `owner` (metadata for
+    /// operators) next to it: the fencing token of each name when granted
+    /// (each name's counter advanced once), `None` when refused. Sent twice, the
+    /// second answers the same tokens and advances nothing.
+    ///
+    /// The default implementation supports a single-name [`Claim::Exclusive`]
+    /// through [`set_nx`](Store::set_nx), with fencing token 0 (no counter),
+    /// so that a custom store keeps working for plain locks; other claims are
+    /// [`Error::InvalidConfig`].
+    async fn claim(
+        &self,
+        claim: Claim<'_>,
+        token: &[u8],
+        expiry: Duration,
+        owner: &str,
+    ) -> Result<Option<Vec<u64>>> {
+        let _ = owner;
+        let key = single_name(self, claim, "claim")?;
+        Ok(self.set_nx(key, token, expiry).await?.then(|| vec![0]))
+    }
+
+    /// Resets the expiry of `claim` to `expiry` if `token` still holds it (every
+    /// name of it). Default: [`extend`](Store::extend), for a single name.
+    async fn renew(&self, claim: Claim<'_>, token: &[u8], expiry: Duration) -> Result<bool> {
+        let key = single_name(self, claim, "renew")?;
+        self.extend(key, token, expiry).await
+    }
+
+    /// Releases `claim` if `token` holds it and, given a `channel`, publishes
+    /// its name(s) there. True when it was ours (on Redis, also when a re-send
+    /// finds it gone). Default: [`release`](Store::release), for a single name.
+    async fn unclaim(&self, claim: Claim<'_>, token: &[u8], channel: Option<&str>) -> Result<bool> {
+        let key = single_name(self, claim, "unclaim")?;
+        self.release(key, token, channel).await
+    }
+
+    /// Raises the fencing counter of each name of `claim` to at least the
+    /// matching entry of `fences` (after an acquisition on several masters, so
+    /// that a majority knows the highest token handed out). Default: nothing to
+    /// raise (the default `claim` keeps no counter).
+    async fn raise_fence(&self, claim: Claim<'_>, fences: &[u64]) -> Result<()> {
+        let _ = (claim, fences);
+        Ok(())
+    }
+
+    /// Who holds the (first) name of `claim`, for how long, with the owner
+    /// metadata they wrote, and the last fencing token handed out. Default:
+    /// [`Error::InvalidConfig`] (not supported).
+    async fn holders(&self, claim: Claim<'_>) -> Result<Holdings> {
+        let _ = claim;
+        Err(unsupported(self, "holders"))
+    }
+
     /// Checks that the server answers (Redis: `PING`). The embedded store always
     /// does.
     async fn ping(&self) -> Result<()> {
@@ -146,4 +202,19 @@ pub trait Store: Send + Sync + Debug + 'static {
 
     /// A human-readable name of the server, password redacted.
     fn server(&self) -> &str;
+}
+
+/// The one name of a single-name exclusive claim, for the default methods.
+fn single_name<'a, S: Store + ?Sized>(store: &S, claim: Claim<'a>, what: &str) -> Result<&'a str> {
+    match claim {
+        Claim::Exclusive([name]) => Ok(name),
+        _ => Err(unsupported(store, what)),
+    }
+}
+
+fn unsupported<S: Store + ?Sized>(store: &S, what: &str) -> Error {
+    Error::InvalidConfig(format!(
+        "store {} does not implement `{what}` for this lock primitive",
+        store.server()
+    ))
 }

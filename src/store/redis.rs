@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::pool::{Connection, Pool};
 use super::tls::{self, TlsOptions};
-use super::{Publish, Store, Stored, commands};
+use super::{Claim, Holdings, Publish, Store, Stored, commands};
 use crate::error::{Error, Result};
 
 /// How often an idle wake-up subscription is checked with a PING.
@@ -314,6 +314,47 @@ impl Store for RedisStore {
             }
         });
         Ok(rx)
+    }
+
+    async fn claim(
+        &self,
+        claim: Claim<'_>,
+        token: &[u8],
+        expiry: Duration,
+        owner: &str,
+    ) -> Result<Option<Vec<u64>>> {
+        self.run("EVALSHA claim", |mut c, _| async move {
+            commands::claim(&mut c, claim, token, expiry, owner).await
+        })
+        .await
+    }
+
+    async fn renew(&self, claim: Claim<'_>, token: &[u8], expiry: Duration) -> Result<bool> {
+        self.run("EVALSHA renew", |mut c, _| async move {
+            commands::renew(&mut c, claim, token, expiry).await
+        })
+        .await
+    }
+
+    async fn unclaim(&self, claim: Claim<'_>, token: &[u8], channel: Option<&str>) -> Result<bool> {
+        self.run("EVALSHA unclaim", |mut c, resent| async move {
+            commands::unclaim(&mut c, claim, token, channel, resent).await
+        })
+        .await
+    }
+
+    async fn raise_fence(&self, claim: Claim<'_>, fences: &[u64]) -> Result<()> {
+        self.run("EVALSHA raise_fence", |mut c, _| async move {
+            commands::raise_fence(&mut c, claim, fences).await
+        })
+        .await
+    }
+
+    async fn holders(&self, claim: Claim<'_>) -> Result<Holdings> {
+        self.run("EVALSHA holders", |mut c, _| async move {
+            commands::holders(&mut c, claim).await
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<()> {

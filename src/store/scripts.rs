@@ -86,11 +86,293 @@ if fence == ARGV[1] .. ':stored' then
 end
 return 0";
 
+// The lock primitives (`claims.rs` has the key layout). Each claim script
+// answers false when refused, or an array with the fencing token of each name
+// when granted; a re-send that finds the claim already held by the token
+// answers the same array again (the counter is not advanced twice). Shared Lua
+// helpers: the server's clock, sweeping expired members of a sorted set of
+// holders (and their owner entries), and the fencing counter.
+macro_rules! helpers {
+    () => {
+        r"local function now_ms()
+    local t = redis.call('TIME')
+    return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function sweep(members, meta, now)
+    local gone = redis.call('ZRANGEBYSCORE', members, '-inf', now)
+    for _, token in ipairs(gone) do
+        redis.call('HDEL', meta, 'o:' .. token)
+    end
+    if #gone > 0 then
+        redis.call('ZREMRANGEBYSCORE', members, '-inf', now)
+    end
+end
+local function last_fence(meta)
+    return redis.call('HINCRBY', meta, 'fence', 0)
+end
+local function next_fence(meta, field, owner, keep_ms)
+    local fence = redis.call('HINCRBY', meta, 'fence', 1)
+    if fence == 1 then
+        local t = redis.call('TIME')
+        fence = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        redis.call('HSET', meta, 'fence', string.format('%.0f', fence), field, owner)
+    else
+        redis.call('HSET', meta, field, owner)
+    end
+    redis.call('PEXPIRE', meta, keep_ms)
+    return fence
+end
+local function keep_at_least(key, ms)
+    if redis.call('PTTL', key) < tonumber(ms) then
+        redis.call('PEXPIRE', key, ms)
+    end
+end
+"
+    };
+}
+
+/// Exclusive claim on several names at once, all or none. KEYS: the n lock
+/// keys, then their n meta keys; ARGV[1] token, ARGV[2] expiry ms, ARGV[3]
+/// owner, ARGV[4] how long the meta key is kept (ms).
+pub static CLAIM_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_ALL_LUA));
+const CLAIM_ALL_LUA: &str = concat!(
+    helpers!(),
+    r"local n = #KEYS / 2
+local owner = ARGV[1] .. ' ' .. ARGV[3]
+if n == 1 then
+    if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+        return {next_fence(KEYS[2], 'x', owner, ARGV[4])}
+    end
+    if redis.call('GET', KEYS[1]) == ARGV[1] then
+        return {last_fence(KEYS[2])}
+    end
+    return false
+end
+local ours = {}
+for i = 1, n do
+    local held = redis.call('GET', KEYS[i])
+    if held and held ~= ARGV[1] then
+        return false
+    end
+    ours[i] = held == ARGV[1]
+end
+local fences = {}
+for i = 1, n do
+    if ours[i] then
+        fences[i] = last_fence(KEYS[n + i])
+    else
+        redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
+        fences[i] = next_fence(KEYS[n + i], 'x', owner, ARGV[4])
+    end
+end
+return fences"
+);
+
+/// A reader's claim. KEYS[1] writer, KEYS[2] readers (sorted set, score: expiry
+/// in server ms), KEYS[3] waiting writer, KEYS[4] meta; ARGV as `CLAIM_ALL`.
+/// Refused while a writer holds the lock or waits for it.
+pub static CLAIM_READ: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_READ_LUA));
+const CLAIM_READ_LUA: &str = concat!(
+    helpers!(),
+    r"local now = now_ms()
+sweep(KEYS[2], KEYS[4], now)
+if redis.call('EXISTS', KEYS[1]) == 1 then
+    return false
+end
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
+    return {last_fence(KEYS[4])}
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then
+    return false
+end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+keep_at_least(KEYS[2], ARGV[2])
+return {next_fence(KEYS[4], 'o:' .. ARGV[1], ARGV[3], ARGV[4])}"
+);
+
+/// A writer's claim. KEYS as `CLAIM_READ`; ARGV as `CLAIM_ALL`, plus ARGV[5]:
+/// how long a refused writer's place at the head of the queue is kept (ms).
+/// While readers hold the lock, the first writer refused marks itself waiting,
+/// which turns new readers away until it got its turn (or its mark expired).
+pub static CLAIM_WRITE: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_WRITE_LUA));
+const CLAIM_WRITE_LUA: &str = concat!(
+    helpers!(),
+    r"local now = now_ms()
+sweep(KEYS[2], KEYS[4], now)
+local writer = redis.call('GET', KEYS[1])
+if writer == ARGV[1] then
+    return {last_fence(KEYS[4])}
+end
+if writer then
+    return false
+end
+local waiting = redis.call('GET', KEYS[3])
+if waiting and waiting ~= ARGV[1] then
+    return false
+end
+if redis.call('ZCARD', KEYS[2]) > 0 then
+    redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
+    return false
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if waiting then
+    redis.call('DEL', KEYS[3])
+end
+return {next_fence(KEYS[4], 'x', ARGV[1] .. ' ' .. ARGV[3], ARGV[4])}"
+);
+
+/// A semaphore permit. KEYS[1] permits (sorted set, score: expiry in server
+/// ms), KEYS[2] meta; ARGV as `CLAIM_ALL`, plus ARGV[5]: the number of permits.
+pub static CLAIM_PERMIT: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_PERMIT_LUA));
+const CLAIM_PERMIT_LUA: &str = concat!(
+    helpers!(),
+    r"local now = now_ms()
+sweep(KEYS[1], KEYS[2], now)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+    return {last_fence(KEYS[2])}
+end
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[5]) then
+    return false
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+keep_at_least(KEYS[1], ARGV[2])
+return {next_fence(KEYS[2], 'o:' .. ARGV[1], ARGV[3], ARGV[4])}"
+);
+
+/// Renews keyed claims (exclusive names, a writer). KEYS: n lock keys, then n
+/// meta keys; ARGV[1] token, ARGV[2] expiry ms, ARGV[3] meta keep ms. 1 when
+/// every name still held the token (all renewed), else 0 (none touched).
+pub static RENEW_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_ALL_LUA));
+const RENEW_ALL_LUA: &str = concat!(
+    helpers!(),
+    r"local n = #KEYS / 2
+for i = 1, n do
+    if redis.call('GET', KEYS[i]) ~= ARGV[1] then
+        return 0
+    end
+end
+for i = 1, n do
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    redis.call('PEXPIRE', KEYS[n + i], ARGV[3])
+end
+return 1"
+);
+
+/// Renews a member claim (a reader, a permit). KEYS[1] members, KEYS[2] meta;
+/// ARGV as `RENEW_ALL`. 0 when the member is gone or expired.
+pub static RENEW_MEMBER: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_MEMBER_LUA));
+const RENEW_MEMBER_LUA: &str = concat!(
+    helpers!(),
+    r"local now = now_ms()
+local until_ms = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not until_ms or tonumber(until_ms) <= now then
+    return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+keep_at_least(KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1"
+);
+
+/// Releases keyed claims. KEYS: n lock keys, then n meta keys; ARGV[1] token,
+/// ARGV[2] channel (or empty). Each name held by the token is deleted (with its
+/// published (its owner entry stays, naming a token that no longer holds).
+/// 1: at least one was ours; 0: none was, and
+/// another token holds one; -1: none was there.
+pub static UNCLAIM_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(UNCLAIM_ALL_LUA));
+const UNCLAIM_ALL_LUA: &str = r"local n = #KEYS / 2
+local ours, others = 0, 0
+for i = 1, n do
+    local held = redis.call('GET', KEYS[i])
+    if held == ARGV[1] then
+        redis.call('DEL', KEYS[i])
+        if ARGV[2] ~= '' then
+            redis.call('PUBLISH', ARGV[2], KEYS[i])
+        end
+        ours = ours + 1
+    elseif held then
+        others = others + 1
+    end
+end
+if ours > 0 then
+    return 1
+end
+if others > 0 then
+    return 0
+end
+return -1";
+
+/// Releases a member claim. KEYS[1] members, KEYS[2] meta; ARGV[1] token,
+/// ARGV[2] channel (or empty), ARGV[3] the name to publish. 1: removed; -1: not
+/// there.
+pub static UNCLAIM_MEMBER: LazyLock<Script> = LazyLock::new(|| Script::new(UNCLAIM_MEMBER_LUA));
+const UNCLAIM_MEMBER_LUA: &str = r"if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+    redis.call('HDEL', KEYS[2], 'o:' .. ARGV[1])
+    if ARGV[2] ~= '' then
+        redis.call('PUBLISH', ARGV[2], ARGV[3])
+    end
+    return 1
+end
+return -1";
+
+/// Raises the fencing counters to at least the given tokens (so that a
+/// majority of masters knows the highest token handed out). KEYS: meta keys;
+/// ARGV[i] the token for KEYS[i], ARGV[#KEYS + 1] meta keep ms.
+pub static RAISE_FENCE: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_FENCE_LUA));
+const RAISE_FENCE_LUA: &str = r"for i = 1, #KEYS do
+    if redis.call('HINCRBY', KEYS[i], 'fence', 0) < tonumber(ARGV[i]) then
+        redis.call('HSET', KEYS[i], 'fence', ARGV[i])
+    end
+    redis.call('PEXPIRE', KEYS[i], ARGV[#KEYS + 1])
+end
+return 1";
+
+/// Who holds a lock. KEYS[1] lock key (a string, when held), KEYS[2] members
+/// (readers or permits), KEYS[3] meta. Answers the last fencing token, then
+/// (token, ms left, owner) per holder, all as strings.
+pub static HOLDERS: LazyLock<Script> = LazyLock::new(|| Script::new(HOLDERS_LUA));
+const HOLDERS_LUA: &str = concat!(
+    helpers!(),
+    r"local out = {redis.call('HGET', KEYS[3], 'fence') or '0'}
+if redis.call('TYPE', KEYS[1]).ok == 'string' then
+    local token = redis.call('GET', KEYS[1])
+    local owner = redis.call('HGET', KEYS[3], 'x') or ''
+    if string.sub(owner, 1, #token + 1) == token .. ' ' then
+        owner = string.sub(owner, #token + 2)
+    else
+        owner = ''
+    end
+    table.insert(out, token)
+    table.insert(out, tostring(redis.call('PTTL', KEYS[1])))
+    table.insert(out, owner)
+end
+if redis.call('TYPE', KEYS[2]).ok == 'zset' then
+    local now = now_ms()
+    local members = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. now, '+inf', 'WITHSCORES')
+    for i = 1, #members, 2 do
+        table.insert(out, members[i])
+        table.insert(out, string.format('%.0f', tonumber(members[i + 1]) - now))
+        table.insert(out, redis.call('HGET', KEYS[3], 'o:' .. members[i]) or '')
+    end
+end
+return out"
+);
+
 /// The source of every script, for loading them on a new connection.
-pub const ALL: [&str; 5] = [
+pub const ALL: [&str; 15] = [
     RELEASE_LUA,
     EXTEND_LUA,
     GET_OR_FENCE_LUA,
     SET_FENCED_LUA,
     ACQUIRE_LUA,
+    CLAIM_ALL_LUA,
+    CLAIM_READ_LUA,
+    CLAIM_WRITE_LUA,
+    CLAIM_PERMIT_LUA,
+    RENEW_ALL_LUA,
+    RENEW_MEMBER_LUA,
+    UNCLAIM_ALL_LUA,
+    UNCLAIM_MEMBER_LUA,
+    RAISE_FENCE_LUA,
+    HOLDERS_LUA,
 ];

@@ -118,7 +118,8 @@ pub(crate) fn client(url: &str, server: &str, tls: &TlsOptions) -> Result<Client
     }
     let info = url
         .into_connection_info()
-        .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?;
+        .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?
+        .set_tcp_settings(tcp_settings());
     let invalid = |e: RedisError| Error::InvalidConfig(format!("redis url {server}: {e}"));
     #[cfg(feature = "tls")]
     if tls_url {
@@ -142,6 +143,14 @@ pub(crate) fn client(url: &str, server: &str, tls: &TlsOptions) -> Result<Client
         }
     }
     Client::open(info).map_err(invalid)
+}
+
+/// `TCP_NODELAY` on every connection: commands and pipelines go out at once
+/// rather than waiting, under Nagle's algorithm, for the server to acknowledge
+/// earlier ones (up to its delayed-ACK timeout, tens of milliseconds) while a
+/// multiplexed connection has commands in flight.
+pub(crate) fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
 
 /// rustls needs a process-wide crypto provider. With `ring` the only provider

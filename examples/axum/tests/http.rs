@@ -143,6 +143,44 @@ async fn concurrent_requests_run_the_query_once_and_say_so_in_x_cache() {
         .unwrap();
 }
 
+/// A client that hangs up in the middle of the query does not cancel it: a
+/// second service instance (another cache on the same Redis) asking for the
+/// same report meanwhile gets that query's result, and the query runs once.
+#[tokio::test]
+async fn a_client_hanging_up_mid_query_does_not_cost_a_second_query() {
+    let redis = RedisServer::start();
+    let db = Arc::new(Database::new(Duration::from_millis(400)));
+    let prefix = unique_prefix("axum-hangup");
+    let instance = || async {
+        LockedCache::builder()
+            .redis(redis.url())
+            .key_prefix(prefix.clone())
+            .build()
+            .await
+            .unwrap()
+    };
+    let (first, stop_first, _) = serve(instance().await, Arc::clone(&db)).await;
+    let (second, stop_second, _) = serve(instance().await, Arc::clone(&db)).await;
+
+    // The first client sends its request and hangs up 100 ms into the query.
+    let mut stream = TcpStream::connect(first).await.unwrap();
+    stream
+        .write_all(b"GET /reports/2026-10 HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+
+    let reply = get(second, "/reports/2026-10").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.headers["x-cache-outcome"], "waited");
+    assert_eq!(db.queries.load(Ordering::SeqCst), 1, "one query in all");
+    let again = get(first, "/reports/2026-10").await;
+    assert_eq!(again.headers["x-cache-outcome"], "hit");
+    stop_first.send(()).unwrap();
+    stop_second.send(()).unwrap();
+}
+
 #[tokio::test]
 async fn a_failed_query_is_502_and_a_busy_cache_is_503_with_retry_after() {
     let redis = RedisServer::start();
