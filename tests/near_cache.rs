@@ -303,3 +303,46 @@ async fn the_near_cache_never_outlives_the_value_in_redis() {
         .unwrap();
     assert_eq!(*reloaded, 2, "expired in Redis too");
 }
+
+/// With a stale window, a value stays in Redis past its fresh time; the near
+/// cache keeps it only while fresh, and keeps the refreshed value again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_keeps_a_value_only_while_it_is_fresh() {
+    let server = RedisServer::start();
+    let fresh = Duration::from_millis(400);
+    let cache = LockedCache::builder()
+        .redis(server.url())
+        .key_prefix(unique_prefix("fresh"))
+        .call_options(
+            locked_cache::CallOptions::new()
+                .ttl(fresh)
+                .stale_for(Duration::from_secs(30)),
+        )
+        .near_cache(1 << 20)
+        .near_cache_ttl(MINUTE)
+        .build()
+        .await
+        .unwrap();
+    cache.set("k", &1u64).await.unwrap();
+    let set_at = Instant::now();
+    kept(&cache, 1).await;
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            cache.near_peek::<u64>("k").is_none()
+        })
+        .await
+    );
+    assert!(
+        set_at.elapsed() < fresh + Duration::from_millis(300),
+        "kept {:?}, fresh for {fresh:?}",
+        set_at.elapsed()
+    );
+    // Still in Redis, stale: the next call refreshes it (this caller in place,
+    // its followers served the stale value), and the refreshed value is kept.
+    let value = cache
+        .get_or_load_shared("k", || async { Ok::<_, String>(2u64) })
+        .await
+        .unwrap();
+    assert!(*value == 1 || *value == 2, "{value}");
+    kept(&cache, 2).await;
+}
