@@ -45,7 +45,7 @@ use super::builder::MAX_TTL;
 /// | fresh | returns it (a hit); with early refresh, the odd call shortly before the expiry also starts a refresh |
 /// | stale, and the call accepts stale values | returns it at once, and starts a refresh unless one runs (at most one per key across every process) |
 /// | stale, the call does not accept it, or gone | waits for the one load, as a miss |
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Clone, Copy, PartialEq, Default)]
 pub struct CallOptions {
     ttl: Option<Duration>,
     stale_for: Option<Duration>,
@@ -285,6 +285,34 @@ impl CallOptions {
     }
 }
 
+/// Only the options that are set: `CallOptions { stale_for: 600s }`.
+impl std::fmt::Debug for CallOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = f.debug_struct("CallOptions");
+        macro_rules! set {
+            ($($field:ident),*) => {
+                $(if let Some(value) = &self.$field {
+                    s.field(stringify!($field), value);
+                })*
+            };
+        }
+        set!(
+            ttl,
+            stale_for,
+            early_refresh,
+            early_refresh_beta,
+            negative_ttl,
+            ttl_jitter,
+            fail_safe,
+            soft_timeout,
+            hard_timeout,
+            detached,
+            background_timeout
+        );
+        s.finish()
+    }
+}
+
 const fn or<T: Copy>(a: Option<T>, b: Option<T>) -> Option<T> {
     match a {
         Some(a) => Some(a),
@@ -368,6 +396,18 @@ mod tests {
                 .unwrap()
                 .early_refresh_beta,
             0.0
+        );
+    }
+
+    #[test]
+    fn debug_shows_only_the_options_set() {
+        assert_eq!(format!("{:?}", CallOptions::new()), "CallOptions");
+        let set = CallOptions::new()
+            .stale_for(Duration::from_secs(600))
+            .fail_safe(false);
+        assert_eq!(
+            format!("{set:?}"),
+            "CallOptions { stale_for: 600s, fail_safe: false }"
         );
     }
 
