@@ -24,8 +24,8 @@ pub const DEFAULT_MASTER_TIMEOUT: Duration = Duration::from_millis(50);
 pub const DEFAULT_CHANNEL: &str = "locked-cache:released";
 /// Prefix of every key the cache writes: `lc:`.
 pub const DEFAULT_KEY_PREFIX: &str = "lc:";
-/// Connections per Redis server: 4. Connections are multiplexed, so each carries
-/// many concurrent commands.
+/// Connections per Redis server, at most: 4. Commands share one multiplexed
+/// connection until it fails; the others replace it.
 pub const DEFAULT_POOL_SIZE: u32 = 4;
 /// Bound on opening a connection or waiting for one from the pool: 1 s.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -367,9 +367,12 @@ impl<C: Codec> Builder<C> {
         self
     }
 
-    /// Connections per Redis server. Defaults to [`DEFAULT_POOL_SIZE`] (4). Each
-    /// connection is multiplexed (many commands in flight at once), so a few are
-    /// enough; more spreads load over more server threads of I/O.
+    /// Connections per Redis server, at most. Defaults to [`DEFAULT_POOL_SIZE`]
+    /// (4). Commands share one multiplexed connection (many in flight at once,
+    /// pipelined) until it fails; the pool then hands out the next one, so the
+    /// size bounds the connections opened while replacing dead ones rather than
+    /// the concurrency. A pool given with [`redis_pool`](Self::redis_pool) is
+    /// used as it is (a checkout per command).
     pub fn pool_size(mut self, size: u32) -> Self {
         self.pool_size = size;
         self
