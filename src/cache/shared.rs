@@ -1,7 +1,9 @@
 //! Values handed out as `Arc<T>`: [`LockedCache::get_or_load_shared`] and
 //! [`LockedCache::get_shared`], the calls the near cache (`local.rs`, feature
 //! `near-cache`) answers from memory. Without a near cache they behave as
-//! `get_or_load` and `get`, the value wrapped in an `Arc`.
+//! `get_or_load` and `get`, the value wrapped in an `Arc`, except that the
+//! followers of a flight share its leader's `Arc` instead of each decoding the
+//! stored bytes (`flight::Sharing`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,7 +34,8 @@ impl<C: Codec> LockedCache<C> {
     /// the key return a clone of the `Arc` with no round trip and no decode,
     /// until the key is written by any process (`set`, `invalidate`, a stored
     /// load publish an invalidation) or the near cache TTL passes. Without it,
-    /// exactly `get_or_load`.
+    /// `get_or_load`, with one decode per flight: concurrent callers of this
+    /// process share the `Arc` their flight's leader decoded.
     ///
     /// A near cache hit counts in [`near_hits`](crate::StatsSnapshot::near_hits)
     /// (not in `hits`), reports [`Outcome::Hit`], and opens no span.
