@@ -75,6 +75,9 @@ USAGE: cargo bench --bench hit_path -- [FLAGS]
   --rounds N          rounds per configuration (each side once)    [16]
   --round-ms T        duration of one round of one side, ms         [150]
   --threads N         tokio worker threads                          [2]
+  --raw-nodelay B     TCP_NODELAY on the raw sides' connections, as
+                      the cache sets it on its own (false: Nagle's
+                      algorithm, redis-rs's default)                [true]
   --masters LIST      lock benchmarks: master counts                [1,3,5]
   --skip-throughput   only the micro benchmarks
   --skip-micro        only the throughput comparison
@@ -89,6 +92,7 @@ struct Options {
     rounds: usize,
     round: Duration,
     threads: usize,
+    raw_nodelay: bool,
     masters: Vec<usize>,
     throughput: bool,
     micro: bool,
@@ -108,6 +112,7 @@ fn main() {
         "shapes",
         "sides",
         "rounds",
+        "raw-nodelay",
         "round-ms",
         "threads",
         "masters",
@@ -144,6 +149,7 @@ fn main() {
         rounds: flags.get("rounds", if smoke { 2 } else { 16 }),
         round: Duration::from_millis(flags.get("round-ms", if smoke { 50 } else { 150 })),
         threads: flags.get("threads", 2),
+        raw_nodelay: flags.get("raw-nodelay", true),
         masters: flags.list("masters", &[1, 3, 5]),
         throughput: !flags.switch("skip-throughput"),
         micro: !flags.switch("skip-micro"),
@@ -617,7 +623,12 @@ fn throughput(o: &Options) -> String {
     let server = RedisServer::start();
     let url = server.url();
     let bench = runtime.block_on(async {
-        let manager = RedisConnectionManager::new(url.as_str()).expect("manager");
+        // The raw sides' sockets, with the cache's TCP_NODELAY unless told
+        // otherwise: the comparison is of the code, not of socket options.
+        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .expect("url")
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(o.raw_nodelay));
+        let manager = RedisConnectionManager::new(info.clone()).expect("manager");
         let pool = bb8::Pool::builder()
             .max_size(DEFAULT_POOL_SIZE)
             .test_on_check_out(false)
@@ -631,7 +642,7 @@ fn throughput(o: &Options) -> String {
             .build()
             .await
             .expect("cache");
-        let client = redis::Client::open(url.as_str()).expect("client");
+        let client = redis::Client::open(info).expect("client");
         let manager = ConnectionManager::new(client.clone())
             .await
             .expect("connection manager");
