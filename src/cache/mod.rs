@@ -733,19 +733,17 @@ impl<C: Codec> Inner<C> {
         value_key: &str,
         with_ttl: bool,
     ) -> Result<Option<Found<T>>> {
-        let found = match self.fetch(value_key, with_ttl).await? {
-            Some(stored) => self.decode_or_report::<T>(value_key, stored, true),
-            None => None,
+        let mut stored = self.fetch(value_key, with_ttl).await?;
+        // The header says whether the value has a stale window: read its time
+        // left before decoding, so the value is decoded once.
+        let has_window = |stored: &Stored| {
+            codec::split_header(C::ID, &stored.bytes)
+                .is_ok_and(|(meta, _)| !meta.stale_for.is_zero())
         };
-        match found {
-            Some(found) if !with_ttl && !found.meta.stale_for.is_zero() => {
-                match self.fetch(value_key, true).await? {
-                    Some(stored) => Ok(self.decode_or_report(value_key, stored, true)),
-                    None => Ok(None),
-                }
-            }
-            found => Ok(found),
+        if !with_ttl && stored.as_ref().is_some_and(has_window) {
+            stored = self.fetch(value_key, true).await?;
         }
+        Ok(stored.and_then(|stored| self.decode_or_report(value_key, stored, true)))
     }
 
     /// `GET`, or `GET` + `PTTL`; a key of another Redis type is reported and

@@ -84,21 +84,12 @@ impl<C: Codec> LockedCache<C> {
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        // On a near miss the flight's leader reads Redis, and keeps the value
+        // if it is fresh (`Inner::near_keep`); a value it loads is kept by the
+        // next read.
         #[cfg(feature = "near-cache")]
-        if let Some(near) = &self.inner.near {
-            let inner = &*self.inner;
-            keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-            let value_key = keys::value_key(&inner.key_prefix, key);
-            if let Some(value) = near.local.get::<T>(&value_key) {
-                // A near hit never waits: take part in tokio's cooperative
-                // budget so that a loop of hits yields now and then, as a loop
-                // of Redis reads would, instead of starving the worker.
-                tokio::task::consume_budget().await;
-                return Ok((value, Outcome::Hit));
-            }
-            // Otherwise the flight's leader reads Redis, and keeps the value
-            // if it is fresh (`Inner::near_keep`); a value it loads is kept by
-            // the next read.
+        if let Some((_, Some(value))) = self.near_get::<T>(key).await? {
+            return Ok((value, Outcome::Hit));
         }
         let loader =
             Inline(|context| async move { loader(context).await.map(|v| Shared(Arc::new(v))) });
@@ -117,19 +108,39 @@ impl<C: Codec> LockedCache<C> {
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
         #[cfg(feature = "near-cache")]
-        if let Some(near) = &self.inner.near {
-            let inner = &*self.inner;
-            keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-            let value_key = keys::value_key(&inner.key_prefix, key);
-            if let Some(value) = near.local.get::<T>(&value_key) {
-                tokio::task::consume_budget().await;
-                return Ok(Some(value));
+        match self.near_get::<T>(key).await? {
+            Some((_, Some(value))) => return Ok(Some(value)),
+            Some((value_key, None)) => {
+                if let Some(value) = self.near_fill::<T>(&value_key).await? {
+                    return Ok(Some(value));
+                }
             }
-            if let Some(value) = self.near_fill::<T>(&value_key).await? {
-                return Ok(Some(value));
-            }
+            None => {}
         }
         Ok(self.get::<Shared<T>>(key).await?.map(|s| s.0))
+    }
+
+    /// With a near cache: the key's value key, and the near cache's value for
+    /// it if it holds one (`None` without a near cache). A near hit never
+    /// waits, so it takes part in tokio's cooperative budget: a loop of hits
+    /// yields now and then, as a loop of Redis reads would, instead of
+    /// starving the worker.
+    #[cfg(feature = "near-cache")]
+    async fn near_get<T>(&self, key: &str) -> Result<Option<(String, Option<Arc<T>>)>>
+    where
+        T: Send + Sync + 'static,
+    {
+        let inner = &*self.inner;
+        let Some(near) = &inner.near else {
+            return Ok(None);
+        };
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        let value_key = keys::value_key(&inner.key_prefix, key);
+        let value = near.local.get::<T>(&value_key);
+        if value.is_some() {
+            tokio::task::consume_budget().await;
+        }
+        Ok(Some((value_key, value)))
     }
 
     /// The near cache's value for `key`, if it holds one of type `T`; never
