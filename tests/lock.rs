@@ -11,9 +11,7 @@ use locked_cache::{Error, LockOptions, Redlock};
 use support::{Fleet, join_all_checked, unique_prefix};
 
 async fn redlock(fleet: &Fleet, options: LockOptions) -> Redlock {
-    let urls = fleet.urls();
-    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    Redlock::connect(&urls, options).await.expect("redlock")
+    support::redlock_on(&fleet.urls(), options).await
 }
 
 /// 500 holders each read a counter from Redis, increment it and write it back

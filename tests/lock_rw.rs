@@ -8,13 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use locked_cache::{LockOptions, Redlock};
-use support::{Fleet, join_all_checked, unique_prefix};
-
-async fn redlock_on(urls: &[String], options: LockOptions) -> Redlock {
-    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    Redlock::connect(&urls, options).await.expect("redlock")
-}
+use locked_cache::LockOptions;
+use support::{Fleet, join_all_checked, redlock_on, unique_prefix};
 
 /// 200 callers from 4 Redlocks (one writer in five) take the lock; a writer is
 /// never inside with anyone, readers share it (several at once are seen).

@@ -9,13 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use locked_cache::{Error, LockLost, LockOptions, Redlock};
-use support::{Fleet, RedisServer, join_all_checked, unique_prefix};
-
-async fn redlock_on(urls: &[String], options: LockOptions) -> Redlock {
-    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    Redlock::connect(&urls, options).await.expect("redlock")
-}
+use locked_cache::{Error, LockLost, LockOptions};
+use support::{Fleet, RedisServer, join_all_checked, redlock_on, unique_prefix};
 
 /// 200 holders from 4 Redlocks take one of 3 permits: never more than 3
 /// inside, and 3 at once is reached.

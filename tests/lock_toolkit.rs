@@ -14,12 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use locked_cache::{LockLost, LockOptions, LockedCache, Redlock, RunOnce};
-use support::{Fleet, join_all_checked, unique_prefix};
-
-async fn redlock_on(urls: &[String], options: LockOptions) -> Redlock {
-    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
-    Redlock::connect(&urls, options).await.expect("redlock")
-}
+use support::{Fleet, join_all_checked, redlock_on, unique_prefix};
 
 fn contended() -> LockOptions {
     LockOptions {

@@ -94,6 +94,17 @@ pub fn describe(payload: Option<&(dyn Any + Send)>) -> String {
     }
 }
 
+/// A [`locked_cache::Redlock`] over the servers at `urls`.
+pub async fn redlock_on(
+    urls: &[String],
+    options: locked_cache::LockOptions,
+) -> locked_cache::Redlock {
+    let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+    locked_cache::Redlock::connect(&urls, options)
+        .await
+        .expect("redlock")
+}
+
 /// A boxed loader, as `get_or_load` takes it.
 pub type Loader<T> =
     Box<dyn FnOnce() -> std::pin::Pin<Box<dyn Future<Output = Result<T, String>> + Send>> + Send>;
