@@ -718,3 +718,42 @@ async fn a_detached_loaders_panic_reaches_its_caller() {
         .await
     );
 }
+
+/// Nothing is kept per key once calls end, with stale windows, early refresh
+/// and detached loads: 100,000 distinct keys (embedded store), loaded, then
+/// read stale (a background refresh each), leave 0 entries behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_entry_is_kept_per_key_after_100_000_keys_with_refreshes() {
+    let cache = LockedCache::builder().build().await.unwrap();
+    let options = CallOptions::new()
+        .ttl(MS(200))
+        .stale_for(Duration::from_secs(30))
+        .early_refresh(true);
+    let keys: Vec<String> = (0..100_000).map(|i| format!("k{i}")).collect();
+    for round in 0..2 {
+        for chunk in keys.chunks(1_000) {
+            let calls: Vec<_> = chunk
+                .iter()
+                .map(|key| {
+                    let (cache, key) = (cache.clone(), key.clone());
+                    tokio::spawn(async move {
+                        cache
+                            .with(options)
+                            .get_or_load(&key, move || async move { Ok::<_, String>(round) })
+                            .await
+                            .unwrap()
+                    })
+                })
+                .collect();
+            join_all_checked(calls).await;
+        }
+        tokio::time::sleep(MS(300)).await; // Every value stale for round 2.
+    }
+    let stats = cache.stats();
+    assert!(stats.refreshes >= 90_000, "{stats:?}");
+    let drained = eventually(Duration::from_secs(10), || async {
+        cache.retained_entries() == 0
+    })
+    .await;
+    assert!(drained, "{} entries left", cache.retained_entries());
+}
