@@ -11,6 +11,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -61,15 +62,21 @@ const SHARDS: usize = 16;
 /// A flight in the map. Its channel is made when the first follower arrives, so
 /// a hit that nobody waits on allocates no channel.
 struct Entry {
+    key: Box<str>,
     id: u64,
     slot: Option<Slot>,
 }
 
-type Shard = Mutex<HashMap<Arc<str>, Entry>>;
+/// Flights by the hash of their key. The hash is computed once per call
+/// (foldhash, seeded per cache, so keys cannot be aimed at one bucket)
+/// and picks the shard too; each entry keeps its key, so two keys with one
+/// hash are told apart (see [`Role::Alone`]).
+type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<Prehashed>>>;
 
 /// The flights of one cache, by key.
 pub struct Flights {
     shards: [Shard; SHARDS],
+    hasher: foldhash::fast::RandomState,
     next_id: AtomicU64,
 }
 
@@ -77,6 +84,7 @@ impl Default for Flights {
     fn default() -> Self {
         Flights {
             shards: std::array::from_fn(|_| Mutex::default()),
+            hasher: foldhash::fast::RandomState::default(),
             next_id: AtomicU64::new(0),
         }
     }
@@ -86,6 +94,10 @@ impl Default for Flights {
 pub enum Role<'a> {
     Leader(Leader<'a>),
     Follower(watch::Receiver<Option<Outcome>>),
+    /// Another key with the same 64-bit hash has a flight (about one chance
+    /// in 2^64 per pair of keys): this call goes alone, as it would with
+    /// coalescing off. The lock still loads its key once.
+    Alone,
 }
 
 impl Flights {
@@ -97,31 +109,57 @@ impl Flights {
             .sum()
     }
 
-    fn shard(&self, key: &str) -> &Shard {
-        // FNV-1a: cheap, and only spreads keys over the shards.
-        let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
-        &self.shards[(hash % SHARDS as u64) as usize]
-    }
-
     /// Joins the flight for `key`, leading it if there is none.
     pub fn join(&self, key: &str) -> Role<'_> {
-        let shard = self.shard(key);
+        self.join_hashed(key, self.hasher.hash_one(key))
+    }
+
+    fn join_hashed(&self, key: &str, hash: u64) -> Role<'_> {
+        // Middle bits: the map takes its buckets from the low ones and its
+        // tags from the top ones.
+        let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = map.get_mut(key) {
+        if let Some(entry) = map.get_mut(&hash) {
+            if *entry.key != *key {
+                return Role::Alone;
+            }
             let slot = entry.slot.get_or_insert_with(|| watch::channel(None).0);
             return Role::Follower(slot.subscribe());
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let key: Arc<str> = Arc::from(key);
-        map.insert(Arc::clone(&key), Entry { id, slot: None });
+        let entry = Entry {
+            key: key.into(),
+            id,
+            slot: None,
+        };
+        map.insert(hash, entry);
         Role::Leader(Leader {
             shard,
-            key,
+            hash,
             id,
             finished: false,
         })
+    }
+}
+
+/// A hasher for keys that are hashes already: passes the `u64` through.
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64`s are hashed here (`write_u64`); fold anything else in.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
     }
 }
 
@@ -129,29 +167,35 @@ impl Flights {
 /// followers; dropping it unfinished abandons the flight.
 pub struct Leader<'a> {
     shard: &'a Shard,
-    key: Arc<str>,
+    hash: u64,
     id: u64,
     finished: bool,
 }
 
 impl Leader<'_> {
-    pub fn finish(mut self, outcome: Outcome) {
+    pub fn finish(self, outcome: Outcome) {
+        self.finish_with(|| outcome);
+    }
+
+    /// As [`finish`](Self::finish), with the outcome made only when the
+    /// flight has followers (a hit nobody waited on shares nothing).
+    pub fn finish_with(mut self, outcome: impl FnOnce() -> Outcome) {
         self.finished = true;
         self.close(outcome);
     }
 
     /// Removes the flight (a call arriving after this starts a fresh one and
     /// reads the store) and hands `outcome` to its followers, if any.
-    fn close(&self, outcome: Outcome) {
+    fn close(&self, outcome: impl FnOnce() -> Outcome) {
         let slot = {
             let mut map = self.shard.lock().unwrap_or_else(|e| e.into_inner());
-            match map.get(&self.key) {
-                Some(entry) if entry.id == self.id => map.remove(&self.key).and_then(|e| e.slot),
+            match map.get(&self.hash) {
+                Some(entry) if entry.id == self.id => map.remove(&self.hash).and_then(|e| e.slot),
                 _ => None,
             }
         };
         if let Some(slot) = slot {
-            slot.send_replace(Some(outcome));
+            slot.send_replace(Some(outcome()));
         }
     }
 }
@@ -159,7 +203,7 @@ impl Leader<'_> {
 impl Drop for Leader<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            self.close(Outcome::Abandoned);
+            self.close(|| Outcome::Abandoned);
         }
     }
 }
@@ -169,5 +213,76 @@ pub async fn outcome(mut rx: watch::Receiver<Option<Outcome>>) -> Outcome {
     match rx.wait_for(Option::is_some).await {
         Ok(outcome) => outcome.clone().unwrap_or(Outcome::Abandoned),
         Err(_) => Outcome::Abandoned,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(rx: &watch::Receiver<Option<Outcome>>) -> Option<Vec<u8>> {
+        match &*rx.borrow() {
+            Some(Outcome::Value(bytes, _)) => Some(bytes.to_vec()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn followers_get_the_leaders_value_and_the_flight_ends() {
+        let flights = Flights::default();
+        let Role::Leader(leader) = flights.join("k") else {
+            panic!("the first call leads");
+        };
+        let Role::Follower(rx) = flights.join("k") else {
+            panic!("the second call follows");
+        };
+        assert!(matches!(flights.join("other"), Role::Leader(_)));
+        leader.finish(Outcome::Value(Arc::new(b"v".to_vec()), None));
+        assert_eq!(value(&rx), Some(b"v".to_vec()));
+        assert_eq!(flights.len(), 0);
+        assert!(matches!(flights.join("k"), Role::Leader(_)));
+    }
+
+    #[test]
+    fn a_dropped_leader_abandons_its_flight() {
+        let flights = Flights::default();
+        let leader = flights.join("k");
+        let Role::Follower(rx) = flights.join("k") else {
+            panic!("the second call follows");
+        };
+        drop(leader);
+        assert!(matches!(&*rx.borrow(), Some(Outcome::Abandoned)));
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[test]
+    fn two_keys_with_one_hash_never_share_a_flight() {
+        let flights = Flights::default();
+        let Role::Leader(leader) = flights.join_hashed("a", 7) else {
+            panic!("the first call leads");
+        };
+        assert!(matches!(flights.join_hashed("b", 7), Role::Alone));
+        assert!(matches!(flights.join_hashed("a", 7), Role::Follower(_)));
+        leader.finish(Outcome::Abandoned);
+        assert!(matches!(flights.join_hashed("b", 7), Role::Leader(_)));
+    }
+
+    #[test]
+    fn a_late_leader_does_not_end_a_newer_flight() {
+        let flights = Flights::default();
+        let Role::Leader(first) = flights.join("k") else {
+            panic!("leads");
+        };
+        // The first flight ends; a second starts under the same key.
+        first.finish(Outcome::Abandoned);
+        let Role::Leader(second) = flights.join("k") else {
+            panic!("leads");
+        };
+        let Role::Follower(rx) = flights.join("k") else {
+            panic!("follows");
+        };
+        assert!(rx.borrow().is_none());
+        second.finish(Outcome::Value(Arc::new(b"2".to_vec()), None));
+        assert_eq!(value(&rx), Some(b"2".to_vec()));
     }
 }

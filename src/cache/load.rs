@@ -16,7 +16,6 @@ use serde::de::DeserializeOwned;
 use tracing::Instrument;
 use tracing::field::Empty;
 
-use super::flight::Bytes;
 use super::keepalive::{KeepAlive, LoadContext};
 use super::keys::Keys;
 use super::options::Resolved;
@@ -484,7 +483,7 @@ impl<C: Codec> Inner<C> {
             // A "not found" with a zero negative TTL: handed out, not stored.
             return Ok(Led {
                 value,
-                bytes: bytes.into(),
+                bytes,
                 unlock: Some(guard),
                 outcome: Outcome::Loaded,
             });
@@ -494,7 +493,7 @@ impl<C: Codec> Inner<C> {
         // Released by the caller, after the flight's followers have the value.
         Ok(Led {
             value,
-            bytes: bytes.into(),
+            bytes,
             unlock: Some(guard),
             outcome: Outcome::Loaded,
         })
@@ -557,7 +556,7 @@ impl<C: Codec> Inner<C> {
         let Some(ttl) = ttl else {
             return Ok(Led {
                 value,
-                bytes: bytes.into(),
+                bytes,
                 unlock: None,
                 outcome: Outcome::Loaded,
             });
@@ -570,7 +569,7 @@ impl<C: Codec> Inner<C> {
         }
         Ok(Led {
             value,
-            bytes: bytes.into(),
+            bytes,
             unlock: None,
             outcome: Outcome::Loaded,
         })
@@ -624,13 +623,13 @@ struct LockWait {
 /// lock to release once the followers have them, and how it was served.
 pub(super) struct Led<T> {
     pub value: T,
-    pub bytes: Bytes,
+    pub bytes: Vec<u8>,
     pub unlock: Option<LockGuard>,
     pub outcome: Outcome,
 }
 
 impl<T> Led<T> {
-    pub fn unlocked(value: T, bytes: Bytes, outcome: Outcome) -> Led<T> {
+    pub fn unlocked(value: T, bytes: Vec<u8>, outcome: Outcome) -> Led<T> {
         Led {
             value,
             bytes,

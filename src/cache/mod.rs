@@ -21,6 +21,7 @@
 
 mod builder;
 mod bytes;
+mod call;
 mod flight;
 mod freshness;
 mod keepalive;
@@ -38,28 +39,26 @@ pub use keepalive::LoadContext;
 pub use options::CallOptions;
 pub use with::With;
 
-use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tracing::Instrument;
 
 use crate::codec::{self, BincodeCodec, Codec, Meta};
 use crate::error::{Error, LoadError, Result};
 use crate::lock::Redlock;
 use crate::stats::{Stats, StatsSnapshot};
 use crate::store::{SharedStore, Stored};
-use crate::telemetry::{CallTrace, Outcome, Telemetry};
-use flight::{Bytes, Flights, Role, Sharing};
+use crate::telemetry::{Outcome, Telemetry};
+use flight::Flights;
 use freshness::Freshness;
 use keys::Keys;
-use load::{Inline, Led, Loader};
+use load::Inline;
 use options::Resolved;
-use refresh::{Lead, Refreshing};
+use refresh::Refreshing;
 
 /// A cache over Redis (or the embedded store) whose misses are loaded once across
 /// every process, guarded by a Redlock. Cheap to clone; clones share everything.
@@ -475,246 +474,6 @@ impl<C: Codec> LockedCache<C> {
 }
 
 impl<C: Codec> Inner<C> {
-    /// One call in its `get_or_load` span, timed and counted by outcome.
-    async fn traced_call<T, E, L>(
-        self: &Arc<Self>,
-        key: &str,
-        loader: L,
-        options: &Resolved,
-        sharing: Option<Sharing<T>>,
-    ) -> Result<(T, Outcome), LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: Send + Sync + 'static,
-        L: Loader<Output = std::result::Result<T, E>>,
-    {
-        let span = self.telemetry.call_span(&self.key_prefix, key);
-        // One deadline per call, for waiting on someone else's load: in this
-        // process (as a follower) or in another (for the lock).
-        let started = Instant::now();
-        let mut trace = CallTrace::default();
-        let result = self
-            .call(key, loader, options, sharing, started, &mut trace)
-            .instrument(span.clone())
-            .await;
-        self.telemetry.call_ended(&span, &trace, started, &result);
-        result
-    }
-
-    /// One `get_or_load` call: join the key's flight and wait for its leader,
-    /// or lead it. With `sharing`, followers take the leader's decoded value
-    /// rather than decoding the bytes.
-    async fn call<T, E, L>(
-        self: &Arc<Self>,
-        key: &str,
-        loader: L,
-        options: &Resolved,
-        sharing: Option<Sharing<T>>,
-        started: Instant,
-        trace: &mut CallTrace,
-    ) -> Result<(T, Outcome), LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: Send + Sync + 'static,
-        L: Loader<Output = std::result::Result<T, E>>,
-    {
-        keys::check_key(&self.key_prefix, key, self.max_key_len)?;
-        let deadline = started + self.lock.options().wait;
-        if !self.coalesce {
-            let led = match self
-                .lead(key, loader, options, sharing, started, deadline, trace)
-                .await?
-            {
-                Lead::Done(led) => led,
-                Lead::RefreshInPlace(refresh) => {
-                    self.refresh_in_place(key, refresh, options).await?
-                }
-            };
-            let outcome = led.outcome;
-            return Ok((led.finish().await, outcome));
-        }
-        let flight_key = flight_key(key, options);
-        let mut counted = false;
-        let leader = loop {
-            let rx = match self.flights.join(&flight_key) {
-                Role::Leader(leader) => break leader,
-                Role::Follower(rx) => rx,
-            };
-            if !std::mem::replace(&mut counted, true) {
-                Stats::add(&self.stats.coalesced);
-            }
-            // The leader gives up on the lock at the same deadline, after at most
-            // one more read and one more attempt: leave it that long to hand over
-            // its own outcome. A follower with a hard timeout waits no longer.
-            let give_up = deadline + self.command_timeout * 2;
-            let hard_limit = options.hard_timeout.map(|limit| (started + limit, limit));
-            let until = hard_limit.map_or(give_up, |(at, _)| at.min(give_up));
-            let waiting_since = Instant::now();
-            let waited = {
-                let _waiting = self.telemetry.waiting();
-                tokio::time::timeout_at(until.into(), flight::outcome(rx)).await
-            };
-            trace.add_wait(waiting_since.elapsed());
-            let Ok(outcome) = waited else {
-                if let Some((at, limit)) = hard_limit
-                    && at <= give_up
-                {
-                    return Err(self.hard_timeout_error(key, limit));
-                }
-                Stats::add(&self.stats.lock_timeouts);
-                return Err(LoadError::Cache(Error::LockTimeout {
-                    resource: Keys::new(&self.key_prefix, key).lock,
-                    waited: started.elapsed(),
-                }));
-            };
-            match outcome {
-                flight::Outcome::Value(bytes, shared) => {
-                    let taken = sharing.zip(shared).and_then(|(s, v)| (s.take)(&*v));
-                    if let Some(value) = taken {
-                        return Ok((value, Outcome::Coalesced));
-                    }
-                    return codec::decode(&self.codec, &bytes)
-                        .map(|value| (value, Outcome::Coalesced))
-                        .map_err(|e| LoadError::Cache(e.into()));
-                }
-                flight::Outcome::LoaderError(shared) => match shared.downcast::<E>() {
-                    Ok(e) => return Err(LoadError::Loader(e)),
-                    // A caller with another error type led: load for ourselves.
-                    Err(_) => continue,
-                },
-                // The leader's own hard timeout is not this call's.
-                flight::Outcome::Failed(Error::LoadTimeout { .. })
-                    if options.hard_timeout.is_none() =>
-                {
-                    continue;
-                }
-                flight::Outcome::Failed(e) => return Err(LoadError::Cache(e)),
-                flight::Outcome::Abandoned => continue,
-            }
-        };
-        let result = match self
-            .lead(key, loader, options, sharing, started, deadline, trace)
-            .await
-        {
-            Ok(Lead::Done(led)) => Ok(led),
-            Ok(Lead::RefreshInPlace(refresh)) => {
-                // The followers get the stale value now; this caller refreshes.
-                leader.finish(flight::Outcome::Value(Arc::clone(refresh.bytes()), None));
-                let led = self.refresh_in_place(key, refresh, options).await?;
-                let outcome = led.outcome;
-                return Ok((led.finish().await, outcome));
-            }
-            Err(e) => Err(e),
-        };
-        // Followers get the outcome first; then the lock is released.
-        leader.finish(match &result {
-            Ok(led) => flight::Outcome::Value(
-                Arc::clone(&led.bytes),
-                sharing.map(|s| (s.share)(&led.value)),
-            ),
-            Err(LoadError::Loader(e)) => {
-                flight::Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
-            }
-            Err(LoadError::Cache(e)) => flight::Outcome::Failed(e.clone()),
-        });
-        let led = result?;
-        let outcome = led.outcome;
-        Ok((led.finish().await, outcome))
-    }
-
-    /// The leader's path: read and judge the value (`freshness.rs`); a fresh
-    /// one is a hit; a stale one is served while one refresh runs
-    /// (`refresh.rs`); a miss waits for the lock and loads (`load.rs`), on a
-    /// task of its own when the load is detached. Returns the value and its
-    /// stored bytes (for the followers).
-    #[allow(clippy::too_many_arguments)]
-    async fn lead<T, E, L>(
-        self: &Arc<Self>,
-        key: &str,
-        loader: L,
-        options: &Resolved,
-        sharing: Option<Sharing<T>>,
-        started: Instant,
-        deadline: Instant,
-        trace: &mut CallTrace,
-    ) -> Result<Lead<T, L>, LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: Send + Sync + 'static,
-        L: Loader<Output = std::result::Result<T, E>>,
-    {
-        let value_key = keys::value_key(&self.key_prefix, key);
-        // A shared call with the near cache on keeps a fresh value it reads
-        // (`shared.rs`); that needs its time left.
-        let keep = self.near_ticket(&value_key, sharing);
-        let with_ttl = options.reads_ttl() || keep.is_some();
-        if let Some(found) = self.read::<T>(&value_key, with_ttl).await? {
-            let judged = freshness::judge(&found.meta, found.ttl_left, options, fastrand::f64());
-            if judged != Freshness::TooStale && found.meta.absent {
-                Stats::add(&self.stats.negative_hits);
-            }
-            match judged {
-                Freshness::Fresh => {
-                    self.near_keep(&value_key, &found, keep);
-                    Stats::add(&self.stats.hits);
-                    return Ok(Lead::Done(Led::unlocked(
-                        found.value,
-                        found.bytes,
-                        Outcome::Hit,
-                    )));
-                }
-                Freshness::RefreshEarly => {
-                    Stats::add(&self.stats.early_refreshes);
-                    let keys = Keys::with_value_key(value_key);
-                    return self
-                        .refresh(key, keys, found, loader, options, Outcome::Hit)
-                        .await;
-                }
-                Freshness::Stale => {
-                    let keys = Keys::with_value_key(value_key);
-                    return self
-                        .refresh(key, keys, found, loader, options, Outcome::Stale)
-                        .await;
-                }
-                // Too old for this call: a miss.
-                Freshness::TooStale => {}
-            }
-        }
-        Stats::add(&self.stats.misses);
-        let keys = Keys::with_value_key(value_key);
-        let loader = if options.detached {
-            match loader.detach() {
-                Ok(detached) => {
-                    return self
-                        .load_detached(key, keys, detached, options, started, deadline, trace)
-                        .await
-                        .map(Lead::Done);
-                }
-                Err(loader) => loader,
-            }
-        } else {
-            loader
-        };
-        let load = self.load_after_miss(
-            key,
-            &keys,
-            loader,
-            options,
-            started,
-            deadline,
-            trace,
-            std::future::pending(),
-        );
-        let led = match options.hard_timeout {
-            None => load.await,
-            Some(limit) => match tokio::time::timeout(limit, load).await {
-                Ok(led) => led,
-                Err(_) => Err(self.hard_timeout_error(key, limit)),
-            },
-        };
-        led.map(Lead::Done)
-    }
-
     /// The error of a call whose hard timeout passed with no value at hand.
     fn hard_timeout_error<E>(&self, key: &str, timeout: Duration) -> LoadError<E> {
         LoadError::Cache(Error::LoadTimeout {
@@ -749,13 +508,14 @@ impl<C: Codec> Inner<C> {
     /// `GET`, or `GET` + `PTTL`; a key of another Redis type is reported and
     /// reads as missing.
     async fn fetch(&self, value_key: &str, with_ttl: bool) -> Result<Option<Stored>> {
-        let read = if with_ttl {
-            self.value_store.get_with_ttl(value_key).await
-        } else {
-            self.value_store
-                .get(value_key)
-                .await
-                .map(|bytes| bytes.map(|bytes| Stored { bytes, ttl: None }))
+        let untimed = |bytes: Option<Vec<u8>>| bytes.map(|bytes| Stored { bytes, ttl: None });
+        // The built-in Redis store is called directly: a trait call would box
+        // its future, an allocation on every hit.
+        let read = match (self.value_store.as_redis(), with_ttl) {
+            (Some(redis), true) => redis.read_with_ttl(value_key).await,
+            (Some(redis), false) => redis.read(value_key).await.map(untimed),
+            (None, true) => self.value_store.get_with_ttl(value_key).await,
+            (None, false) => self.value_store.get(value_key).await.map(untimed),
         };
         match read {
             Err(Error::Redis { source: e, .. }) if e.code() == Some("WRONGTYPE") => {
@@ -793,7 +553,7 @@ impl<C: Codec> Inner<C> {
         match codec::decode_with_meta(&self.codec, &bytes) {
             Ok((value, meta)) => Some(Found {
                 value,
-                bytes: Arc::new(bytes),
+                bytes,
                 meta,
                 ttl_left: ttl,
             }),
@@ -840,7 +600,8 @@ impl<C: Codec> Inner<C> {
 /// A decoded value as read, with what its freshness is judged by.
 struct Found<T> {
     value: T,
-    bytes: Bytes,
+    /// As stored (header + payload): for the flight's followers, if any.
+    bytes: Vec<u8>,
     meta: Meta,
     /// The key's remaining time to live; `None` when it has no expiry or it
     /// was not read.
@@ -859,14 +620,14 @@ impl<T> Found<T> {
 /// The value a refresh replaces, to tell whether someone else replaced it first.
 #[derive(Debug, Clone)]
 struct Replacing {
-    bytes: Bytes,
+    bytes: Vec<u8>,
     ttl_left: Option<Duration>,
 }
 
 impl Replacing {
     fn of<T>(found: &Found<T>) -> Replacing {
         Replacing {
-            bytes: Arc::clone(&found.bytes),
+            bytes: found.bytes.clone(),
             ttl_left: found.ttl_left,
         }
     }
@@ -876,17 +637,5 @@ impl Replacing {
     /// refreshed it since.
     fn superseded_by<T>(&self, found: &Found<T>) -> bool {
         found.bytes != self.bytes || found.ttl_left > self.ttl_left
-    }
-}
-
-/// The in-process flight a call joins: the key, and the stale window the call
-/// accepts, so that a call never gets, from a leader that accepts staler
-/// values, a value staler than it accepts. `\0<window ms>\0<key>` when there
-/// is a window (or the key itself starts with `\0`), else the key.
-fn flight_key<'k>(key: &'k str, options: &Resolved) -> std::borrow::Cow<'k, str> {
-    if options.stale_for.is_zero() && !key.starts_with('\0') {
-        std::borrow::Cow::Borrowed(key)
-    } else {
-        std::borrow::Cow::Owned(format!("\0{}\0{key}", options.stale_for.as_millis()))
     }
 }

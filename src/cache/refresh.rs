@@ -58,7 +58,7 @@ pub(super) struct InPlace<T, L> {
 
 impl<T, L> InPlace<T, L> {
     /// The stale value's bytes, for the flight's followers.
-    pub fn bytes(&self) -> &super::flight::Bytes {
+    pub fn bytes(&self) -> &[u8] {
         &self.found.bytes
     }
 }

@@ -78,6 +78,14 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// cache treats as a corrupt value.
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
 
+    /// This store as the built-in [`RedisStore`], if it is one: the cache then
+    /// reads through it directly, without the boxed future of a trait call.
+    /// Leave the default (`None`) in a store of your own.
+    #[doc(hidden)]
+    fn as_redis(&self) -> Option<&RedisStore> {
+        None
+    }
+
     /// `GET key` and `PTTL key` in one round trip (Redis: pipelined): the value
     /// with the time it has left. Errors as [`get`](Store::get).
     async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>>;

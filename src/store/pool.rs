@@ -200,31 +200,39 @@ impl Pool {
         Pool::Own(pool, errors, generations, Arc::default())
     }
 
+    /// The current connection, without waiting: `None` when there is none
+    /// (or it was retired), or the pool is a user's. Commands try this first,
+    /// so that a hit's future does not hold the (large) future of a checkout.
+    pub fn current(&self) -> Option<Connection> {
+        let Pool::Own(_, _, generations, current) = self else {
+            return None;
+        };
+        let mut slot = current.slot();
+        match &*slot {
+            Some((conn, broken, generation))
+                if !broken.load(Ordering::Relaxed) && *generation >= generations.current() =>
+            {
+                Some(Connection {
+                    conn: conn.clone(),
+                    health: Health {
+                        own: Some((Arc::clone(broken), *generation, Arc::clone(generations))),
+                    },
+                })
+            }
+            Some(_) => {
+                *slot = None;
+                None
+            }
+            None => None,
+        }
+    }
+
     /// A connection; `Err(None)` when none came within the pool's timeout.
     pub async fn get(&self) -> Result<Connection, Option<RedisError>> {
         match self {
             Pool::Own(p, errors, generations, current) => loop {
-                {
-                    let mut slot = current.slot();
-                    match &*slot {
-                        Some((conn, broken, generation))
-                            if !broken.load(Ordering::Relaxed)
-                                && *generation >= generations.current() =>
-                        {
-                            return Ok(Connection {
-                                conn: conn.clone(),
-                                health: Health {
-                                    own: Some((
-                                        Arc::clone(broken),
-                                        *generation,
-                                        Arc::clone(generations),
-                                    )),
-                                },
-                            });
-                        }
-                        Some(_) => *slot = None,
-                        None => {}
-                    }
+                if let Some(connection) = self.current() {
+                    return Ok(connection);
                 }
                 let mut failed = errors.0.subscribe();
                 failed.mark_unchanged();

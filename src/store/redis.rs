@@ -157,7 +157,12 @@ impl RedisStore {
         let mut sends = 0;
         loop {
             sends += 1;
-            let (conn, connection) = self.connection().await?.split();
+            let connection = match self.pool.current() {
+                Some(connection) => connection,
+                // Boxed: a checkout's future is large, and rarely needed.
+                None => Box::pin(self.connection()).await?,
+            };
+            let (conn, connection) = connection.split();
             // Bounded by the connection's own response timeout: the command
             // timeout on our pool's connections, the pool's setting on a user's.
             match f(conn, sends > 1).await {
@@ -187,9 +192,9 @@ impl RedisStore {
 /// connections (a fresh connection can die too, e.g. under `CLIENT KILL` loops).
 const SENDS: u32 = 3;
 
-#[async_trait]
-impl Store for RedisStore {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+impl RedisStore {
+    /// `GET`: [`Store::get`], callable without a boxed future.
+    pub(crate) async fn read(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.run(
             "GET",
             |mut c, _| async move { commands::get(&mut c, key).await },
@@ -197,11 +202,27 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+    /// `GET` + `PTTL`: [`Store::get_with_ttl`], callable without a boxed future.
+    pub(crate) async fn read_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
         self.run("GET+PTTL", |mut c, _| async move {
             commands::get_with_ttl(&mut c, key).await
         })
         .await
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.read(key).await
+    }
+
+    fn as_redis(&self) -> Option<&RedisStore> {
+        Some(self)
+    }
+
+    async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+        self.read_with_ttl(key).await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
