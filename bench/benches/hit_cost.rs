@@ -18,7 +18,8 @@
 //!
 //! Sides: `raw` (redis-rs `GET` on one `MultiplexedConnection`, the bytes
 //! undecoded), `get` (`LockedCache::get::<String>`), `get_or_load` (a hit,
-//! `String`), `bytes` (a hit through `get_or_load_bytes`). Values are 1 KiB,
+//! `String`), `bytes` (a hit through `get_or_load_bytes`), `near` (a near
+//! cache hit of `get_or_load_shared`, after one fill). Values are 1 KiB,
 //! each caller on its own key. Without a profiler it prints operations per
 //! second and the process's CPU time per operation (from `/proc`), which are
 //! as noisy as the machine. `--side alternate` runs one caller taking the raw
@@ -45,7 +46,8 @@ Hit cost: a fixed number of operations of one side, for callgrind or perf.
 
 USAGE: cargo bench --bench hit_cost -- [FLAGS]
 
-  --side S        raw, get, get_or_load, bytes or alternate    [get_or_load]
+  --side S        raw, get, get_or_load, bytes, near or
+                  alternate                                    [get_or_load]
   --ops N         operations in all                            [20000]
   --callers N     concurrent callers (tasks)                   [64]
   --threads N     tokio worker threads                         [1]
@@ -59,7 +61,7 @@ fn main() {
     }
     flags.reject_unknown(&["side", "ops", "callers", "threads", "coalesce"]);
     let side: String = flags.get("side", "get_or_load".to_owned());
-    if !["raw", "get", "get_or_load", "bytes", "alternate"].contains(&side.as_str()) {
+    if !["raw", "get", "get_or_load", "bytes", "near", "alternate"].contains(&side.as_str()) {
         die(&format!("unknown side {side}"));
     }
     let ops: usize = flags.get("ops", 20_000);
@@ -81,14 +83,17 @@ fn main() {
     let server = RedisServer::start();
     let url = server.url();
     runtime.block_on(async {
-        let cache = LockedCache::builder()
+        let mut builder = LockedCache::builder()
             .redis(url.as_str())
             .key_prefix("hit:")
             .ttl(Duration::from_secs(3600))
-            .coalesce(coalesce)
-            .build()
-            .await
-            .expect("cache");
+            .coalesce(coalesce);
+        if side == "near" {
+            builder = builder
+                .near_cache(64 << 20)
+                .near_cache_ttl(Duration::from_secs(3600));
+        }
+        let cache = builder.build().await.expect("cache");
         // The raw side with the cache's socket options (TCP_NODELAY).
         let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
             .expect("url")
@@ -124,6 +129,15 @@ fn main() {
                             "get" => {
                                 let v: Option<String> = cache.get(&key).await.expect("get");
                                 black_box(v.expect("stored"));
+                            }
+                            "near" => {
+                                let v: std::sync::Arc<String> = cache
+                                    .get_or_load_shared(&key, || async {
+                                        Err::<String, &str>("a hit must not load")
+                                    })
+                                    .await
+                                    .expect("hit");
+                                black_box(v);
                             }
                             "bytes" => {
                                 let v = cache

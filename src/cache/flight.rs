@@ -12,7 +12,6 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -71,13 +70,20 @@ struct Entry {
 /// (foldhash, seeded per cache, so keys cannot be aimed at one bucket)
 /// and picks the shard too; each entry keeps its key, so two keys with one
 /// hash are told apart (see [`Role::Alone`]).
-type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<Prehashed>>>;
+type Shard = Mutex<ShardMap>;
+
+#[derive(Default)]
+struct ShardMap {
+    flights: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
+    /// Ids of this shard's flights (a counter under the shard's lock rather
+    /// than one atomic every call of every thread would write).
+    next_id: u64,
+}
 
 /// The flights of one cache, by key.
 pub struct Flights {
     shards: [Shard; SHARDS],
     hasher: foldhash::fast::RandomState,
-    next_id: AtomicU64,
 }
 
 impl Default for Flights {
@@ -85,7 +91,6 @@ impl Default for Flights {
         Flights {
             shards: std::array::from_fn(|_| Mutex::default()),
             hasher: foldhash::fast::RandomState::default(),
-            next_id: AtomicU64::new(0),
         }
     }
 }
@@ -105,7 +110,7 @@ impl Flights {
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).flights.len())
             .sum()
     }
 
@@ -118,21 +123,23 @@ impl Flights {
         // Middle bits: the map takes its buckets from the low ones and its
         // tags from the top ones.
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
-        let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(entry) = map.get_mut(&hash) {
+        let mut shard_map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let ShardMap { flights, next_id } = &mut *shard_map;
+        if let Some(entry) = flights.get_mut(&hash) {
             if *entry.key != *key {
                 return Role::Alone;
             }
             let slot = entry.slot.get_or_insert_with(|| watch::channel(None).0);
             return Role::Follower(slot.subscribe());
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = *next_id;
+        *next_id = next_id.wrapping_add(1);
         let entry = Entry {
             key: key.into(),
             id,
             slot: None,
         };
-        map.insert(hash, entry);
+        flights.insert(hash, entry);
         Role::Leader(Leader {
             shard,
             hash,
@@ -189,8 +196,10 @@ impl Leader<'_> {
     fn close(&self, outcome: impl FnOnce() -> Outcome) {
         let slot = {
             let mut map = self.shard.lock().unwrap_or_else(|e| e.into_inner());
-            match map.get(&self.hash) {
-                Some(entry) if entry.id == self.id => map.remove(&self.hash).and_then(|e| e.slot),
+            match map.flights.get(&self.hash) {
+                Some(entry) if entry.id == self.id => {
+                    map.flights.remove(&self.hash).and_then(|e| e.slot)
+                }
                 _ => None,
             }
         };

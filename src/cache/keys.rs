@@ -40,6 +40,32 @@ pub fn value_key(prefix: &str, key: &str) -> String {
     value
 }
 
+/// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
+/// when it is short: a near cache lookup allocates nothing.
+pub fn with_value_key<R>(prefix: &str, key: &str, f: impl FnOnce(&str) -> R) -> R {
+    let mut buf = [0u8; 128];
+    let escape: &[u8] = if key.starts_with(['}', '\\']) {
+        b"\\"
+    } else {
+        b""
+    };
+    let parts = [prefix.as_bytes(), b"{", escape, key.as_bytes(), b"}"];
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > buf.len() {
+        return f(&value_key(prefix, key));
+    }
+    let mut at = 0;
+    for part in parts {
+        buf[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    // Valid UTF-8 (two strings and ASCII), so this never takes the fallback.
+    match std::str::from_utf8(&buf[..at]) {
+        Ok(value_key) => f(value_key),
+        Err(_) => f(&value_key(prefix, key)),
+    }
+}
+
 impl Keys {
     pub fn new(prefix: &str, key: &str) -> Keys {
         Keys::with_value_key(value_key(prefix, key))
@@ -91,6 +117,17 @@ pub fn check_key(_prefix: &str, key: &str, max_len: usize) -> Result<()> {
 mod tests {
     use super::*;
     use crate::store::slot::slot;
+
+    #[test]
+    fn a_value_key_built_on_the_stack_is_the_value_key() {
+        let long = "k".repeat(200);
+        for key in ["a", "}x", "\\y", "é:ü", long.as_str(), ""] {
+            for prefix in ["", "p:", "prefix-ÿ:"] {
+                let built = with_value_key(prefix, key, str::to_owned);
+                assert_eq!(built, value_key(prefix, key), "{prefix:?} {key:?}");
+            }
+        }
+    }
 
     #[test]
     fn keys_are_namespaced_and_tagged() {

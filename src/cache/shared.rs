@@ -88,7 +88,7 @@ impl<C: Codec> LockedCache<C> {
         // if it is fresh (`Inner::near_keep`); a value it loads is kept by the
         // next read.
         #[cfg(feature = "near-cache")]
-        if let Some((_, Some(value))) = self.near_get::<T>(key).await? {
+        if let Some(Some(value)) = self.near_get::<T>(key).await? {
             return Ok((value, Outcome::Hit));
         }
         let loader =
@@ -109,8 +109,9 @@ impl<C: Codec> LockedCache<C> {
     {
         #[cfg(feature = "near-cache")]
         match self.near_get::<T>(key).await? {
-            Some((_, Some(value))) => return Ok(Some(value)),
-            Some((value_key, None)) => {
+            Some(Some(value)) => return Ok(Some(value)),
+            Some(None) => {
+                let value_key = keys::value_key(&self.inner.key_prefix, key);
                 if let Some(value) = self.near_fill::<T>(&value_key).await? {
                     return Ok(Some(value));
                 }
@@ -120,13 +121,14 @@ impl<C: Codec> LockedCache<C> {
         Ok(self.get::<Shared<T>>(key).await?.map(|s| s.0))
     }
 
-    /// With a near cache: the key's value key, and the near cache's value for
-    /// it if it holds one (`None` without a near cache). A near hit never
+    /// The near cache's value for `key`: `None` without a near cache,
+    /// `Some(None)` when it does not hold the key. The lookup builds the value
+    /// key on the stack (no allocation for keys up to 128 bytes). A near hit never
     /// waits, so it takes part in tokio's cooperative budget: a loop of hits
     /// yields now and then, as a loop of Redis reads would, instead of
     /// starving the worker.
     #[cfg(feature = "near-cache")]
-    async fn near_get<T>(&self, key: &str) -> Result<Option<(String, Option<Arc<T>>)>>
+    async fn near_get<T>(&self, key: &str) -> Result<Option<Option<Arc<T>>>>
     where
         T: Send + Sync + 'static,
     {
@@ -135,12 +137,13 @@ impl<C: Codec> LockedCache<C> {
             return Ok(None);
         };
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        let value_key = keys::value_key(&inner.key_prefix, key);
-        let value = near.local.get::<T>(&value_key);
+        let value = keys::with_value_key(&inner.key_prefix, key, |value_key| {
+            near.local.get::<T>(value_key)
+        });
         if value.is_some() {
             tokio::task::consume_budget().await;
         }
-        Ok(Some((value_key, value)))
+        Ok(Some(value))
     }
 
     /// The near cache's value for `key`, if it holds one of type `T`; never

@@ -156,15 +156,15 @@ impl bb8::ErrorSink<RedisError> for ConnectErrors {
 /// A connection to run commands on: a clone of a pooled multiplexed connection
 /// (so callers pipeline on it instead of queueing for a checkout), and the flag
 /// that retires the pooled original when a command fails on the connection.
-pub struct Connection {
+pub struct Connection<'p> {
     pub conn: MultiplexedConnection,
-    health: Health,
+    health: Health<'p>,
 }
 
 /// What is left of a [`Connection`] once its multiplexed connection was taken
 /// for a command: the means to retire the pooled original and its siblings.
-pub struct Health {
-    own: Option<(Arc<AtomicBool>, u64, Arc<Generations>)>,
+pub struct Health<'p> {
+    own: Option<(Arc<AtomicBool>, u64, &'p Generations)>,
 }
 
 impl Conn {
@@ -203,7 +203,7 @@ impl Pool {
     /// The current connection, without waiting: `None` when there is none
     /// (or it was retired), or the pool is a user's. Commands try this first,
     /// so that a hit's future does not hold the (large) future of a checkout.
-    pub fn current(&self) -> Option<Connection> {
+    pub fn current(&self) -> Option<Connection<'_>> {
         let Pool::Own(_, _, generations, current) = self else {
             return None;
         };
@@ -215,7 +215,7 @@ impl Pool {
                 Some(Connection {
                     conn: conn.clone(),
                     health: Health {
-                        own: Some((Arc::clone(broken), *generation, Arc::clone(generations))),
+                        own: Some((Arc::clone(broken), *generation, generations)),
                     },
                 })
             }
@@ -228,7 +228,7 @@ impl Pool {
     }
 
     /// A connection; `Err(None)` when none came within the pool's timeout.
-    pub async fn get(&self) -> Result<Connection, Option<RedisError>> {
+    pub async fn get(&self) -> Result<Connection<'_>, Option<RedisError>> {
         match self {
             Pool::Own(p, errors, generations, current) => loop {
                 if let Some(connection) = self.current() {
@@ -256,7 +256,7 @@ impl Pool {
                         own: Some((
                             Arc::clone(&checkout.broken),
                             checkout.generation,
-                            Arc::clone(generations),
+                            &**generations,
                         )),
                     },
                 });
@@ -279,14 +279,14 @@ fn run_error(e: bb8::RunError<RedisError>) -> Option<RedisError> {
     }
 }
 
-impl Connection {
+impl<'p> Connection<'p> {
     /// The connection to send on, and what reports its failure.
-    pub fn split(self) -> (MultiplexedConnection, Health) {
+    pub fn split(self) -> (MultiplexedConnection, Health<'p>) {
         (self.conn, self.health)
     }
 }
 
-impl Health {
+impl Health<'_> {
     /// Retires the pooled connection when `err` means it can no longer be used:
     /// no answer within the command timeout retires it alone; a dead connection
     /// (I/O error, dropped) retires every connection opened up to it as well.

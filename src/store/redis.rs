@@ -126,7 +126,7 @@ impl RedisStore {
         }
     }
 
-    async fn connection(&self) -> Result<Connection> {
+    async fn connection(&self) -> Result<Connection<'_>> {
         self.pool.get().await.map_err(|e| match e {
             Some(e) => self.redis_error(e),
             None => Error::PoolTimeout {
