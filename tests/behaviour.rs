@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use locked_cache::{Error, LoadError, LockedCache, MemoryStore, RedisStore, SharedStore};
+use locked_cache::{Error, LoadError, LockedCache, MemoryStore, Outcome, RedisStore, SharedStore};
 use serde::{Deserialize, Serialize};
 use support::{RedisServer, counting_loader, join_all_checked, unique_prefix};
 
@@ -539,3 +539,59 @@ on_both_backends!(
     bad_keys_and_oversized_values_get_typed_errors,
     set_and_invalidate_during_a_load_win_over_it,
 );
+
+/// A fresh `String`, `Vec<u8>` or bytes hit is decoded in place (the buffer
+/// Redis handed over becomes the value), so its leader has no stored bytes
+/// left for the followers that joined its flight: it encodes the value again
+/// for them. Every follower gets the value, whatever type it asks for.
+#[tokio::test]
+async fn followers_of_a_hit_decoded_in_place_get_its_value() {
+    let server = RedisServer::start();
+    // Each read takes 50 ms, so the calls below all join the first one's flight.
+    let proxy = support::TcpProxy::start(server.addr()).await;
+    let cache = LockedCache::builder()
+        .redis(proxy.url())
+        .key_prefix(unique_prefix("in-place"))
+        .ttl(MINUTE)
+        .build()
+        .await
+        .unwrap();
+    let text = "é-".repeat(700);
+    let blob: Vec<u8> = (0..3000).map(|i| (i % 251) as u8).collect();
+    cache.set("text", &text).await.unwrap();
+    cache.set_bytes("blob", &blob).await.unwrap();
+    proxy.set_delay(Duration::from_millis(50));
+    let no_load = || async { Err::<String, &str>("a hit must not load") };
+
+    let calls = (0..20).map(|_| cache.get_or_load_with_outcome("text", |_| no_load()));
+    let results = futures_util::future::join_all(calls).await;
+    let mut outcomes = Vec::new();
+    for result in results {
+        let (value, outcome) = result.unwrap();
+        assert_eq!(value, text);
+        outcomes.push(outcome);
+    }
+    assert_eq!(outcomes.iter().filter(|o| **o == Outcome::Hit).count(), 1);
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == Outcome::Coalesced)
+            .count(),
+        19
+    );
+
+    // A leader asking for bytes, followers asking for a Vec<u8> and bytes.
+    let as_bytes = cache.get_or_load_bytes("blob", || async { Err::<Vec<u8>, &str>("no") });
+    let as_vecs = (0..5)
+        .map(|_| cache.get_or_load_with_outcome("blob", |_| async { Err::<Vec<u8>, &str>("no") }));
+    let (first, rest) = tokio::join!(as_bytes, futures_util::future::join_all(as_vecs));
+    assert_eq!(first.unwrap(), blob);
+    for result in rest {
+        let (value, outcome) = result.unwrap();
+        assert_eq!(value, blob);
+        assert_eq!(outcome, Outcome::Coalesced);
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.coalesced, stats.loads), (2, 24, 0));
+    assert_eq!(stats.corrupt_values, 0);
+}

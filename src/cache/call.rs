@@ -28,10 +28,11 @@ use super::load::{Led, Loader};
 use super::options::Resolved;
 use super::refresh::Lead;
 use super::shared::Keep;
-use super::{Found, Inner};
-use crate::codec::{self, Codec};
+use super::{Found, Inner, in_place};
+use crate::codec::{self, Codec, Meta};
 use crate::error::{Error, LoadError, Result};
 use crate::stats::Stats;
+use crate::store::Stored;
 use crate::telemetry::{CallTrace, Outcome};
 
 /// What a flight's leader read, judged for its call.
@@ -120,7 +121,7 @@ impl<C: Codec> Inner<C> {
                 found: Some((found, Freshness::Fresh)),
             } => {
                 let mut led = self.hit(&value_key, found, keep);
-                hand_over::<T, E>(leader, Ok(&mut led), sharing);
+                self.hand_over::<T, E>(leader, Ok(&mut led), sharing);
                 Ok((led.value, Outcome::Hit))
             }
             judged => {
@@ -229,7 +230,7 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Reads the value of `key` and judges it for a call with `options`.
-    async fn read_judged<T: DeserializeOwned>(
+    async fn read_judged<T: DeserializeOwned + 'static>(
         &self,
         key: &str,
         options: &Resolved,
@@ -240,18 +241,69 @@ impl<C: Codec> Inner<C> {
         // (`shared.rs`); that needs its time left.
         let keep = self.near_ticket(&value_key, sharing);
         let with_ttl = options.reads_ttl() || keep.is_some();
-        let found = self.read::<T>(&value_key, with_ttl).await?.map(|found| {
-            let judged = freshness::judge(&found.meta, found.ttl_left, options, fastrand::f64());
+        let stored = self.read_stored(&value_key, with_ttl).await?;
+        let in_place = keep.is_none();
+        let found = stored.and_then(|stored| {
+            let (found, judged) = self.decode_judged::<T>(&value_key, stored, options, in_place)?;
             if judged != Freshness::TooStale && found.meta.absent {
                 Stats::add(&self.stats.negative_hits);
             }
-            (found, judged)
+            Some((found, judged))
         });
         Ok(Judged {
             value_key,
             keep,
             found,
         })
+    }
+
+    /// Judges a stored value from its header, then decodes it: a fresh
+    /// `String` or byte value in place when `in_place` (`in_place.rs`; its
+    /// `Found` then holds no bytes), anything else through the codec. `None`
+    /// for an undecodable value (reported).
+    fn decode_judged<T: DeserializeOwned + 'static>(
+        &self,
+        value_key: &str,
+        stored: Stored,
+        options: &Resolved,
+        in_place: bool,
+    ) -> Option<(Found<T>, Freshness)> {
+        let Ok((meta, _)) = codec::split_header(C::ID, &stored.bytes) else {
+            // Undecodable: reported there.
+            return self
+                .decode_or_report::<T>(value_key, stored, true)
+                .map(|found| {
+                    let judged = freshness::judge(&found.meta, found.ttl_left, options, 0.0);
+                    (found, judged)
+                });
+        };
+        let judged = freshness::judge(&meta, stored.ttl, options, fastrand::f64());
+        if in_place && judged == Freshness::Fresh && stored.bytes.len() <= self.max_value_size {
+            let Stored { mut bytes, ttl } = stored;
+            match in_place::decode::<T>(C::ID, &mut bytes) {
+                Some(Ok(value)) => {
+                    let found = Found {
+                        value,
+                        bytes,
+                        meta,
+                        ttl_left: ttl,
+                    };
+                    return Some((found, judged));
+                }
+                Some(Err(e)) => {
+                    self.report_corrupt(value_key, &e);
+                    return None;
+                }
+                None => {
+                    let stored = Stored { bytes, ttl };
+                    return self
+                        .decode_or_report(value_key, stored, true)
+                        .map(|found| (found, judged));
+                }
+            }
+        }
+        self.decode_or_report(value_key, stored, true)
+            .map(|found| (found, judged))
     }
 
     /// A fresh value found by the first read: a hit.
@@ -301,7 +353,7 @@ impl<C: Codec> Inner<C> {
             Err(e) => Err(e),
         };
         // Followers get the outcome first; then the lock is released.
-        hand_over(leader, result.as_mut(), sharing);
+        self.hand_over(leader, result.as_mut(), sharing);
         let led = result?;
         let outcome = led.outcome;
         Ok((led.finish().await, outcome))
@@ -387,31 +439,42 @@ impl<C: Codec> Inner<C> {
         };
         led.map(Lead::Done)
     }
-}
-
-/// Hands a leader's outcome to its flight's followers (when there is a
-/// flight): the value (as stored, and decoded when the call shares it), the
-/// loader's error, or the cache's.
-fn hand_over<T, E>(
-    leader: Option<Leader<'_>>,
-    result: std::result::Result<&mut Led<T>, &mut LoadError<E>>,
-    sharing: Option<Sharing<T>>,
-) where
-    E: Send + Sync + 'static,
-{
-    let Some(leader) = leader else {
-        return;
-    };
-    leader.finish_with(|| match result {
-        Ok(led) => flight::Outcome::Value(
-            Arc::new(std::mem::take(&mut led.bytes)),
-            sharing.map(|s| (s.share)(&led.value)),
-        ),
-        Err(LoadError::Loader(e)) => {
-            flight::Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
-        }
-        Err(LoadError::Cache(e)) => flight::Outcome::Failed(e.clone()),
-    });
+    /// Hands a leader's outcome to its flight's followers (when there is a
+    /// flight with followers): the value (as stored, and decoded when the call
+    /// shares it), the loader's error, or the cache's. A value decoded in
+    /// place has no stored bytes left: it is encoded again for them.
+    fn hand_over<T, E>(
+        &self,
+        leader: Option<Leader<'_>>,
+        result: std::result::Result<&mut Led<T>, &mut LoadError<E>>,
+        sharing: Option<Sharing<T>>,
+    ) where
+        T: Serialize,
+        E: Send + Sync + 'static,
+    {
+        let Some(leader) = leader else {
+            return;
+        };
+        leader.finish_with(|| match result {
+            Ok(led) => {
+                let bytes = if led.bytes.is_empty() {
+                    match codec::encode_with_meta(&self.codec, &led.value, &Meta::default()) {
+                        Ok(bytes) => bytes,
+                        // Cannot happen for what decodes in place; the
+                        // followers then read for themselves.
+                        Err(_) => return flight::Outcome::Abandoned,
+                    }
+                } else {
+                    std::mem::take(&mut led.bytes)
+                };
+                flight::Outcome::Value(Arc::new(bytes), sharing.map(|s| (s.share)(&led.value)))
+            }
+            Err(LoadError::Loader(e)) => {
+                flight::Outcome::LoaderError(Arc::clone(e) as Arc<dyn Any + Send + Sync>)
+            }
+            Err(LoadError::Cache(e)) => flight::Outcome::Failed(e.clone()),
+        });
+    }
 }
 
 /// The in-process flight a call joins: the key, and the stale window the call

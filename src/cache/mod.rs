@@ -24,6 +24,7 @@ mod bytes;
 mod call;
 mod flight;
 mod freshness;
+mod in_place;
 mod keepalive;
 mod keys;
 mod load;
@@ -492,6 +493,12 @@ impl<C: Codec> Inner<C> {
         value_key: &str,
         with_ttl: bool,
     ) -> Result<Option<Found<T>>> {
+        let stored = self.read_stored(value_key, with_ttl).await?;
+        Ok(stored.and_then(|stored| self.decode_or_report(value_key, stored, true)))
+    }
+
+    /// The bytes behind [`read`](Self::read), not yet decoded.
+    async fn read_stored(&self, value_key: &str, with_ttl: bool) -> Result<Option<Stored>> {
         let mut stored = self.fetch(value_key, with_ttl).await?;
         // The header says whether the value has a stale window: read its time
         // left before decoding, so the value is decoded once.
@@ -502,7 +509,7 @@ impl<C: Codec> Inner<C> {
         if !with_ttl && stored.as_ref().is_some_and(has_window) {
             stored = self.fetch(value_key, true).await?;
         }
-        Ok(stored.and_then(|stored| self.decode_or_report(value_key, stored, true)))
+        Ok(stored)
     }
 
     /// `GET`, or `GET` + `PTTL`; a key of another Redis type is reported and
