@@ -38,7 +38,7 @@ use locked_cache::LockedCache;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
 
-use common::{Flags, die};
+use common::{Flags, die, process_cpu_time};
 use support::RedisServer;
 
 const HELP: &str = "\
@@ -113,7 +113,7 @@ fn main() {
         }
         let per_caller = ops / callers;
         let started = Instant::now();
-        let cpu_before = cpu_time();
+        let cpu_before = process_cpu_time();
         let tasks: Vec<_> = (0..callers)
             .map(|caller| {
                 let key = format!("k{caller}");
@@ -166,7 +166,7 @@ fn main() {
             task.await.expect("caller task");
         }
         let elapsed = started.elapsed();
-        let cpu = cpu_time() - cpu_before;
+        let cpu = process_cpu_time() - cpu_before;
         let done = per_caller * callers;
         println!(
             "side {side}: {done} ops, {:.0} ops/s, process CPU {:.2} µs per op",
@@ -212,17 +212,4 @@ async fn alternate(cache: &LockedCache, mut raw: MultiplexedConnection, ops: usi
         us(spent[2]),
         ops / 3
     );
-}
-
-/// CPU time of this process's threads so far (from `/proc/self/task/*/schedstat`,
-/// in nanoseconds); zero where `/proc` is not there.
-fn cpu_time() -> Duration {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return Duration::ZERO;
-    };
-    let ns: u64 = tasks
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
-        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
 }

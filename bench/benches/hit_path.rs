@@ -399,6 +399,9 @@ struct Measured {
     elapsed: Duration,
     /// Per-op latency, ns, sorted.
     latencies: Vec<u32>,
+    /// CPU time used during the round by this process (the callers, the
+    /// cache, redis-rs) and by the redis-server.
+    cpu: Duration,
 }
 
 impl Measured {
@@ -541,6 +544,7 @@ impl Bench {
             ops: all.len() as u64,
             elapsed: last - started,
             latencies: all,
+            cpu: Duration::ZERO,
         }
     }
 
@@ -572,6 +576,12 @@ impl Bench {
             turn += 1;
         }
         latencies
+    }
+
+    /// CPU time used so far by this process and the redis-server.
+    fn cpu(&self) -> Duration {
+        let info: String = self.server.query(&["INFO", "cpu"]);
+        common::process_cpu_time() + common::redis_cpu_time(&info)
     }
 
     /// Every command since the last reset except the harness's own.
@@ -625,6 +635,13 @@ impl SideRuns {
             .collect();
         all.sort_unstable();
         format!("{:.0}", f64::from(percentile(&all, p)) / 1000.0)
+    }
+
+    /// CPU time (this process + redis-server) per operation over every
+    /// round, µs.
+    fn cpu_per_op(&self) -> f64 {
+        let cpu: Duration = self.runs.iter().map(|m| m.cpu).sum();
+        cpu.as_secs_f64() * 1e6 / self.ops().max(1) as f64
     }
 
     /// Per round: this side's ops/s ÷ the raw side's, sorted.
@@ -750,7 +767,9 @@ fn throughput(o: &Options) -> String {
                         let index = (round + i) % sides.len();
                         let (side, shape) = sides[index];
                         bench.server.reset_stats();
-                        let m = bench.run(side, shape, callers, size, o.round).await;
+                        let cpu_before = bench.cpu();
+                        let mut m = bench.run(side, shape, callers, size, o.round).await;
+                        m.cpu = bench.cpu().saturating_sub(cpu_before);
                         runs[index].commands += bench.commands();
                         runs[index].runs.push(m);
                     }
@@ -807,6 +826,8 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
         "÷ one connection",
         "p50 / p99 µs",
         "commands per op",
+        "CPU µs per op",
+        "CPU: raw GET ÷ side / one connection ÷ side",
     ]);
     let mut targets = String::new();
     for r in rows {
@@ -838,6 +859,15 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
                 }),
                 format!("{} / {}", runs.latency(50.0), runs.latency(99.0)),
                 format!("{:.3}", runs.commands_per_op()),
+                format!("{:.2}", runs.cpu_per_op()),
+                format!(
+                    "{:.3}{}",
+                    raw.cpu_per_op() / runs.cpu_per_op(),
+                    single.map_or(String::new(), |single| format!(
+                        " / {:.3}",
+                        single.cpu_per_op() / runs.cpu_per_op()
+                    ))
+                ),
             ]);
             if r.size == 1024
                 && matches!(
@@ -866,8 +896,19 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
                 } else {
                     "median of rounds"
                 };
+                // The same from CPU time per op (this process + the
+                // server), which the host's scheduling moves far less than
+                // wall time: on a machine both share, throughput ratio.
+                let cpu = format!(
+                    "; by CPU per op {:.3}{}",
+                    raw.cpu_per_op() / runs.cpu_per_op(),
+                    single.map_or(String::new(), |single| format!(
+                        " / {:.3}",
+                        single.cpu_per_op() / runs.cpu_per_op()
+                    ))
+                );
                 targets.push_str(&format!(
-                    "- Target L2 hit ≥ 0.95× raw GET, {}, {} caller(s), 1 KiB ({how}): ÷ pooled raw GET {vs_pool:.3}{} — {}\n",
+                    "- Target L2 hit ≥ 0.95× raw GET, {}, {} caller(s), 1 KiB ({how}): ÷ pooled raw GET {vs_pool:.3}{}{cpu} — {}\n",
                     side.label(),
                     r.callers,
                     vs_single.map_or(String::new(), |v| format!(", ÷ one raw connection {v:.3}")),
@@ -888,7 +929,11 @@ fn render_throughput(o: &Options, rows: &[Row]) -> String {
          rounds of the side ÷ the raw `GET` on the bb8 pool in the same round (min–max of the \
          rounds in brackets); *÷ one connection* the same against the raw `GET` on one \
          `MultiplexedConnection` (when measured). The raw sides return the bytes undecoded: \
-         the bare round trip. The cache runs on its own connections (`.redis(url)`).\n\n",
+         the bare round trip. The cache runs on its own connections (`.redis(url)`). *CPU µs \
+         per op*: CPU time this process (callers, cache, redis-rs) and the redis-server used \
+         during the side's rounds, per op; its ratios (raw ÷ side: above 1 means the side \
+         costs less) estimate the throughput ratio where the client and Redis share the \
+         CPUs, and move far less with the host's scheduling than the ops/s do.\n\n",
         o.rounds,
         o.round.as_millis(),
         o.threads

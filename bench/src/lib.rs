@@ -35,6 +35,32 @@ pub fn unix_micros() -> u64 {
         .as_micros() as u64
 }
 
+/// CPU time this process's threads have used so far (from
+/// `/proc/self/task/*/schedstat`, nanoseconds); zero where `/proc` is not there.
+pub fn process_cpu_time() -> Duration {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
+    };
+    let ns: u64 = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok())
+        .filter_map(|stat| stat.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// CPU time a Redis server has used (user + system, from `INFO cpu`), given
+/// that section's text.
+pub fn redis_cpu_time(info_cpu: &str) -> Duration {
+    let seconds: f64 = info_cpu
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.trim().split_once(':')?;
+            matches!(name, "used_cpu_sys" | "used_cpu_user").then(|| value.parse::<f64>().ok())?
+        })
+        .sum();
+    Duration::from_secs_f64(seconds.max(0.0))
+}
+
 /// The `p`-th percentile (0..=100) of sorted samples, nearest-rank; 0 if empty.
 pub fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
     if sorted.is_empty() {
