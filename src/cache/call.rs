@@ -35,6 +35,25 @@ use crate::stats::Stats;
 use crate::store::Stored;
 use crate::telemetry::{CallTrace, Outcome};
 
+/// What every step of one call works from.
+struct Call<'a, T> {
+    key: &'a str,
+    options: &'a Resolved,
+    /// How followers take the leader's decoded value (calls that share it).
+    sharing: Option<Sharing<T>>,
+    started: Instant,
+    /// Until when the call waits for someone else's load (a flight or the lock).
+    deadline: Instant,
+}
+
+impl<T> Clone for Call<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for Call<'_, T> {}
+
 /// What a flight's leader read, judged for its call.
 pub(super) struct Judged<T> {
     value_key: String,
@@ -91,16 +110,18 @@ impl<C: Codec> Inner<C> {
         L: Loader<Output = std::result::Result<T, E>>,
     {
         keys::check_key(&self.key_prefix, key, self.max_key_len)?;
-        let deadline = started + self.lock.options().wait;
+        let call = Call {
+            key,
+            options,
+            sharing,
+            started,
+            deadline: started + self.lock.options().wait,
+        };
         let leader = if self.coalesce {
             match self.flights.join(&flight_key(key, options)) {
                 Role::Leader(leader) => Some(leader),
                 Role::Alone => None,
-                Role::Follower(rx) => {
-                    let follow =
-                        self.follow(rx, key, loader, options, sharing, started, deadline, trace);
-                    return Box::pin(follow).await;
-                }
+                Role::Follower(rx) => return Box::pin(self.follow(rx, call, loader, trace)).await,
             }
         } else {
             None
@@ -124,28 +145,18 @@ impl<C: Codec> Inner<C> {
                 self.hand_over::<T, E>(leader, Ok(&mut led), sharing);
                 Ok((led.value, Outcome::Hit))
             }
-            judged => {
-                let lead = self.lead_on(
-                    leader, judged, key, loader, options, sharing, started, deadline, trace,
-                );
-                Box::pin(lead).await
-            }
+            judged => Box::pin(self.lead_on(leader, judged, call, loader, trace)).await,
         }
     }
 
     /// A call that found the key's flight led by another call of this process:
     /// waits for its outcome. When the leader went away without one, the call
     /// joins again, and leads if nobody else has started to.
-    #[allow(clippy::too_many_arguments)]
     async fn follow<T, E, L>(
         self: &Arc<Self>,
         rx: tokio::sync::watch::Receiver<Option<flight::Outcome>>,
-        key: &str,
+        call: Call<'_, T>,
         loader: L,
-        options: &Resolved,
-        sharing: Option<Sharing<T>>,
-        started: Instant,
-        deadline: Instant,
         trace: &mut CallTrace,
     ) -> Result<(T, Outcome), LoadError<E>>
     where
@@ -153,6 +164,13 @@ impl<C: Codec> Inner<C> {
         E: Send + Sync + 'static,
         L: Loader<Output = std::result::Result<T, E>>,
     {
+        let Call {
+            key,
+            options,
+            sharing,
+            started,
+            deadline,
+        } = call;
         Stats::add(&self.stats.coalesced);
         let flight_key = flight_key(key, options);
         let mut first = Some(rx);
@@ -223,10 +241,7 @@ impl<C: Codec> Inner<C> {
                 return Err(LoadError::Cache(e));
             }
         };
-        self.lead_on(
-            leader, judged, key, loader, options, sharing, started, deadline, trace,
-        )
-        .await
+        self.lead_on(leader, judged, call, loader, trace).await
     }
 
     /// Reads the value of `key` and judges it for a call with `options`.
@@ -316,17 +331,12 @@ impl<C: Codec> Inner<C> {
     /// The leader's path past its read (`leader` is `None` with coalescing
     /// off): serve or refresh the value, or load it, then hand the outcome to
     /// the flight's followers before releasing the lock.
-    #[allow(clippy::too_many_arguments)]
     async fn lead_on<T, E, L>(
         self: &Arc<Self>,
         leader: Option<Leader<'_>>,
         judged: Judged<T>,
-        key: &str,
+        call: Call<'_, T>,
         loader: L,
-        options: &Resolved,
-        sharing: Option<Sharing<T>>,
-        started: Instant,
-        deadline: Instant,
         trace: &mut CallTrace,
     ) -> Result<(T, Outcome), LoadError<E>>
     where
@@ -334,10 +344,8 @@ impl<C: Codec> Inner<C> {
         E: Send + Sync + 'static,
         L: Loader<Output = std::result::Result<T, E>>,
     {
-        let mut result = match self
-            .lead(judged, key, loader, options, started, deadline, trace)
-            .await
-        {
+        let Call { key, options, .. } = call;
+        let mut result = match self.lead(judged, call, loader, trace).await {
             Ok(Lead::Done(led)) => Ok(led),
             Ok(Lead::RefreshInPlace(refresh)) => {
                 // The followers get the stale value now; this caller refreshes.
@@ -353,7 +361,7 @@ impl<C: Codec> Inner<C> {
             Err(e) => Err(e),
         };
         // Followers get the outcome first; then the lock is released.
-        self.hand_over(leader, result.as_mut(), sharing);
+        self.hand_over(leader, result.as_mut(), call.sharing);
         let led = result?;
         let outcome = led.outcome;
         Ok((led.finish().await, outcome))
@@ -364,15 +372,11 @@ impl<C: Codec> Inner<C> {
     /// waits for the lock and loads (`load.rs`), on a task of its own when the
     /// load is detached. Returns the value and its stored bytes (for the
     /// followers).
-    #[allow(clippy::too_many_arguments)]
     async fn lead<T, E, L>(
         self: &Arc<Self>,
         judged: Judged<T>,
-        key: &str,
+        call: Call<'_, T>,
         loader: L,
-        options: &Resolved,
-        started: Instant,
-        deadline: Instant,
         trace: &mut CallTrace,
     ) -> Result<Lead<T, L>, LoadError<E>>
     where
@@ -380,6 +384,13 @@ impl<C: Codec> Inner<C> {
         E: Send + Sync + 'static,
         L: Loader<Output = std::result::Result<T, E>>,
     {
+        let Call {
+            key,
+            options,
+            started,
+            deadline,
+            ..
+        } = call;
         let Judged {
             value_key,
             keep,
