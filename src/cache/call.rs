@@ -295,7 +295,7 @@ impl<C: Codec> Inner<C> {
         let judged = freshness::judge(&meta, stored.ttl, options, fastrand::f64());
         if in_place && judged == Freshness::Fresh && stored.bytes.len() <= self.max_value_size {
             let Stored { mut bytes, ttl } = stored;
-            match in_place::decode::<T>(C::ID, &mut bytes) {
+            match in_place::decode::<C, T>(&mut bytes) {
                 Some(Ok(value)) => {
                     let found = Found {
                         value,

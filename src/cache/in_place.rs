@@ -20,16 +20,14 @@ use crate::error::CodecError;
 
 /// Decodes the stored value `bytes` (header included, and checked by the
 /// caller with [`split_header`](crate::codec::split_header)) as `T` in place when
-/// `T` is `String`, `Vec<u8>` or a [`Blob`] and `codec_id` is bincode's:
+/// `T` is `String`, `Vec<u8>` or a [`Blob`] and the codec `C` is bincode
+/// (the type, not only its id, which a codec of one's own could reuse):
 /// `None` when it does not apply (then `bytes` is untouched), else the value,
 /// or the error of a `String` that is not UTF-8 (then `bytes` is gone).
-pub(super) fn decode<T: 'static>(
-    codec_id: u8,
-    bytes: &mut Vec<u8>,
-) -> Option<Result<T, CodecError>> {
+pub(super) fn decode<C: Codec, T: 'static>(bytes: &mut Vec<u8>) -> Option<Result<T, CodecError>> {
     let kind = TypeId::of::<T>();
     let string = kind == TypeId::of::<String>();
-    if codec_id != BincodeCodec::ID
+    if TypeId::of::<C>() != TypeId::of::<BincodeCodec>()
         || !(string || kind == TypeId::of::<Vec<u8>>() || kind == TypeId::of::<Blob>())
     {
         return None;
@@ -88,6 +86,22 @@ mod tests {
     use super::*;
     use crate::codec::{Meta, decode_with_meta, encode_with_meta};
 
+    /// A codec of one's own that reuses bincode's id.
+    struct Other;
+
+    impl Codec for Other {
+        const ID: u8 = b'b';
+        fn encode_payload<T: serde::Serialize>(&self, _: &T) -> Result<Vec<u8>, CodecError> {
+            Ok(Vec::new())
+        }
+        fn decode_payload<T: serde::de::DeserializeOwned>(
+            &self,
+            _: &[u8],
+        ) -> Result<T, CodecError> {
+            Err(CodecError::Decode("never".into()))
+        }
+    }
+
     fn stored<T: serde::Serialize>(value: &T) -> Vec<u8> {
         encode_with_meta(&BincodeCodec, value, &Meta::default()).unwrap()
     }
@@ -99,15 +113,15 @@ mod tests {
             let text: String = "é".repeat(len / 2) + &"x".repeat(len % 2);
             let mut bytes = stored(&text);
             let (expected, _) = decode_with_meta::<_, String>(&BincodeCodec, &bytes).unwrap();
-            let got: String = decode(BincodeCodec::ID, &mut bytes).unwrap().unwrap();
+            let got: String = decode::<BincodeCodec, _>(&mut bytes).unwrap().unwrap();
             assert_eq!(got, expected);
 
             let data: Vec<u8> = (0..len).map(|i| i as u8).collect();
             let mut bytes = stored(&data);
-            let got: Vec<u8> = decode(BincodeCodec::ID, &mut bytes).unwrap().unwrap();
+            let got: Vec<u8> = decode::<BincodeCodec, _>(&mut bytes).unwrap().unwrap();
             assert_eq!(got, data);
             let mut bytes = stored(&data);
-            let got: Blob = decode(BincodeCodec::ID, &mut bytes).unwrap().unwrap();
+            let got: Blob = decode::<BincodeCodec, _>(&mut bytes).unwrap().unwrap();
             assert_eq!(got.0, data);
         }
     }
@@ -115,28 +129,31 @@ mod tests {
     #[test]
     fn other_types_codecs_and_shapes_are_left_to_the_codec() {
         let mut bytes = stored(&7_u64);
-        assert!(decode::<u64>(BincodeCodec::ID, &mut bytes).is_none());
+        assert!(decode::<BincodeCodec, u64>(&mut bytes).is_none());
         let mut bytes = stored(&"abc".to_owned());
         let before = bytes.clone();
-        assert!(decode::<String>(b'j', &mut bytes).is_none(), "JSON");
+        assert!(
+            decode::<Other, String>(&mut bytes).is_none(),
+            "another codec"
+        );
         // A trailing byte, a short payload, a foreign header: untouched.
         let mut longer = before.clone();
         longer.push(0);
-        assert!(decode::<String>(BincodeCodec::ID, &mut longer).is_none());
+        assert!(decode::<BincodeCodec, String>(&mut longer).is_none());
         let mut shorter = before.clone();
         shorter.pop();
-        assert!(decode::<String>(BincodeCodec::ID, &mut shorter).is_none());
+        assert!(decode::<BincodeCodec, String>(&mut shorter).is_none());
         let mut huge = stored(&"x".to_owned());
         huge.truncate(HEADER_LEN);
         huge.extend_from_slice(&[253, 255, 255, 255, 255, 255, 255, 255, 255]);
-        assert!(decode::<String>(BincodeCodec::ID, &mut huge).is_none());
+        assert!(decode::<BincodeCodec, String>(&mut huge).is_none());
         assert_eq!(bytes, before);
     }
 
     #[test]
     fn a_string_that_is_not_utf8_is_an_error() {
         let mut bytes = stored(&vec![0xff_u8, 0xfe]);
-        let decoded = decode::<String>(BincodeCodec::ID, &mut bytes).unwrap();
+        let decoded = decode::<BincodeCodec, String>(&mut bytes).unwrap();
         assert!(decoded.is_err());
         // The codec agrees.
         let again = stored(&vec![0xff_u8, 0xfe]);
