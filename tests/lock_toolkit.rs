@@ -547,23 +547,15 @@ async fn a_master_killed_mid_hold_loses_no_guard() {
     // left behind would live at least 260 ms more (its last extension was at
     // most a third of the expiry before the release). Single attempts may lose
     // to a loaded machine (both live masters must answer in time), so a few.
-    async fn within_150_ms<F: std::future::Future<Output = bool>>(attempt: impl Fn() -> F) -> bool {
-        let until = Instant::now() + Duration::from_millis(150);
-        loop {
-            if attempt().await {
-                return true;
-            }
-            if Instant::now() >= until {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(15)).await;
-        }
-    }
+    let within = Duration::from_millis(150);
     assert!(
-        within_150_ms(|| async { other.try_acquire(&x, expiry).await.unwrap().is_some() }).await
+        support::eventually(within, || async {
+            other.try_acquire(&x, expiry).await.unwrap().is_some()
+        })
+        .await
     );
     assert!(
-        within_150_ms(|| async {
+        support::eventually(within, || async {
             other
                 .try_acquire_all(&[&m1, &m2], expiry)
                 .await
@@ -573,7 +565,7 @@ async fn a_master_killed_mid_hold_loses_no_guard() {
         .await
     );
     assert!(
-        within_150_ms(|| async {
+        support::eventually(within, || async {
             other
                 .rw_lock(&rw1)
                 .try_write(expiry)
@@ -584,7 +576,7 @@ async fn a_master_killed_mid_hold_loses_no_guard() {
         .await
     );
     assert!(
-        within_150_ms(|| async {
+        support::eventually(within, || async {
             other
                 .rw_lock(&rw2)
                 .try_read(expiry)
