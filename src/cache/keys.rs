@@ -27,42 +27,40 @@ pub struct Keys {
     pub fence: String,
 }
 
+/// The pieces of the value key of `key`, in order: `prefix{key}`, with a
+/// `\` after the brace when the key starts with `}` or `\`.
+fn value_key_parts<'a>(prefix: &'a str, key: &'a str) -> [&'a str; 5] {
+    let escape = if key.starts_with(['}', '\\']) {
+        "\\"
+    } else {
+        ""
+    };
+    [prefix, "{", escape, key, "}"]
+}
+
 /// The value key alone, for the hit path: `prefix{key}`.
 pub fn value_key(prefix: &str, key: &str) -> String {
-    let mut value = String::with_capacity(prefix.len() + key.len() + 3);
-    value.push_str(prefix);
-    value.push('{');
-    if key.starts_with(['}', '\\']) {
-        value.push('\\');
-    }
-    value.push_str(key);
-    value.push('}');
-    value
+    value_key_parts(prefix, key).concat()
 }
 
 /// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
 /// when it is short: a near cache lookup allocates nothing.
 pub fn with_value_key<R>(prefix: &str, key: &str, f: impl FnOnce(&str) -> R) -> R {
     let mut buf = [0u8; 128];
-    let escape: &[u8] = if key.starts_with(['}', '\\']) {
-        b"\\"
-    } else {
-        b""
-    };
-    let parts = [prefix.as_bytes(), b"{", escape, key.as_bytes(), b"}"];
+    let parts = value_key_parts(prefix, key);
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > buf.len() {
-        return f(&value_key(prefix, key));
+        return f(&parts.concat());
     }
     let mut at = 0;
     for part in parts {
-        buf[at..at + part.len()].copy_from_slice(part);
+        buf[at..at + part.len()].copy_from_slice(part.as_bytes());
         at += part.len();
     }
-    // Valid UTF-8 (two strings and ASCII), so this never takes the fallback.
+    // Whole strings, one after another: valid UTF-8, so never the fallback.
     match std::str::from_utf8(&buf[..at]) {
         Ok(value_key) => f(value_key),
-        Err(_) => f(&value_key(prefix, key)),
+        Err(_) => f(&parts.concat()),
     }
 }
 
