@@ -143,6 +143,7 @@
 //! the [stores](Store) that send the commands.
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 mod cache;
 pub mod codec;

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::flight::{self, Leader, Role, Sharing};
 use super::freshness::{self, Freshness};
-use super::keys::{self, Keys};
+use super::keys::{self, Keys, ValueKey};
 use super::load::{Led, Loader};
 use super::options::Resolved;
 use super::refresh::Lead;
@@ -56,7 +56,6 @@ impl<T> Copy for Call<'_, T> {}
 
 /// What a flight's leader read, judged for its call.
 pub(super) struct Judged<T> {
-    value_key: String,
     /// Where a fresh value is to be kept in the near cache, if it is.
     keep: Option<Keep<T>>,
     /// The value, if there is one that decodes, and its freshness.
@@ -137,11 +136,10 @@ impl<C: Codec> Inner<C> {
         };
         match judged {
             Judged {
-                value_key,
                 keep,
                 found: Some((found, Freshness::Fresh)),
             } => {
-                let mut led = self.hit(&value_key, found, keep);
+                let mut led = self.hit(ValueKey::new(&self.key_prefix, key), found, keep);
                 self.hand_over::<T, E>(leader, Ok(&mut led), sharing);
                 Ok((led.value, Outcome::Hit))
             }
@@ -251,25 +249,21 @@ impl<C: Codec> Inner<C> {
         options: &Resolved,
         sharing: Option<Sharing<T>>,
     ) -> Result<Judged<T>> {
-        let value_key = keys::value_key(&self.key_prefix, key);
+        let value_key = ValueKey::new(&self.key_prefix, key);
         // A shared call with the near cache on keeps a fresh value it reads
         // (`shared.rs`); that needs its time left.
-        let keep = self.near_ticket(&value_key, sharing);
+        let keep = self.near_ticket(value_key, sharing);
         let with_ttl = options.reads_ttl() || keep.is_some();
-        let stored = self.read_stored(&value_key, with_ttl).await?;
+        let stored = self.read_stored(value_key, with_ttl).await?;
         let in_place = keep.is_none();
         let found = stored.and_then(|stored| {
-            let (found, judged) = self.decode_judged::<T>(&value_key, stored, options, in_place)?;
+            let (found, judged) = self.decode_judged::<T>(value_key, stored, options, in_place)?;
             if judged != Freshness::TooStale && found.meta.absent {
                 Stats::add(&self.stats.negative_hits);
             }
             Some((found, judged))
         });
-        Ok(Judged {
-            value_key,
-            keep,
-            found,
-        })
+        Ok(Judged { keep, found })
     }
 
     /// Judges a stored value from its header, then decodes it: a fresh
@@ -278,7 +272,7 @@ impl<C: Codec> Inner<C> {
     /// for an undecodable value (reported).
     fn decode_judged<T: DeserializeOwned + 'static>(
         &self,
-        value_key: &str,
+        value_key: ValueKey<'_>,
         stored: Stored,
         options: &Resolved,
         in_place: bool,
@@ -286,7 +280,7 @@ impl<C: Codec> Inner<C> {
         let Ok((meta, _)) = codec::split_header(C::ID, &stored.bytes) else {
             // Undecodable: reported there.
             return self
-                .decode_or_report::<T>(value_key, stored, true)
+                .decode_or_report::<T>(&value_key, stored, true)
                 .map(|found| {
                     let judged = freshness::judge(&found.meta, found.ttl_left, options, 0.0);
                     (found, judged)
@@ -306,23 +300,23 @@ impl<C: Codec> Inner<C> {
                     return Some((found, judged));
                 }
                 Some(Err(e)) => {
-                    self.report_corrupt(value_key, &e);
+                    self.report_corrupt(&value_key, &e);
                     return None;
                 }
                 None => {
                     let stored = Stored { bytes, ttl };
                     return self
-                        .decode_or_report(value_key, stored, true)
+                        .decode_or_report(&value_key, stored, true)
                         .map(|found| (found, judged));
                 }
             }
         }
-        self.decode_or_report(value_key, stored, true)
+        self.decode_or_report(&value_key, stored, true)
             .map(|found| (found, judged))
     }
 
     /// A fresh value found by the first read: a hit.
-    fn hit<T>(&self, value_key: &str, found: Found<T>, keep: Option<Keep<T>>) -> Led<T> {
+    fn hit<T>(&self, value_key: ValueKey<'_>, found: Found<T>, keep: Option<Keep<T>>) -> Led<T> {
         self.near_keep(value_key, &found, keep);
         Stats::add(&self.stats.hits);
         Led::unlocked(found.value, found.bytes, Outcome::Hit)
@@ -391,24 +385,21 @@ impl<C: Codec> Inner<C> {
             deadline,
             ..
         } = call;
-        let Judged {
-            value_key,
-            keep,
-            found,
-        } = judged;
+        let Judged { keep, found } = judged;
         match found {
             Some((found, Freshness::Fresh)) => {
-                return Ok(Lead::Done(self.hit(&value_key, found, keep)));
+                let value_key = ValueKey::new(&self.key_prefix, key);
+                return Ok(Lead::Done(self.hit(value_key, found, keep)));
             }
             Some((found, Freshness::RefreshEarly)) => {
                 Stats::add(&self.stats.early_refreshes);
-                let keys = Keys::with_value_key(value_key);
+                let keys = Keys::new(&self.key_prefix, key);
                 return self
                     .refresh(key, keys, found, loader, options, Outcome::Hit)
                     .await;
             }
             Some((found, Freshness::Stale)) => {
-                let keys = Keys::with_value_key(value_key);
+                let keys = Keys::new(&self.key_prefix, key);
                 return self
                     .refresh(key, keys, found, loader, options, Outcome::Stale)
                     .await;
@@ -417,7 +408,7 @@ impl<C: Codec> Inner<C> {
             Some((_, Freshness::TooStale)) | None => {}
         }
         Stats::add(&self.stats.misses);
-        let keys = Keys::with_value_key(value_key);
+        let keys = Keys::new(&self.key_prefix, key);
         let loader = if options.detached {
             match loader.detach() {
                 Ok(detached) => {

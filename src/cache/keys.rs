@@ -38,30 +38,74 @@ fn value_key_parts<'a>(prefix: &'a str, key: &'a str) -> [&'a str; 5] {
     [prefix, "{", escape, key, "}"]
 }
 
-/// The value key alone, for the hit path: `prefix{key}`.
+/// The value key alone: `prefix{key}`.
 pub fn value_key(prefix: &str, key: &str) -> String {
     value_key_parts(prefix, key).concat()
 }
 
+/// The value key of a cache key, not yet built: a hit writes it straight
+/// into its `GET` ([`ToRedisArgs`](redis::ToRedisArgs)) instead of building
+/// a `String` for it; the paths past a hit [`build`](Self::build) it.
+#[derive(Clone, Copy, Debug)]
+pub struct ValueKey<'a> {
+    prefix: &'a str,
+    key: &'a str,
+}
+
+impl<'a> ValueKey<'a> {
+    pub fn new(prefix: &'a str, key: &'a str) -> ValueKey<'a> {
+        ValueKey { prefix, key }
+    }
+
+    /// The value key as a `String` ([`value_key`]).
+    pub fn build(self) -> String {
+        value_key(self.prefix, self.key)
+    }
+}
+
+impl std::fmt::Display for ValueKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        value_key_parts(self.prefix, self.key)
+            .iter()
+            .try_for_each(|part| f.write_str(part))
+    }
+}
+
+impl redis::ToRedisArgs for ValueKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        with_value_key_bytes(self.prefix, self.key, |value_key| out.write_arg(value_key));
+    }
+}
+
+impl redis::ToSingleRedisArg for ValueKey<'_> {}
+
 /// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
 /// when it is short: a near cache lookup allocates nothing.
+#[cfg_attr(not(feature = "near-cache"), allow(dead_code))]
 pub fn with_value_key<R>(prefix: &str, key: &str, f: impl FnOnce(&str) -> R) -> R {
+    with_value_key_bytes(prefix, key, |value_key| {
+        // Whole strings, one after another: valid UTF-8, so never the fallback.
+        match std::str::from_utf8(value_key) {
+            Ok(value_key) => f(value_key),
+            Err(_) => f(&value_key_parts(prefix, key).concat()),
+        }
+    })
+}
+
+/// [`with_value_key`]'s bytes.
+fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut buf = [0u8; 128];
     let parts = value_key_parts(prefix, key);
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if len > buf.len() {
-        return f(&parts.concat());
+        return f(parts.concat().as_bytes());
     }
     let mut at = 0;
     for part in parts {
         buf[at..at + part.len()].copy_from_slice(part.as_bytes());
         at += part.len();
     }
-    // Whole strings, one after another: valid UTF-8, so never the fallback.
-    match std::str::from_utf8(&buf[..at]) {
-        Ok(value_key) => f(value_key),
-        Err(_) => f(&parts.concat()),
-    }
+    f(&buf[..at])
 }
 
 impl Keys {
@@ -123,6 +167,11 @@ mod tests {
             for prefix in ["", "p:", "prefix-ÿ:"] {
                 let built = with_value_key(prefix, key, str::to_owned);
                 assert_eq!(built, value_key(prefix, key), "{prefix:?} {key:?}");
+                let unbuilt = ValueKey::new(prefix, key);
+                assert_eq!(unbuilt.build(), built);
+                assert_eq!(unbuilt.to_string(), built);
+                let arg = redis::ToRedisArgs::to_redis_args(&unbuilt);
+                assert_eq!(arg, vec![built.clone().into_bytes()], "{prefix:?} {key:?}");
             }
         }
     }

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use tracing::field::Empty;
 
 use super::keepalive::{KeepAlive, LoadContext};
-use super::keys::Keys;
+use super::keys::{Keys, ValueKey};
 use super::options::Resolved;
 use super::{Found, Inner, QuorumLossPolicy, Replacing};
 use crate::codec::Codec;
@@ -342,7 +342,12 @@ impl<C: Codec> Inner<C> {
                 );
             }
             waiter.wait(delay).await;
-            if let Some(found) = self.read(&keys.value, call_options.reads_ttl()).await?
+            if let Some(found) = self
+                .read(
+                    ValueKey::new(&self.key_prefix, key),
+                    call_options.reads_ttl(),
+                )
+                .await?
                 && found.usable(call_options)
             {
                 return Ok(Locked::ValueAppeared(found));

@@ -56,7 +56,7 @@ use crate::store::{SharedStore, Stored};
 use crate::telemetry::{Outcome, Telemetry};
 use flight::Flights;
 use freshness::Freshness;
-use keys::Keys;
+use keys::{Keys, ValueKey};
 use load::Inline;
 use options::Resolved;
 use refresh::Refreshing;
@@ -367,10 +367,7 @@ impl<C: Codec> LockedCache<C> {
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
         let options = &inner.defaults;
         let found = inner
-            .read(
-                &keys::value_key(&inner.key_prefix, key),
-                options.reads_ttl(),
-            )
+            .read(ValueKey::new(&inner.key_prefix, key), options.reads_ttl())
             .await?
             .filter(|found| found.usable(options));
         Stats::add(if found.is_some() {
@@ -490,15 +487,15 @@ impl<C: Codec> Inner<C> {
     /// key of another Redis type, is a miss (reported and counted).
     async fn read<T: DeserializeOwned>(
         &self,
-        value_key: &str,
+        value_key: ValueKey<'_>,
         with_ttl: bool,
     ) -> Result<Option<Found<T>>> {
         let stored = self.read_stored(value_key, with_ttl).await?;
-        Ok(stored.and_then(|stored| self.decode_or_report(value_key, stored, true)))
+        Ok(stored.and_then(|stored| self.decode_or_report(&value_key, stored, true)))
     }
 
     /// The bytes behind [`read`](Self::read), not yet decoded.
-    async fn read_stored(&self, value_key: &str, with_ttl: bool) -> Result<Option<Stored>> {
+    async fn read_stored(&self, value_key: ValueKey<'_>, with_ttl: bool) -> Result<Option<Stored>> {
         let mut stored = self.fetch(value_key, with_ttl).await?;
         // The header says whether the value has a stale window: read its time
         // left before decoding, so the value is decoded once.
@@ -514,19 +511,20 @@ impl<C: Codec> Inner<C> {
 
     /// `GET`, or `GET` + `PTTL`; a key of another Redis type is reported and
     /// reads as missing.
-    async fn fetch(&self, value_key: &str, with_ttl: bool) -> Result<Option<Stored>> {
+    async fn fetch(&self, value_key: ValueKey<'_>, with_ttl: bool) -> Result<Option<Stored>> {
         let untimed = |bytes: Option<Vec<u8>>| bytes.map(|bytes| Stored { bytes, ttl: None });
         // The built-in Redis store is called directly: a trait call would box
-        // its future, an allocation on every hit.
+        // its future, an allocation on every hit; and the key is written
+        // straight into the command.
         let read = match (self.value_store.as_redis(), with_ttl) {
             (Some(redis), true) => redis.read_with_ttl(value_key).await,
             (Some(redis), false) => redis.read(value_key).await.map(untimed),
-            (None, true) => self.value_store.get_with_ttl(value_key).await,
-            (None, false) => self.value_store.get(value_key).await.map(untimed),
+            (None, true) => self.value_store.get_with_ttl(&value_key.build()).await,
+            (None, false) => self.value_store.get(&value_key.build()).await.map(untimed),
         };
         match read {
             Err(Error::Redis { source: e, .. }) if e.code() == Some("WRONGTYPE") => {
-                self.report_corrupt(value_key, &e);
+                self.report_corrupt(&value_key, &e);
                 Ok(None)
             }
             read => read,
@@ -538,7 +536,7 @@ impl<C: Codec> Inner<C> {
     /// read already did).
     fn decode_or_report<T: DeserializeOwned>(
         &self,
-        value_key: &str,
+        value_key: &dyn fmt::Display,
         stored: Stored,
         report: bool,
     ) -> Option<Found<T>> {
@@ -571,9 +569,9 @@ impl<C: Codec> Inner<C> {
         }
     }
 
-    fn report_corrupt(&self, value_key: &str, error: &dyn fmt::Display) {
+    fn report_corrupt(&self, value_key: &dyn fmt::Display, error: &dyn fmt::Display) {
         Stats::add(&self.stats.corrupt_values);
-        tracing::warn!(key = value_key, %error, "undecodable value treated as a miss; it will be reloaded and overwritten");
+        tracing::warn!(key = %value_key, %error, "undecodable value treated as a miss; it will be reloaded and overwritten");
     }
 
     fn encode<T: Serialize>(&self, key: &str, value: &T, meta: &Meta) -> Result<Vec<u8>> {

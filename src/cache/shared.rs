@@ -19,6 +19,7 @@ use super::flight::Sharing;
 use super::freshness::{self, Freshness};
 #[cfg(feature = "near-cache")]
 use super::keys;
+use super::keys::ValueKey;
 use super::load::Inline;
 use super::{Found, Inner, LoadContext, LockedCache};
 use crate::codec::Codec;
@@ -111,8 +112,8 @@ impl<C: Codec> LockedCache<C> {
         match self.near_get::<T>(key).await? {
             Some(Some(value)) => return Ok(Some(value)),
             Some(None) => {
-                let value_key = keys::value_key(&self.inner.key_prefix, key);
-                if let Some(value) = self.near_fill::<T>(&value_key).await? {
+                let value_key = ValueKey::new(&self.inner.key_prefix, key);
+                if let Some(value) = self.near_fill::<T>(value_key).await? {
                     return Ok(Some(value));
                 }
             }
@@ -169,7 +170,7 @@ impl<C: Codec> LockedCache<C> {
     /// it is fresh, and returns it as a hit. `None` when it is missing, stale
     /// or a cached "not found": the caller takes the full path.
     #[cfg(feature = "near-cache")]
-    async fn near_fill<T>(&self, value_key: &str) -> Result<Option<Arc<T>>>
+    async fn near_fill<T>(&self, value_key: ValueKey<'_>) -> Result<Option<Arc<T>>>
     where
         T: Serialize + DeserializeOwned + Send + Sync + 'static,
     {
@@ -210,13 +211,13 @@ impl<C: Codec> Inner<C> {
     /// that does not share its value).
     pub(super) fn near_ticket<T>(
         &self,
-        value_key: &str,
+        value_key: ValueKey<'_>,
         sharing: Option<Sharing<T>>,
     ) -> Option<Keep<T>> {
         #[cfg(feature = "near-cache")]
         if let (Some(near), Some(sharing)) = (&self.near, sharing) {
             return Some(Keep {
-                ticket: near.local.ticket(value_key),
+                ticket: near.local.ticket(&value_key.build()),
                 sharing,
             });
         }
@@ -228,7 +229,12 @@ impl<C: Codec> Inner<C> {
     /// its remaining freshness (its time left in Redis less its stale window),
     /// so the near cache never serves a value Redis would call stale. Cached
     /// "not found"s are not kept.
-    pub(super) fn near_keep<T>(&self, value_key: &str, found: &Found<T>, keep: Option<Keep<T>>) {
+    pub(super) fn near_keep<T>(
+        &self,
+        value_key: ValueKey<'_>,
+        found: &Found<T>,
+        keep: Option<Keep<T>>,
+    ) {
         #[cfg(feature = "near-cache")]
         if let (Some(near), Some(keep)) = (&self.near, keep) {
             if found.meta.absent {
@@ -239,7 +245,7 @@ impl<C: Codec> Inner<C> {
                 left.saturating_sub(found.meta.stale_for)
             });
             near.local.insert_erased(
-                value_key,
+                &value_key.build(),
                 (keep.sharing.share)(&found.value),
                 found.bytes.len(),
                 fresh_left,

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use redis::RedisResult;
 use redis::aio::ConnectionLike;
+use redis::{RedisResult, ToSingleRedisArg};
 
 use super::claims::{self, Claim, Holding, Holdings};
 use super::{Stored, scripts};
@@ -17,23 +17,23 @@ pub fn millis(d: Duration) -> u64 {
     (d.as_millis() as u64).max(1)
 }
 
-pub async fn get<C: ConnectionLike + Send>(
+pub async fn get<C: ConnectionLike + Send, K: ToSingleRedisArg>(
     conn: &mut C,
-    key: &str,
+    key: K,
 ) -> RedisResult<Option<Vec<u8>>> {
     redis::Cmd::get(key).query_async(conn).await
 }
 
 /// `GET` and `PTTL` pipelined: one round trip, the value with its remaining
 /// time to live as the server counts it.
-pub async fn get_with_ttl<C: ConnectionLike + Send>(
+pub async fn get_with_ttl<C: ConnectionLike + Send, K: ToSingleRedisArg>(
     conn: &mut C,
-    key: &str,
+    key: K,
 ) -> RedisResult<Option<Stored>> {
     let (bytes, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
-        .get(key)
+        .get(&key)
         .cmd("PTTL")
-        .arg(key)
+        .arg(&key)
         .query_async(conn)
         .await?;
     Ok(bytes.map(|bytes| Stored::from_pttl(bytes, pttl)))

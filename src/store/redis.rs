@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{Client, RedisError};
+use redis::{Client, RedisError, ToSingleRedisArg};
 use tokio::sync::mpsc;
 
 use super::pool::{Connection, Pool};
@@ -193,8 +193,12 @@ impl RedisStore {
 const SENDS: u32 = 3;
 
 impl RedisStore {
-    /// `GET`: [`Store::get`], callable without a boxed future.
-    pub(crate) async fn read(&self, key: &str) -> Result<Option<Vec<u8>>> {
+    /// `GET`: [`Store::get`], callable without a boxed future, and with a
+    /// key that writes itself into the command (no `String` built for it).
+    pub(crate) async fn read<K: ToSingleRedisArg + Copy + Send + Sync>(
+        &self,
+        key: K,
+    ) -> Result<Option<Vec<u8>>> {
         self.run(
             "GET",
             |mut c, _| async move { commands::get(&mut c, key).await },
@@ -203,7 +207,10 @@ impl RedisStore {
     }
 
     /// `GET` + `PTTL`: [`Store::get_with_ttl`], callable without a boxed future.
-    pub(crate) async fn read_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
+    pub(crate) async fn read_with_ttl<K: ToSingleRedisArg + Copy + Send + Sync>(
+        &self,
+        key: K,
+    ) -> Result<Option<Stored>> {
         self.run("GET+PTTL", |mut c, _| async move {
             commands::get_with_ttl(&mut c, key).await
         })
