@@ -95,17 +95,25 @@ pub fn with_value_key<R>(prefix: &str, key: &str, f: impl FnOnce(&str) -> R) -> 
 /// [`with_value_key`]'s bytes.
 fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut buf = [0u8; 128];
-    let parts = value_key_parts(prefix, key);
-    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let escape = key.starts_with(['}', '\\']);
+    let len = prefix.len() + usize::from(escape) + key.len() + 2;
     if len > buf.len() {
-        return f(parts.concat().as_bytes());
+        return f(value_key(prefix, key).as_bytes());
     }
-    let mut at = 0;
-    for part in parts {
-        buf[at..at + part.len()].copy_from_slice(part.as_bytes());
-        at += part.len();
+    // Piece by piece as `value_key_parts` has them: two copies and three
+    // single bytes.
+    buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+    let mut at = prefix.len();
+    buf[at] = b'{';
+    at += 1;
+    if escape {
+        buf[at] = b'\\';
+        at += 1;
     }
-    f(&buf[..at])
+    buf[at..at + key.len()].copy_from_slice(key.as_bytes());
+    at += key.len();
+    buf[at] = b'}';
+    f(&buf[..=at])
 }
 
 impl Keys {

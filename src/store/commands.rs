@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
-use redis::{RedisResult, ToSingleRedisArg};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{FromRedisValue, RedisResult, ToSingleRedisArg};
 
 use super::claims::{self, Claim, Holding, Holdings};
 use super::{Stored, scripts};
@@ -22,6 +22,38 @@ pub async fn get<C: ConnectionLike + Send, K: ToSingleRedisArg>(
     key: K,
 ) -> RedisResult<Option<Vec<u8>>> {
     redis::Cmd::get(key).query_async(conn).await
+}
+
+/// One command on a multiplexed connection, its reply as `T`: what
+/// `cmd.query_async(conn)` does, without the boxed future redis-rs's
+/// `ConnectionLike` makes of every command (an allocation, and a call the
+/// compiler cannot see through, on every hit).
+pub async fn send<T: FromRedisValue>(
+    conn: &mut MultiplexedConnection,
+    cmd: &redis::Cmd,
+) -> RedisResult<T> {
+    let reply = conn.send_packed_command(cmd).await?;
+    Ok(redis::from_redis_value(reply.extract_error()?)?)
+}
+
+/// [`get_with_ttl`] on a multiplexed connection, without redis-rs's boxed
+/// future (see [`send`]).
+pub async fn send_get_with_ttl<K: ToSingleRedisArg>(
+    conn: &mut MultiplexedConnection,
+    key: K,
+) -> RedisResult<Option<Stored>> {
+    let mut pipe = redis::pipe();
+    pipe.get(&key).cmd("PTTL").arg(&key);
+    let mut replies = conn.send_packed_commands(&pipe, 0, 2).await?.into_iter();
+    let (Some(bytes), Some(pttl), None) = (replies.next(), replies.next(), replies.next()) else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "GET + PTTL did not answer two replies",
+        )));
+    };
+    let bytes: Option<Vec<u8>> = redis::from_redis_value(bytes.extract_error()?)?;
+    let pttl: i64 = redis::from_redis_value(pttl.extract_error()?)?;
+    Ok(bytes.map(|bytes| Stored::from_pttl(bytes, pttl)))
 }
 
 /// `GET` and `PTTL` pipelined: one round trip, the value with its remaining
