@@ -499,10 +499,7 @@ impl<C: Codec> Inner<C> {
         let mut stored = self.fetch(value_key, with_ttl).await?;
         // The header says whether the value has a stale window: read its time
         // left before decoding, so the value is decoded once.
-        let has_window = |stored: &Stored| {
-            codec::split_header(C::ID, &stored.bytes)
-                .is_ok_and(|(meta, _)| !meta.stale_for.is_zero())
-        };
+        let has_window = |stored: &Stored| codec::has_stale_window(C::ID, &stored.bytes);
         if !with_ttl && stored.as_ref().is_some_and(has_window) {
             stored = self.fetch(value_key, true).await?;
         }

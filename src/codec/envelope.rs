@@ -125,6 +125,18 @@ pub fn split_header(codec_id: u8, bytes: &[u8]) -> Result<(Meta, &[u8]), CodecEr
     Ok((meta, &bytes[HEADER_LEN..]))
 }
 
+/// Whether `bytes` have a valid header (as [`split_header`] checks it) with a
+/// stale window: what a hit asks before decoding, without the rest of the
+/// header's parse.
+pub(crate) fn has_stale_window(codec_id: u8, bytes: &[u8]) -> bool {
+    bytes.len() >= HEADER_LEN
+        && bytes[..2] == MAGIC
+        && bytes[2] == FORMAT_VERSION
+        && bytes[3] == codec_id
+        && bytes[4] & !FLAG_ABSENT == 0
+        && bytes[5..9] != [0; 4]
+}
+
 /// Checks the header and decodes the payload with `codec`.
 ///
 /// `bytes` may be anything (they come from Redis): with the built-in codecs a
@@ -147,6 +159,43 @@ pub fn decode_with_meta<C: Codec, T: DeserializeOwned>(
 mod tests {
     use super::*;
     use crate::codec::BincodeCodec;
+
+    /// `has_stale_window` says what `split_header` would: for values with
+    /// and without a window, and every header cut short or with a byte changed.
+    #[test]
+    fn has_stale_window_agrees_with_split_header() {
+        let expected = |bytes: &[u8]| {
+            split_header(BincodeCodec::ID, bytes).is_ok_and(|(meta, _)| !meta.stale_for.is_zero())
+        };
+        for stale_for in [0, 1, 999, 1_000, 70_000_000] {
+            let meta = Meta {
+                stale_for: Duration::from_millis(stale_for),
+                load_time: Duration::from_millis(5),
+                absent: false,
+            };
+            let bytes = encode_with_meta(&BincodeCodec, &"v".to_owned(), &meta).unwrap();
+            assert_eq!(has_stale_window(BincodeCodec::ID, &bytes), stale_for > 0);
+            for len in 0..bytes.len() {
+                let cut = &bytes[..len];
+                assert_eq!(
+                    has_stale_window(BincodeCodec::ID, cut),
+                    expected(cut),
+                    "{cut:?}"
+                );
+            }
+            for at in 0..HEADER_LEN {
+                for change in [1_u8, 0x80, 0xff] {
+                    let mut changed = bytes.clone();
+                    changed[at] ^= change;
+                    assert_eq!(
+                        has_stale_window(BincodeCodec::ID, &changed),
+                        expected(&changed),
+                        "{changed:?}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn round_trip() {

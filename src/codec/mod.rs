@@ -37,6 +37,7 @@ pub use bounded::{
     DECODED_BYTES_PER_PAYLOAD_BYTE, EXTRA_ELEMENTS, MAX_DEPTH, MIN_DECODED_BYTES_LIMIT,
     decode_bounded,
 };
+pub(crate) use envelope::has_stale_window;
 pub use envelope::{
     FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_META_DURATION, Meta, decode, decode_with_meta, encode,
     encode_with_meta, header, split_header,
