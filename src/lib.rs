@@ -152,6 +152,7 @@ mod error;
 mod lock;
 mod stats;
 mod store;
+mod stripes;
 mod telemetry;
 
 pub use cache::{Builder, CallOptions, LoadContext, LockedCache, QuorumLossPolicy, With};

@@ -4,13 +4,15 @@
 //! `metrics` counter of the same meaning (see `telemetry.rs` for the names), so
 //! the two never disagree.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::stripes::{self, STRIPES};
 
 /// One counter: a relaxed atomic and, with the `metrics` feature, the matching
 /// `metrics` counter (a no-op one unless the cache was built with a recorder
 /// installed).
 ///
-/// The count is kept in [`STRIPES`] atomics, each on a cache line of its own,
+/// The count is kept in `STRIPES` atomics (`stripes.rs`), each on a cache line of its own,
 /// and each thread adds to one of them: a counter every hit of every thread
 /// bumps (`hits`) would otherwise bounce one cache line between the cores.
 /// A read sums them.
@@ -21,22 +23,11 @@ pub(crate) struct Counter {
     metric: Option<metrics::Counter>,
 }
 
-/// Stripes of a [`Counter`].
-const STRIPES: usize = 4;
-
 /// One stripe, alone on its cache line (128 bytes: two lines on CPUs that
 /// fetch lines in pairs).
 #[derive(Debug, Default)]
 #[repr(align(128))]
 struct Stripe(AtomicU64);
-
-thread_local! {
-    /// This thread's stripe, handed out in turn as threads first count.
-    static STRIPE: usize = {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES
-    };
-}
 
 impl Counter {
     /// Adds `n`; the same signature as [`AtomicU64::fetch_add`], so code that
@@ -47,8 +38,9 @@ impl Counter {
         if let Some(metric) = &self.metric {
             metric.increment(n);
         }
-        let stripe = STRIPE.try_with(|s| *s).unwrap_or(0);
-        self.stripes[stripe].0.fetch_add(n, ordering)
+        self.stripes[stripes::this_thread()]
+            .0
+            .fetch_add(n, ordering)
     }
 
     fn get(&self) -> u64 {

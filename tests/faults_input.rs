@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use locked_cache::codec::{self, BincodeCodec};
-use locked_cache::{Error, LoadError, LockedCache, MemoryStore, RedisStore, SharedStore, Store};
+use locked_cache::{
+    CallOptions, Error, LoadError, LockedCache, MemoryStore, RedisStore, SharedStore, Store,
+};
 use support::capture::capture;
 use support::{RedisServer, counting, join_all_checked, unique_prefix};
 use tracing::Level;
@@ -31,70 +33,85 @@ fn current_thread() -> tokio::runtime::Runtime {
 
 /// A list, a hash, a set, a sorted set and a stream under value keys: `get` sees
 /// a miss, `get_or_load` loads once and overwrites the key with a string, each
-/// with a warning event naming the key and a count in `corrupt_values`.
+/// with a warning event naming the key and a count in `corrupt_values`. The
+/// same whether the value is read with a plain `GET`, or with `GET` + `PTTL`
+/// (a stale window) on the cache's own connections or on a bb8 pool of one's
+/// own (another code path).
 #[test]
 fn values_of_other_redis_types_are_a_miss_reloaded_overwritten_and_warned() {
     let server = RedisServer::start();
     current_thread().block_on(async {
         let (events, _guard) = capture();
-        let cache = LockedCache::builder()
-            .redis(server.url())
-            .key_prefix(unique_prefix("wrongtype"))
-            .build()
-            .await
-            .unwrap();
-        let runs = Arc::new(AtomicU32::new(0));
-        let kinds: [(&str, &[&str]); 5] = [
-            ("list", &["RPUSH", "{key}", "a", "b"]),
-            ("hash", &["HSET", "{key}", "field", "value"]),
-            ("set", &["SADD", "{key}", "member"]),
-            ("zset", &["ZADD", "{key}", "1", "member"]),
-            ("stream", &["XADD", "{key}", "*", "field", "value"]),
+        let stale = CallOptions::new().stale_for(MINUTE);
+        let manager = bb8_redis::RedisConnectionManager::new(server.url()).unwrap();
+        let pool = bb8::Pool::builder().build(manager).await.unwrap();
+        let builder = || LockedCache::builder().key_prefix(unique_prefix("wrongtype"));
+        let reads = [
+            ("GET", builder().redis(server.url())),
+            (
+                "GET + PTTL",
+                builder().redis(server.url()).call_options(stale),
+            ),
+            (
+                "GET + PTTL on one's own pool",
+                builder().redis_pool(server.url(), pool).call_options(stale),
+            ),
         ];
-        for (i, (kind, command)) in kinds.into_iter().enumerate() {
-            let value_key = cache.value_key(kind);
-            let args: Vec<&str> = command
-                .iter()
-                .map(|a| if *a == "{key}" { value_key.as_str() } else { a })
-                .collect();
-            server.cmd(&args);
-            assert_eq!(server.query::<String>(&["TYPE", &value_key]), kind);
-            events.clear();
-            let corrupt_before = cache.stats().corrupt_values;
+        for (read, builder) in reads {
+            let cache = builder.build().await.unwrap();
+            let runs = Arc::new(AtomicU32::new(0));
+            let kinds: [(&str, &[&str]); 5] = [
+                ("list", &["RPUSH", "{key}", "a", "b"]),
+                ("hash", &["HSET", "{key}", "field", "value"]),
+                ("set", &["SADD", "{key}", "member"]),
+                ("zset", &["ZADD", "{key}", "1", "member"]),
+                ("stream", &["XADD", "{key}", "*", "field", "value"]),
+            ];
+            for (i, (kind, command)) in kinds.into_iter().enumerate() {
+                let value_key = cache.value_key(kind);
+                let args: Vec<&str> = command
+                    .iter()
+                    .map(|a| if *a == "{key}" { value_key.as_str() } else { a })
+                    .collect();
+                server.cmd(&args);
+                assert_eq!(server.query::<String>(&["TYPE", &value_key]), kind);
+                events.clear();
+                let corrupt_before = cache.stats().corrupt_values;
 
-            assert_eq!(
-                cache.get::<String>(kind).await.unwrap(),
-                None,
-                "{kind}: get"
-            );
-            let got: String = cache
-                .get_or_load(kind, counting(&runs, "reloaded"))
-                .await
-                .unwrap_or_else(|e| panic!("{kind}: {e:?}"));
-            assert_eq!(got, "reloaded", "{kind}");
-            assert_eq!(
-                runs.load(Ordering::SeqCst),
-                i as u32 + 1,
-                "{kind}: one load"
-            );
-            assert_eq!(
-                server.query::<String>(&["TYPE", &value_key]),
-                "string",
-                "{kind}"
-            );
-            assert_eq!(
-                cache.get::<String>(kind).await.unwrap().as_deref(),
-                Some("reloaded")
-            );
+                assert_eq!(
+                    cache.get::<String>(kind).await.unwrap(),
+                    None,
+                    "{read}, {kind}: get"
+                );
+                let got: String = cache
+                    .get_or_load(kind, counting(&runs, "reloaded"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{read}, {kind}: {e:?}"));
+                assert_eq!(got, "reloaded", "{kind}");
+                assert_eq!(
+                    runs.load(Ordering::SeqCst),
+                    i as u32 + 1,
+                    "{read}, {kind}: one load"
+                );
+                assert_eq!(
+                    server.query::<String>(&["TYPE", &value_key]),
+                    "string",
+                    "{kind}"
+                );
+                assert_eq!(
+                    cache.get::<String>(kind).await.unwrap().as_deref(),
+                    Some("reloaded")
+                );
 
-            // get, the first read of get_or_load and its re-check under the lock.
-            let counted = cache.stats().corrupt_values - corrupt_before;
-            assert!(counted >= 2, "{kind}: counted {counted}");
-            let warnings = events.at(Level::WARN);
-            assert_eq!(warnings.len() as u64, counted, "{kind}: {warnings:?}");
-            for w in &warnings {
-                assert_eq!(w.field("key"), Some(value_key.as_str()), "{kind}: {w:?}");
-                assert!(w.text().contains("WRONGTYPE"), "{kind}: {}", w.text());
+                // get, the first read of get_or_load and its re-check under the lock.
+                let counted = cache.stats().corrupt_values - corrupt_before;
+                assert!(counted >= 2, "{read}, {kind}: counted {counted}");
+                let warnings = events.at(Level::WARN);
+                assert_eq!(warnings.len() as u64, counted, "{kind}: {warnings:?}");
+                for w in &warnings {
+                    assert_eq!(w.field("key"), Some(value_key.as_str()), "{kind}: {w:?}");
+                    assert!(w.text().contains("WRONGTYPE"), "{kind}: {}", w.text());
+                }
             }
         }
     });

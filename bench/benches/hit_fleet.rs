@@ -8,6 +8,10 @@
 //! rounds (rotating order); a round's throughput is all its hits over the time
 //! from the common start to the last process's end, and a side's ratio is the
 //! median over rounds of its throughput ÷ the raw side's in the same round.
+//! Beside it, the CPU time per hit (every worker process and the redis-server,
+//! during the round) as a ratio, raw ÷ side: with clients and Redis sharing
+//! the cores it estimates the throughput ratio, and moves far less with the
+//! host's scheduling.
 //!
 //! ```text
 //! cargo bench --bench hit_fleet                       # about a minute
@@ -99,42 +103,59 @@ fn main() {
     let url = server.url();
     seed(&url, processes * tasks, size);
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    let mut info = redis::Client::open(url.as_str())
+        .and_then(|c| c.get_connection())
+        .unwrap_or_else(|e| die(&format!("redis: {e}")));
     for round in 0..rounds {
         for i in 0..sides.len() {
             let index = (round + i) % sides.len();
-            let rate = run_round(&url, &sides[index], processes, tasks, hits);
+            let (rate, cpu) = run_round(&url, &mut info, &sides[index], processes, tasks, hits);
             rates[index].push(rate);
+            cpus[index].push(cpu);
         }
     }
 
-    let mut table = Table::new(&["side", "hits/s (median)", "÷ raw GET [min–max]"]);
+    let mut table = Table::new(&[
+        "side",
+        "hits/s (median)",
+        "÷ raw GET [min–max]",
+        "CPU µs per hit (median)",
+        "CPU: raw ÷ side [min–max]",
+    ]);
     let mut lines = String::new();
-    for (side, side_rates) in sides.iter().zip(&rates) {
-        let mut ratios: Vec<f64> = side_rates
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let bounds = (v[0], v[v.len() - 1]);
+        (v[v.len() / 2], bounds)
+    };
+    for ((side, side_rates), side_cpus) in sides.iter().zip(&rates).zip(&cpus) {
+        let ratios: Vec<f64> = side_rates
             .iter()
             .zip(&rates[0])
             .map(|(s, r)| s / r)
             .collect();
-        ratios.sort_by(f64::total_cmp);
-        let mut sorted = side_rates.clone();
-        sorted.sort_by(f64::total_cmp);
-        let ratio = ratios[ratios.len() / 2];
+        let (ratio, (low, high)) = median_of(ratios);
+        let cpu_ratios: Vec<f64> = side_cpus.iter().zip(&cpus[0]).map(|(s, r)| r / s).collect();
+        let (cpu_ratio, (cpu_low, cpu_high)) = median_of(cpu_ratios);
         table.row(vec![
             label(side).to_owned(),
-            format!("{:.0}", sorted[sorted.len() / 2]),
+            format!("{:.0}", median_of(side_rates.clone()).0),
             if side == "raw" {
                 "1".to_owned()
             } else {
-                format!(
-                    "{ratio:.3} [{:.2}–{:.2}]",
-                    ratios[0],
-                    ratios[ratios.len() - 1]
-                )
+                format!("{ratio:.3} [{low:.2}–{high:.2}]")
+            },
+            format!("{:.2}", median_of(side_cpus.clone()).0),
+            if side == "raw" {
+                "1".to_owned()
+            } else {
+                format!("{cpu_ratio:.3} [{cpu_low:.2}–{cpu_high:.2}]")
             },
         ]);
         if side != "raw" {
             lines.push_str(&format!(
-                "- Target L2 hit ≥ 0.95× raw GET, {}: {ratio:.3}× — {}\n",
+                "- Target L2 hit ≥ 0.95× raw GET, {}: {ratio:.3}× by hits/s, {cpu_ratio:.3}× by CPU per hit — {}\n",
                 label(side),
                 if ratio >= 0.95 { "met" } else { "**missed**" }
             ));
@@ -194,7 +215,23 @@ async fn cache(url: &str) -> LockedCache {
 }
 
 /// One round of one side: the workers start together and report their end.
-fn run_round(url: &str, side: &str, processes: usize, tasks: usize, hits: usize) -> f64 {
+/// One round of `side`: its hits per second, and the CPU time per hit in µs
+/// (the workers' and the redis-server's, `info` being a connection to it).
+fn run_round(
+    url: &str,
+    info: &mut redis::Connection,
+    side: &str,
+    processes: usize,
+    tasks: usize,
+    hits: usize,
+) -> (f64, f64) {
+    let redis_cpu = |info: &mut redis::Connection| {
+        let text: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query(info)
+            .unwrap_or_else(|e| die(&format!("INFO cpu: {e}")));
+        common::redis_cpu_time(&text)
+    };
     let exe = std::env::current_exe().expect("current exe");
     let mut children: Vec<_> = (0..processes)
         .map(|p| {
@@ -217,29 +254,38 @@ fn run_round(url: &str, side: &str, processes: usize, tasks: usize, hits: usize)
             die(&format!("worker said {line:?}"));
         }
     }
+    let redis_before = redis_cpu(info);
     let start = unix_micros() + 20_000;
     for child in &mut children {
         let stdin = child.stdin.as_mut().expect("stdin");
         writeln!(stdin, "GO {start}").expect("GO");
     }
     let mut last = start;
+    let mut cpu = Duration::ZERO;
     for output in &mut outputs {
         let line = output.next().and_then(Result::ok).unwrap_or_default();
-        let end = line
+        let (end, worker_cpu) = line
             .strip_prefix("END ")
-            .and_then(|n| n.parse::<u64>().ok())
+            .and_then(|rest| rest.split_once(' '))
+            .and_then(|(end, ns)| Some((end.parse::<u64>().ok()?, ns.parse::<u64>().ok()?)))
             .unwrap_or_else(|| die(&format!("worker said {line:?}")));
         last = last.max(end);
+        cpu += Duration::from_nanos(worker_cpu);
     }
+    cpu += redis_cpu(info).saturating_sub(redis_before);
     for mut child in children {
         child.wait().expect("worker exit");
     }
-    (processes * tasks * hits) as f64 / ((last - start) as f64 / 1e6)
+    let ops = (processes * tasks * hits) as f64;
+    (
+        ops / ((last - start) as f64 / 1e6),
+        cpu.as_secs_f64() * 1e6 / ops,
+    )
 }
 
 /// A worker process: builds its cache or connection, warms it, says READY,
 /// waits for `GO <unix µs>`, runs its tasks from that instant, prints `END
-/// <unix µs>`.
+/// <unix µs> <CPU ns it used from GO to END>`.
 fn worker(work: Work) {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
@@ -266,6 +312,7 @@ fn worker(work: Work) {
         if start > now {
             tokio::time::sleep(Duration::from_micros(start - now)).await;
         }
+        let cpu_before = common::process_cpu_time();
         let tasks: Vec<_> = (0..work.tasks)
             .map(|t| {
                 let key = format!("k{}", work.first_key + t);
@@ -305,6 +352,8 @@ fn worker(work: Work) {
         for task in tasks {
             task.await.expect("task");
         }
-        println!("END {}", unix_micros());
+        let end = unix_micros();
+        let cpu = common::process_cpu_time().saturating_sub(cpu_before);
+        println!("END {end} {}", cpu.as_nanos());
     });
 }

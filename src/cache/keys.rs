@@ -184,6 +184,22 @@ mod tests {
         }
     }
 
+    /// Around the stack buffer's 128 bytes, with and without the escape.
+    #[test]
+    fn value_keys_on_both_sides_of_the_stack_buffer_are_the_value_key() {
+        for prefix in ["", "p:"] {
+            for len in 118..=132 {
+                for first in ["k", "}", "\\"] {
+                    let key = format!("{first}{}", "x".repeat(len));
+                    let built = with_value_key(prefix, &key, str::to_owned);
+                    assert_eq!(built, value_key(prefix, &key), "{prefix:?} {len}");
+                    let arg = redis::ToRedisArgs::to_redis_args(&ValueKey::new(prefix, &key));
+                    assert_eq!(arg, vec![built.into_bytes()], "{prefix:?} {len}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn keys_are_namespaced_and_tagged() {
         let k = Keys::new("lc:", "user:42");

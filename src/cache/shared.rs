@@ -124,7 +124,8 @@ impl<C: Codec> LockedCache<C> {
 
     /// The near cache's value for `key`: `None` without a near cache,
     /// `Some(None)` when it does not hold the key. The lookup builds the value
-    /// key on the stack (no allocation for keys up to 128 bytes). A near hit never
+    /// key on the stack (no allocation while the value key, prefix and braces
+    /// included, is at most 128 bytes). A near hit never
     /// waits, so it takes part in tokio's cooperative budget: a loop of hits
     /// yields now and then, as a loop of Redis reads would, instead of
     /// starving the worker.
@@ -186,7 +187,7 @@ impl<C: Codec> LockedCache<C> {
             return Ok(None);
         }
         Stats::add(&inner.stats.hits);
-        inner.near_keep(value_key, &found, keep);
+        inner.near_keep(&found, keep);
         Ok(Some(found.value.0))
     }
 }
@@ -197,6 +198,9 @@ impl<C: Codec> LockedCache<C> {
 pub(super) struct Keep<T> {
     #[cfg(feature = "near-cache")]
     ticket: super::local::Ticket,
+    /// The value key, built once for the ticket and the insert.
+    #[cfg(feature = "near-cache")]
+    value_key: String,
     #[cfg(feature = "near-cache")]
     sharing: Sharing<T>,
     #[cfg(not(feature = "near-cache"))]
@@ -216,8 +220,10 @@ impl<C: Codec> Inner<C> {
     ) -> Option<Keep<T>> {
         #[cfg(feature = "near-cache")]
         if let (Some(near), Some(sharing)) = (&self.near, sharing) {
+            let value_key = value_key.build();
             return Some(Keep {
-                ticket: near.local.ticket(&value_key.build()),
+                ticket: near.local.ticket(&value_key),
+                value_key,
                 sharing,
             });
         }
@@ -229,12 +235,7 @@ impl<C: Codec> Inner<C> {
     /// its remaining freshness (its time left in Redis less its stale window),
     /// so the near cache never serves a value Redis would call stale. Cached
     /// "not found"s are not kept.
-    pub(super) fn near_keep<T>(
-        &self,
-        value_key: ValueKey<'_>,
-        found: &Found<T>,
-        keep: Option<Keep<T>>,
-    ) {
+    pub(super) fn near_keep<T>(&self, found: &Found<T>, keep: Option<Keep<T>>) {
         #[cfg(feature = "near-cache")]
         if let (Some(near), Some(keep)) = (&self.near, keep) {
             if found.meta.absent {
@@ -245,7 +246,7 @@ impl<C: Codec> Inner<C> {
                 left.saturating_sub(found.meta.stale_for)
             });
             near.local.insert_erased(
-                &value_key.build(),
+                &keep.value_key,
                 (keep.sharing.share)(&found.value),
                 found.bytes.len(),
                 fresh_left,
@@ -256,7 +257,7 @@ impl<C: Codec> Inner<C> {
         if let Some(keep) = keep {
             match keep.never {}
         }
-        let _ = (value_key, found);
+        let _ = found;
     }
 }
 

@@ -42,18 +42,8 @@ pub async fn send_get_with_ttl<K: ToSingleRedisArg>(
     conn: &mut MultiplexedConnection,
     key: K,
 ) -> RedisResult<Option<Stored>> {
-    let mut pipe = redis::pipe();
-    pipe.get(&key).cmd("PTTL").arg(&key);
-    let mut replies = conn.send_packed_commands(&pipe, 0, 2).await?.into_iter();
-    let (Some(bytes), Some(pttl), None) = (replies.next(), replies.next(), replies.next()) else {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::UnexpectedReturnType,
-            "GET + PTTL did not answer two replies",
-        )));
-    };
-    let bytes: Option<Vec<u8>> = redis::from_redis_value(bytes.extract_error()?)?;
-    let pttl: i64 = redis::from_redis_value(pttl.extract_error()?)?;
-    Ok(bytes.map(|bytes| Stored::from_pttl(bytes, pttl)))
+    let replies = conn.send_packed_commands(&ttl_pipe(key), 0, 2).await?;
+    ttl_replies(replies)
 }
 
 /// `GET` and `PTTL` pipelined: one round trip, the value with its remaining
@@ -62,12 +52,30 @@ pub async fn get_with_ttl<C: ConnectionLike + Send, K: ToSingleRedisArg>(
     conn: &mut C,
     key: K,
 ) -> RedisResult<Option<Stored>> {
-    let (bytes, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
-        .get(&key)
-        .cmd("PTTL")
-        .arg(&key)
-        .query_async(conn)
-        .await?;
+    let replies = conn.req_packed_commands(&ttl_pipe(key), 0, 2).await?;
+    ttl_replies(replies)
+}
+
+fn ttl_pipe<K: ToSingleRedisArg>(key: K) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.get(&key).cmd("PTTL").arg(&key);
+    pipe
+}
+
+/// The replies of `GET` + `PTTL`, each checked on its own: an error reply
+/// is that command's error with its code (`WRONGTYPE` for a key of another
+/// type), as a single `GET` would give it. (redis-rs's `Pipeline::query_async`
+/// folds error replies into one pipeline error without the code.)
+fn ttl_replies(replies: Vec<redis::Value>) -> RedisResult<Option<Stored>> {
+    let mut replies = replies.into_iter();
+    let (Some(bytes), Some(pttl), None) = (replies.next(), replies.next(), replies.next()) else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "GET + PTTL did not answer two replies",
+        )));
+    };
+    let bytes: Option<Vec<u8>> = redis::from_redis_value(bytes.extract_error()?)?;
+    let pttl: i64 = redis::from_redis_value(pttl.extract_error()?)?;
     Ok(bytes.map(|bytes| Stored::from_pttl(bytes, pttl)))
 }
 

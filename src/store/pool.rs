@@ -17,6 +17,14 @@
 //! then the next command checks out a fresh one through bb8. A bb8 checkout per
 //! command cost about 20% of the throughput of hits at 16 to 64 concurrent
 //! callers (`cargo bench --bench hit_path -- --sides get_or_load,manager,single`).
+//!
+//! A clone costs atomic increments (and its drop decrements) on counters every
+//! thread shares, as does the current slot's lock. So a command that succeeded
+//! gives its clone back ([`Connection::give_back`]) to a small stack of spares,
+//! one per stripe of threads (`stripes.rs`), and the next command of that
+//! thread takes it from there: on a hit, no cache line every thread writes.
+//! A spare is checked as the current connection is (its flag, its generation)
+//! and lives no longer than the pool.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +34,8 @@ use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::sync::watch;
+
+use crate::stripes::{self, STRIPES};
 
 /// A multiplexed connection that remembers it failed, and the generation it was
 /// opened in. The flag is shared with the clones handed out by [`Pool::get`], so
@@ -125,15 +135,50 @@ pub enum Pool {
 
 /// The connection commands are sent on until it is retired: a clone of the
 /// last pooled connection checked out, with its pooled original's flag and
-/// generation (so retiring either retires both).
+/// generation (so retiring either retires both); and clones of it that
+/// commands gave back, by stripe of threads.
 #[derive(Default)]
-pub struct Current(std::sync::Mutex<Option<(MultiplexedConnection, Arc<AtomicBool>, u64)>>);
+pub struct Current {
+    slot: std::sync::Mutex<Option<Spare>>,
+    spares: [Spares; STRIPES],
+}
+
+/// A clone of the current connection, with its flag and generation.
+struct Spare {
+    conn: MultiplexedConnection,
+    broken: Arc<AtomicBool>,
+    generation: u64,
+}
+
+/// The spares of one stripe of threads, alone on its cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Spares(std::sync::Mutex<Vec<Spare>>);
+
+/// Spares kept per stripe at most: a thread's next command takes the one
+/// its last gave back, so a few suffice; the rest are dropped.
+const SPARES: usize = 16;
 
 impl Current {
-    fn slot(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Option<(MultiplexedConnection, Arc<AtomicBool>, u64)>> {
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<Spare>> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This thread's stripe of spares.
+    fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
+        self.spares[stripes::this_thread()].lock()
+    }
+}
+
+impl Spares {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Spare {
+    fn usable(&self, generations: &Generations) -> bool {
+        !self.broken.load(Ordering::Relaxed) && self.generation >= generations.current()
     }
 }
 
@@ -159,6 +204,8 @@ impl bb8::ErrorSink<RedisError> for ConnectErrors {
 pub struct Connection<'p> {
     pub conn: MultiplexedConnection,
     health: Health<'p>,
+    /// Where the clone goes back after a command that succeeded (our pool's).
+    lender: Option<&'p Current>,
 }
 
 /// What is left of a [`Connection`] once its multiplexed connection was taken
@@ -200,27 +247,49 @@ impl Pool {
         Pool::Own(pool, errors, generations, Arc::default())
     }
 
-    /// The current connection, without waiting: `None` when there is none
-    /// (or it was retired), or the pool is a user's. Commands try this first,
-    /// so that a hit's future does not hold the (large) future of a checkout.
+    /// The current connection, without waiting: a spare this thread's stripe
+    /// was given back, else a clone of the current one; `None` when there is
+    /// none (or it was retired), or the pool is a user's. Commands try this
+    /// first, so that a hit's future does not hold the (large) future of a
+    /// checkout.
     pub fn current(&self) -> Option<Connection<'_>> {
         let Pool::Own(_, _, generations, current) = self else {
             return None;
         };
+        let lend = |spare: Spare| Connection {
+            conn: spare.conn,
+            health: Health {
+                own: Some((spare.broken, spare.generation, generations)),
+            },
+            lender: Some(current),
+        };
+        let spare = current.spares().pop();
+        match spare {
+            Some(spare) if spare.usable(generations) => return Some(lend(spare)),
+            // Retired: so are the others of its generation.
+            Some(_) => {
+                let stale = std::mem::take(&mut *current.spares());
+                drop(stale);
+            }
+            None => {}
+        }
         let mut slot = current.slot();
         match &*slot {
-            Some((conn, broken, generation))
-                if !broken.load(Ordering::Relaxed) && *generation >= generations.current() =>
-            {
-                Some(Connection {
-                    conn: conn.clone(),
-                    health: Health {
-                        own: Some((Arc::clone(broken), *generation, generations)),
-                    },
-                })
-            }
+            Some(spare) if spare.usable(generations) => Some(lend(Spare {
+                conn: spare.conn.clone(),
+                broken: Arc::clone(&spare.broken),
+                generation: spare.generation,
+            })),
+            // Retired: so are every stripe's spares, cloned from it (they
+            // would keep its connection open).
             Some(_) => {
-                *slot = None;
+                let retired = slot.take();
+                drop(slot);
+                drop(retired);
+                for spares in &current.spares {
+                    let stale = std::mem::take(&mut *spares.lock());
+                    drop(stale);
+                }
                 None
             }
             None => None,
@@ -245,11 +314,11 @@ impl Pool {
                     drop(checkout);
                     continue;
                 }
-                *current.slot() = Some((
-                    checkout.inner.clone(),
-                    Arc::clone(&checkout.broken),
-                    checkout.generation,
-                ));
+                *current.slot() = Some(Spare {
+                    conn: checkout.inner.clone(),
+                    broken: Arc::clone(&checkout.broken),
+                    generation: checkout.generation,
+                });
                 return Ok(Connection {
                     conn: checkout.inner.clone(),
                     health: Health {
@@ -259,6 +328,7 @@ impl Pool {
                             &**generations,
                         )),
                     },
+                    lender: Some(current),
                 });
             },
             Pool::User(p) => {
@@ -266,6 +336,7 @@ impl Pool {
                 Ok(Connection {
                     conn: (*checkout).clone(),
                     health: Health { own: None },
+                    lender: None,
                 })
             }
         }
@@ -283,6 +354,32 @@ impl<'p> Connection<'p> {
     /// The connection to send on, and what reports its failure.
     pub fn split(self) -> (MultiplexedConnection, Health<'p>) {
         (self.conn, self.health)
+    }
+
+    /// What reports a failure of the connection.
+    pub fn health(&self) -> &Health<'p> {
+        &self.health
+    }
+
+    /// After a command that succeeded: the clone goes back to this thread's
+    /// stripe of spares, for the next command to take, unless there are
+    /// enough there (then it is dropped).
+    pub fn give_back(self) {
+        let (Some(current), Some((broken, generation, _))) = (self.lender, self.health.own) else {
+            return;
+        };
+        let spare = Spare {
+            conn: self.conn,
+            broken,
+            generation,
+        };
+        let mut spares = current.spares();
+        if spares.len() < SPARES {
+            spares.push(spare);
+        } else {
+            drop(spares);
+            drop(spare);
+        }
     }
 }
 

@@ -228,11 +228,13 @@ impl RedisStore {
         // through `run`'s loop, boxed. (Through `run` and its closure, a hit
         // cost 600 more instructions.)
         let mut sent = 0;
-        if let Some(connection) = self.pool.current() {
-            let (mut conn, health) = connection.split();
-            match commands::send(&mut conn, &redis::Cmd::get(key)).await {
-                Ok(value) => return Ok(value),
-                Err(e) => match self.failed("GET", e, &health, 1) {
+        if let Some(mut connection) = self.pool.current() {
+            match commands::send(&mut connection.conn, &redis::Cmd::get(key)).await {
+                Ok(value) => {
+                    connection.give_back();
+                    return Ok(value);
+                }
+                Err(e) => match self.failed("GET", e, connection.health(), 1) {
                     Some(error) => return Err(error),
                     None => sent = 1,
                 },
@@ -252,11 +254,13 @@ impl RedisStore {
     ) -> Result<Option<Stored>> {
         // As in `read`.
         let mut sent = 0;
-        if let Some(connection) = self.pool.current() {
-            let (mut conn, health) = connection.split();
-            match commands::send_get_with_ttl(&mut conn, key).await {
-                Ok(value) => return Ok(value),
-                Err(e) => match self.failed("GET+PTTL", e, &health, 1) {
+        if let Some(mut connection) = self.pool.current() {
+            match commands::send_get_with_ttl(&mut connection.conn, key).await {
+                Ok(value) => {
+                    connection.give_back();
+                    return Ok(value);
+                }
+                Err(e) => match self.failed("GET+PTTL", e, connection.health(), 1) {
                     Some(error) => return Err(error),
                     None => sent = 1,
                 },
