@@ -61,9 +61,39 @@ const SHARDS: usize = 16;
 /// A flight in the map. Its channel is made when the first follower arrives, so
 /// a hit that nobody waits on allocates no channel.
 struct Entry {
-    key: Box<str>,
+    key: FlightKey,
     id: u64,
     slot: Option<Slot>,
+}
+
+/// A flight's key, kept to tell apart two keys with one hash: in place when
+/// it is short (most keys are), so that starting a flight allocates nothing.
+enum FlightKey {
+    Short { len: u8, bytes: [u8; SHORT_KEY] },
+    Long(Box<str>),
+}
+
+/// The longest key a flight keeps in place.
+const SHORT_KEY: usize = 48;
+
+impl FlightKey {
+    fn new(key: &str) -> FlightKey {
+        match u8::try_from(key.len()) {
+            Ok(len) if key.len() <= SHORT_KEY => {
+                let mut bytes = [0; SHORT_KEY];
+                bytes[..key.len()].copy_from_slice(key.as_bytes());
+                FlightKey::Short { len, bytes }
+            }
+            _ => FlightKey::Long(key.into()),
+        }
+    }
+
+    fn is(&self, key: &str) -> bool {
+        match self {
+            FlightKey::Short { len, bytes } => bytes[..usize::from(*len)] == *key.as_bytes(),
+            FlightKey::Long(long) => **long == *key,
+        }
+    }
 }
 
 /// Flights by the hash of their key. The hash is computed once per call
@@ -126,7 +156,7 @@ impl Flights {
         let mut shard_map = shard.lock().unwrap_or_else(|e| e.into_inner());
         let ShardMap { flights, next_id } = &mut *shard_map;
         if let Some(entry) = flights.get_mut(&hash) {
-            if *entry.key != *key {
+            if !entry.key.is(key) {
                 return Role::Alone;
             }
             let slot = entry.slot.get_or_insert_with(|| watch::channel(None).0);
@@ -135,7 +165,7 @@ impl Flights {
         let id = *next_id;
         *next_id = next_id.wrapping_add(1);
         let entry = Entry {
-            key: key.into(),
+            key: FlightKey::new(key),
             id,
             slot: None,
         };
@@ -262,6 +292,19 @@ mod tests {
         drop(leader);
         assert!(matches!(&*rx.borrow(), Some(Outcome::Abandoned)));
         assert_eq!(flights.len(), 0);
+    }
+
+    #[test]
+    fn flight_keys_short_and_long_match_only_themselves() {
+        let long = "k".repeat(SHORT_KEY + 1);
+        let exact = "k".repeat(SHORT_KEY);
+        for key in ["", "a", "é", exact.as_str(), long.as_str()] {
+            let kept = FlightKey::new(key);
+            assert!(kept.is(key), "{key:?}");
+            for other in ["", "b", "a\0", exact.as_str(), long.as_str()] {
+                assert_eq!(kept.is(other), key == other, "{key:?} {other:?}");
+            }
+        }
     }
 
     #[test]
