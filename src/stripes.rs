@@ -19,6 +19,7 @@ thread_local! {
 }
 
 /// This thread's stripe (the first one while the thread is being torn down).
+#[inline]
 pub(crate) fn this_thread() -> usize {
     STRIPE.try_with(|s| *s).unwrap_or(0)
 }

@@ -139,8 +139,14 @@ impl<C: Codec> Inner<C> {
                 keep,
                 found: Some((found, Freshness::Fresh)),
             } => {
+                let Some(leader) = leader else {
+                    // Alone (coalescing off): nobody to hand anything to.
+                    self.near_keep(&found, keep);
+                    Stats::add(&self.stats.hits);
+                    return Ok((found.value, Outcome::Hit));
+                };
                 let mut led = self.hit(found, keep);
-                self.hand_over::<T, E>(leader, Ok(&mut led), sharing);
+                self.hand_over::<T, E>(Some(leader), Ok(&mut led), sharing);
                 Ok((led.value, Outcome::Hit))
             }
             judged => Box::pin(self.lead_on(leader, judged, call, loader, trace)).await,

@@ -81,7 +81,9 @@ pub struct Ticket {
 
 /// The near cache of one [`LockedCache`](crate::LockedCache).
 pub struct Local {
-    entries: Cache<String, Entry>,
+    /// Keyed through foldhash (seeded per cache) rather than std's SipHash:
+    /// hashing the key was a tenth of a near hit.
+    entries: Cache<String, Entry, foldhash::fast::RandomState>,
     /// Bumped by every clear.
     all: AtomicU64,
     /// Bumped by every invalidation of a key of the slot.
@@ -107,7 +109,7 @@ impl Local {
                     .saturating_add(u32::try_from(key.len()).unwrap_or(u32::MAX))
             })
             .expire_after(PerEntry)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let origin = format!("{:016x}", fastrand::u64(..));
         Local {
             entries,
