@@ -81,19 +81,7 @@ impl redis::ToSingleRedisArg for ValueKey<'_> {}
 
 /// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
 /// when it is short: a near cache lookup allocates nothing.
-#[cfg_attr(not(feature = "near-cache"), allow(dead_code))]
-pub fn with_value_key<R>(prefix: &str, key: &str, f: impl FnOnce(&str) -> R) -> R {
-    with_value_key_bytes(prefix, key, |value_key| {
-        // Whole strings, one after another: valid UTF-8, so never the fallback.
-        match std::str::from_utf8(value_key) {
-            Ok(value_key) => f(value_key),
-            Err(_) => f(&value_key_parts(prefix, key).concat()),
-        }
-    })
-}
-
-/// [`with_value_key`]'s bytes.
-fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+pub fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut buf = [0u8; 128];
     let escape = key.starts_with(['}', '\\']);
     let len = prefix.len() + usize::from(escape) + key.len() + 2;
@@ -173,7 +161,8 @@ mod tests {
         let long = "k".repeat(200);
         for key in ["a", "}x", "\\y", "é:ü", long.as_str(), ""] {
             for prefix in ["", "p:", "prefix-ÿ:"] {
-                let built = with_value_key(prefix, key, str::to_owned);
+                let built =
+                    with_value_key_bytes(prefix, key, |k| String::from_utf8(k.to_vec())).unwrap();
                 assert_eq!(built, value_key(prefix, key), "{prefix:?} {key:?}");
                 let unbuilt = ValueKey::new(prefix, key);
                 assert_eq!(unbuilt.build(), built);
@@ -191,7 +180,9 @@ mod tests {
             for len in 118..=132 {
                 for first in ["k", "}", "\\"] {
                     let key = format!("{first}{}", "x".repeat(len));
-                    let built = with_value_key(prefix, &key, str::to_owned);
+                    let built =
+                        with_value_key_bytes(prefix, &key, |k| String::from_utf8(k.to_vec()))
+                            .unwrap();
                     assert_eq!(built, value_key(prefix, &key), "{prefix:?} {len}");
                     let arg = redis::ToRedisArgs::to_redis_args(&ValueKey::new(prefix, &key));
                     assert_eq!(arg, vec![built.into_bytes()], "{prefix:?} {len}");

@@ -139,7 +139,7 @@ impl<C: Codec> LockedCache<C> {
             return Ok(None);
         };
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        let value = keys::with_value_key(&inner.key_prefix, key, |value_key| {
+        let value = keys::with_value_key_bytes(&inner.key_prefix, key, |value_key| {
             near.local.get::<T>(value_key)
         });
         if value.is_some() {
@@ -155,7 +155,7 @@ impl<C: Codec> LockedCache<C> {
     pub fn near_peek<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
         let near = self.inner.near.as_ref()?;
         near.local
-            .peek::<T>(&keys::value_key(&self.inner.key_prefix, key))
+            .peek::<T>(keys::value_key(&self.inner.key_prefix, key).as_bytes())
     }
 
     /// Whether the near cache's invalidation subscription is up (false without
