@@ -543,7 +543,8 @@ on_both_backends!(
 /// A fresh `String`, `Vec<u8>` or bytes hit is decoded in place (the buffer
 /// Redis handed over becomes the value), so its leader has no stored bytes
 /// left for the followers that joined its flight: it encodes the value again
-/// for them. Every follower gets the value, whatever type it asks for.
+/// for them. Every follower gets the value, whatever type it asks for; the
+/// followers of a shared call (`get_or_load_shared`) share the leader's `Arc`.
 #[tokio::test]
 async fn followers_of_a_hit_decoded_in_place_get_its_value() {
     let server = RedisServer::start();
@@ -593,5 +594,26 @@ async fn followers_of_a_hit_decoded_in_place_get_its_value() {
     }
     let stats = cache.stats();
     assert_eq!((stats.hits, stats.coalesced, stats.loads), (2, 24, 0));
+
+    // Shared calls (an `Arc<String>`, decoded in place too): one decode, the
+    // followers holding the leader's `Arc`; then followers asking for a plain
+    // `String` of a shared leader, which get the bytes encoded again.
+    let shared = (0..10).map(|_| cache.get_or_load_shared("text", no_load));
+    let values: Vec<Arc<String>> = futures_util::future::join_all(shared)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(values.iter().all(|v| **v == text));
+    assert!(values.iter().all(|v| Arc::ptr_eq(v, &values[0])));
+    let leader = cache.get_or_load_shared("text", no_load);
+    let plain = (0..5).map(|_| cache.get_or_load("text", no_load));
+    let (leader, plain) = tokio::join!(leader, futures_util::future::join_all(plain));
+    assert_eq!(*leader.unwrap(), text);
+    for value in plain {
+        assert_eq!(value.unwrap(), text);
+    }
+    let stats = cache.stats();
+    assert_eq!((stats.hits, stats.coalesced, stats.loads), (4, 38, 0));
     assert_eq!(stats.corrupt_values, 0);
 }

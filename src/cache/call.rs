@@ -261,9 +261,8 @@ impl<C: Codec> Inner<C> {
         let keep = self.near_ticket(value_key, sharing);
         let with_ttl = options.reads_ttl() || keep.is_some();
         let stored = self.read_stored(value_key, with_ttl).await?;
-        let in_place = keep.is_none();
         let found = stored.and_then(|stored| {
-            let (found, judged) = self.decode_judged::<T>(value_key, stored, options, in_place)?;
+            let (found, judged) = self.decode_judged::<T>(value_key, stored, options)?;
             if judged != Freshness::TooStale && found.meta.absent {
                 Stats::add(&self.stats.negative_hits);
             }
@@ -273,15 +272,14 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Judges a stored value from its header, then decodes it: a fresh
-    /// `String` or byte value in place when `in_place` (`in_place.rs`; its
-    /// `Found` then holds no bytes), anything else through the codec. `None`
-    /// for an undecodable value (reported).
+    /// `String` or byte value in place (`in_place.rs`; its `Found` then holds
+    /// no bytes), anything else through the codec. `None` for an undecodable
+    /// value (reported).
     fn decode_judged<T: DeserializeOwned + 'static>(
         &self,
         value_key: ValueKey<'_>,
         stored: Stored,
         options: &Resolved,
-        in_place: bool,
     ) -> Option<(Found<T>, Freshness)> {
         let Ok((meta, _)) = codec::split_header(C::ID, &stored.bytes) else {
             // Undecodable: reported there.
@@ -299,13 +297,15 @@ impl<C: Codec> Inner<C> {
             0.0
         };
         let judged = freshness::judge(&meta, stored.ttl, options, draw);
-        if in_place && judged == Freshness::Fresh && stored.bytes.len() <= self.max_value_size {
+        if judged == Freshness::Fresh && stored.bytes.len() <= self.max_value_size {
             let Stored { mut bytes, ttl } = stored;
+            let stored_len = bytes.len();
             match in_place::decode::<C, T>(&mut bytes) {
                 Some(Ok(value)) => {
                     let found = Found {
                         value,
                         bytes,
+                        stored_len,
                         meta,
                         ttl_left: ttl,
                     };

@@ -1,7 +1,7 @@
 //! Strings and byte values decoded where they lie.
 //!
-//! A fresh hit of a `String`, a `Vec<u8>` or bytes (`get_or_load_bytes`)
-//! stored by bincode is the 13-byte header, a length and the bytes
+//! A fresh hit of a `String`, a `Vec<u8>` or bytes (`get_or_load_bytes`),
+//! or of one of them behind an `Arc` (`get_or_load_shared`), stored by bincode is the 13-byte header, a length and the bytes
 //! themselves. Rather than copy them through serde into a new buffer, the hit
 //! moves them to the front of the buffer Redis handed over and keeps that
 //! buffer: no second allocation, and a `Vec<u8>` is not decoded byte by byte.
@@ -14,21 +14,30 @@
 
 use std::any::{Any, TypeId};
 
+use std::sync::Arc;
+
 use super::bytes::Blob;
+use super::shared::Shared;
 use crate::codec::{BincodeCodec, Codec, HEADER_LEN};
 use crate::error::CodecError;
 
 /// Decodes the stored value `bytes` (header included, and checked by the
 /// caller with [`split_header`](crate::codec::split_header)) as `T` in place when
-/// `T` is `String`, `Vec<u8>` or a [`Blob`] and the codec `C` is bincode
+/// `T` is `String`, `Vec<u8>` or a [`Blob`] (or `Shared` `String` or
+/// `Vec<u8>`) and the codec `C` is bincode
 /// (the type, not only its id, which a codec of one's own could reuse):
 /// `None` when it does not apply (then `bytes` is untouched), else the value,
 /// or the error of a `String` that is not UTF-8 (then `bytes` is gone).
 pub(super) fn decode<C: Codec, T: 'static>(bytes: &mut Vec<u8>) -> Option<Result<T, CodecError>> {
     let kind = TypeId::of::<T>();
-    let string = kind == TypeId::of::<String>();
+    let shared_string = kind == TypeId::of::<Shared<String>>();
+    let shared_bytes = kind == TypeId::of::<Shared<Vec<u8>>>();
+    let string = kind == TypeId::of::<String>() || shared_string;
     if TypeId::of::<C>() != TypeId::of::<BincodeCodec>()
-        || !(string || kind == TypeId::of::<Vec<u8>>() || kind == TypeId::of::<Blob>())
+        || !(string
+            || shared_bytes
+            || kind == TypeId::of::<Vec<u8>>()
+            || kind == TypeId::of::<Blob>())
     {
         return None;
     }
@@ -43,12 +52,15 @@ pub(super) fn decode<C: Codec, T: 'static>(bytes: &mut Vec<u8>) -> Option<Result
     // (Each cast succeeds: `kind` was checked above.)
     if string {
         return match utf8(bytes) {
+            Ok(text) if shared_string => cast(Shared(Arc::new(text))).map(Ok),
             Ok(text) => cast(text).map(Ok),
             Err(e) => Some(Err(CodecError::Decode(format!("not UTF-8: {e}")))),
         };
     }
     if kind == TypeId::of::<Blob>() {
         cast(Blob(bytes)).map(Ok)
+    } else if shared_bytes {
+        cast(Shared(Arc::new(bytes))).map(Ok)
     } else {
         cast(bytes).map(Ok)
     }
@@ -139,6 +151,26 @@ mod tests {
             let got: Blob = decode::<BincodeCodec, _>(&mut bytes).unwrap().unwrap();
             assert_eq!(got.0, data);
         }
+    }
+
+    #[test]
+    fn shared_strings_and_bytes_decode_in_place_too() {
+        let text = "é".repeat(300);
+        let mut bytes = stored(&text);
+        let got: Shared<String> = decode::<BincodeCodec, _>(&mut bytes).unwrap().unwrap();
+        assert_eq!(*got.0, text);
+        let data: Vec<u8> = (0..300).map(|i| i as u8).collect();
+        let mut bytes = stored(&data);
+        let got: Shared<Vec<u8>> = decode::<BincodeCodec, _>(&mut bytes).unwrap().unwrap();
+        assert_eq!(*got.0, data);
+        let mut bytes = stored(&vec![0xff_u8]);
+        assert!(
+            decode::<BincodeCodec, Shared<String>>(&mut bytes)
+                .unwrap()
+                .is_err()
+        );
+        let mut bytes = stored(&7_u64);
+        assert!(decode::<BincodeCodec, Shared<u64>>(&mut bytes).is_none());
     }
 
     #[test]

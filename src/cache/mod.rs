@@ -556,6 +556,7 @@ impl<C: Codec> Inner<C> {
         }
         match codec::decode_with_meta(&self.codec, &bytes) {
             Ok((value, meta)) => Some(Found {
+                stored_len: bytes.len(),
                 value,
                 bytes,
                 meta,
@@ -605,7 +606,11 @@ impl<C: Codec> Inner<C> {
 struct Found<T> {
     value: T,
     /// As stored (header + payload): for the flight's followers, if any.
+    /// Empty when the value was decoded in place (`in_place.rs`).
     bytes: Vec<u8>,
+    /// How many bytes were stored (the near cache's weight of the value).
+    #[cfg_attr(not(feature = "near-cache"), allow(dead_code))]
+    stored_len: usize,
     meta: Meta,
     /// The key's remaining time to live; `None` when it has no expiry or it
     /// was not read.

@@ -248,7 +248,7 @@ impl<C: Codec> Inner<C> {
             near.local.insert_erased(
                 &keep.value_key,
                 (keep.sharing.share)(&found.value),
-                found.bytes.len(),
+                found.stored_len,
                 fresh_left,
                 keep.ticket,
             );
@@ -262,7 +262,7 @@ impl<C: Codec> Inner<C> {
 }
 
 /// A `T` behind an `Arc`, stored exactly as `T` is.
-struct Shared<T>(Arc<T>);
+pub(super) struct Shared<T>(pub(super) Arc<T>);
 
 impl<T: Send + Sync + 'static> Shared<T> {
     /// The flight's followers share the leader's `Arc`: one decode per flight.
