@@ -519,6 +519,7 @@ mod tests {
         let cache = LockedCache::builder().build().await.unwrap();
         let call = cache.get_or_load("k", || async { Ok::<_, std::io::Error>(1_u64) });
         let size = std::mem::size_of_val(&call);
+        eprintln!("get_or_load: {size} bytes, its GET: {get}");
         assert!(
             size <= get + 1280,
             "get_or_load's future is {size} bytes, its GET's {get}"

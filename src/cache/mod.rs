@@ -319,9 +319,8 @@ impl<C: Codec> LockedCache<C> {
         F: FnOnce(LoadContext) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let options = self.inner.defaults;
         self.inner
-            .traced_call(key, Inline(loader), &options, None)
+            .traced_call(key, Inline(loader), &self.inner.defaults, None)
             .await
     }
 
@@ -494,39 +493,40 @@ impl<C: Codec> Inner<C> {
         Ok(stored.and_then(|stored| self.decode_or_report(&value_key, stored, true)))
     }
 
-    /// The bytes behind [`read`](Self::read), not yet decoded.
+    /// The bytes behind [`read`](Self::read), not yet decoded: `GET`, or
+    /// `GET` and `PTTL`; a key of another Redis type is reported and reads as
+    /// missing. (One function rather than a read step calling a fetch step: a
+    /// hit's future holds every step's arguments, and moves each step's.)
     async fn read_stored(&self, value_key: ValueKey<'_>, with_ttl: bool) -> Result<Option<Stored>> {
-        let mut stored = self.fetch(value_key, with_ttl).await?;
-        // The header says whether the value has a stale window: read its time
-        // left before decoding, so the value is decoded once.
-        let has_window = |stored: &Stored| codec::has_stale_window(C::ID, &stored.bytes);
-        if !with_ttl && stored.as_ref().is_some_and(has_window) {
-            stored = self.fetch(value_key, true).await?;
-        }
-        Ok(stored)
-    }
-
-    /// `GET`, or `GET` + `PTTL`; a key of another Redis type is reported and
-    /// reads as missing.
-    async fn fetch(&self, value_key: ValueKey<'_>, with_ttl: bool) -> Result<Option<Stored>> {
         let untimed = |bytes: Option<Vec<u8>>| bytes.map(|bytes| Stored { bytes, ttl: None });
-        // The built-in Redis store is called directly: a trait call would box
-        // its future, an allocation on every hit; and the key is written
-        // straight into the command. `GET` + `PTTL` (a value with a stale
-        // window) is boxed, so that its larger future does not make every
-        // plain `GET` move a larger one (90 instructions a hit).
-        let read = match (self.value_store.as_redis(), with_ttl) {
-            (Some(redis), true) => Box::pin(redis.read_with_ttl(value_key)).await,
-            (Some(redis), false) => redis.read(value_key).await.map(untimed),
-            (None, true) => self.value_store.get_with_ttl(&value_key.build()).await,
-            (None, false) => self.value_store.get(&value_key.build()).await.map(untimed),
-        };
-        match read {
-            Err(Error::Redis { source: e, .. }) if e.code() == Some("WRONGTYPE") => {
-                self.report_corrupt(&value_key, &e);
-                Ok(None)
+        let mut with_ttl = with_ttl;
+        loop {
+            // The built-in Redis store is called directly: a trait call would
+            // box its future, an allocation on every hit; and the key is
+            // written straight into the command. `GET` + `PTTL` (a value with
+            // a stale window) is boxed, so that its larger future does not
+            // make every plain `GET` move a larger one (90 instructions a hit).
+            let read = match (self.value_store.as_redis(), with_ttl) {
+                (Some(redis), true) => Box::pin(redis.read_with_ttl(value_key)).await,
+                (Some(redis), false) => redis.read(value_key).await.map(untimed),
+                (None, true) => self.value_store.get_with_ttl(&value_key.build()).await,
+                (None, false) => self.value_store.get(&value_key.build()).await.map(untimed),
+            };
+            let stored = match read {
+                Err(Error::Redis { source: e, .. }) if e.code() == Some("WRONGTYPE") => {
+                    self.report_corrupt(&value_key, &e);
+                    return Ok(None);
+                }
+                read => read?,
+            };
+            // The header says whether the value has a stale window: read its
+            // time left before decoding, so the value is decoded once.
+            let has_window = |stored: &Stored| codec::has_stale_window(C::ID, &stored.bytes);
+            if !with_ttl && stored.as_ref().is_some_and(has_window) {
+                with_ttl = true;
+                continue;
             }
-            read => read,
+            return Ok(stored);
         }
     }
 

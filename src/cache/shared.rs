@@ -94,10 +94,14 @@ impl<C: Codec> LockedCache<C> {
         }
         let loader =
             Inline(|context| async move { loader(context).await.map(|v| Shared(Arc::new(v))) });
-        let options = self.inner.defaults;
         let (Shared(value), outcome) = self
             .inner
-            .traced_call(key, loader, &options, Some(Shared::<T>::SHARING))
+            .traced_call(
+                key,
+                loader,
+                &self.inner.defaults,
+                Some(Shared::<T>::SHARING),
+            )
             .await?;
         Ok((value, outcome))
     }
