@@ -102,7 +102,11 @@ impl FlightKey {
 /// hash are told apart (see [`Role::Alone`]).
 type Shard = Mutex<ShardMap>;
 
+/// Aligned so that each shard (its lock and its map) has its cache lines to
+/// itself: calls on other threads for keys of neighbouring shards would
+/// otherwise take turns at one line.
 #[derive(Default)]
+#[repr(align(128))]
 struct ShardMap {
     flights: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
     /// Ids of this shard's flights (a counter under the shard's lock rather
