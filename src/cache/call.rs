@@ -213,7 +213,7 @@ impl<C: Codec> Inner<C> {
             };
             match outcome {
                 flight::Outcome::Value(bytes, shared) => {
-                    let taken = sharing.zip(shared).and_then(|(s, v)| (s.take)(&*v));
+                    let taken = sharing.zip(shared).and_then(|(s, v)| (s.take)(&v));
                     if let Some(value) = taken {
                         return Ok((value, Outcome::Coalesced));
                     }

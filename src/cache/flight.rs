@@ -37,11 +37,12 @@ pub enum Outcome {
 
 /// How followers take the leader's decoded value instead of decoding the
 /// bytes again, for values that are cheap to share (an `Arc`, `shared.rs`):
-/// `share` makes the leader's copy for the flight, `take` turns it back into
-/// a follower's value (`None` for a follower asking for another type).
+/// `share` makes the leader's copy for the flight (the value's own `Arc`,
+/// erased), `take` turns it back into a follower's value (`None` for a
+/// follower asking for another type).
 pub struct Sharing<T> {
     pub share: fn(&T) -> Arc<dyn Any + Send + Sync>,
-    pub take: fn(&(dyn Any + Send + Sync)) -> Option<T>,
+    pub take: fn(&Arc<dyn Any + Send + Sync>) -> Option<T>,
 }
 
 impl<T> Clone for Sharing<T> {

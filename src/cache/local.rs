@@ -158,7 +158,7 @@ impl Local {
         }
         self.entries
             .get(key)
-            .and_then(|entry| entry.value.downcast_ref::<Arc<T>>().cloned())
+            .and_then(|entry| entry.value.downcast::<T>().ok())
     }
 
     /// Taken before reading `key` from Redis; hand it to [`insert`](Self::insert).
@@ -182,10 +182,10 @@ impl Local {
         ttl: Duration,
         ticket: Ticket,
     ) {
-        self.insert_erased(key, Arc::new(value), weight, ttl, ticket);
+        self.insert_erased(key, value, weight, ttl, ticket);
     }
 
-    /// Keeps `value`, an `Arc<T>` behind `dyn Any` (as a flight shares it),
+    /// Keeps `value`, an `Arc<T>` erased to `dyn Any` (as a flight shares it),
     /// for `key` for at most `ttl` (its remaining freshness; capped at the
     /// near cache's TTL), unless an invalidation of `key` was applied since
     /// `ticket` was taken, or the subscription is down. `weight` is the

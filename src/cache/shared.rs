@@ -271,12 +271,8 @@ pub(super) struct Shared<T>(pub(super) Arc<T>);
 impl<T: Send + Sync + 'static> Shared<T> {
     /// The flight's followers share the leader's `Arc`: one decode per flight.
     const SHARING: Sharing<Shared<T>> = Sharing {
-        share: |value| Arc::new(Arc::clone(&value.0)),
-        take: |shared| {
-            shared
-                .downcast_ref::<Arc<T>>()
-                .map(|value| Shared(Arc::clone(value)))
-        },
+        share: |value| Arc::clone(&value.0) as Arc<dyn std::any::Any + Send + Sync>,
+        take: |shared| Arc::clone(shared).downcast::<T>().ok().map(Shared),
     };
 }
 
