@@ -131,7 +131,13 @@ async fn throughput(
 ) -> String {
     let near = cache(server, "near:", true).await;
     let l2 = cache(server, "near:", false).await;
-    let client = redis::Client::open(server.url()).expect("client");
+    // The raw side with the cache's socket options (TCP_NODELAY), as in the
+    // hit path bench: with Nagle's algorithm a multiplexed connection packs
+    // more commands per packet at 16-64 callers and answers later.
+    let info = redis::IntoConnectionInfo::into_connection_info(server.url().as_str())
+        .expect("url")
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info).expect("client");
     let conn = client
         .get_multiplexed_async_connection()
         .await
@@ -206,7 +212,7 @@ async fn throughput(
     format!(
         "### Near hits vs raw `GET` (1 KiB `String`, one key per caller)\n\n\
          {rounds} rounds of {} ms per side; one op in 16 timed for the latencies (a clock read \
-         costs about as much as a near hit here); raw `GET` on one `MultiplexedConnection`, undecoded; \
+         costs about as much as a near hit here); raw `GET` on one `MultiplexedConnection` (`TCP_NODELAY`, as the cache's), undecoded; \
          *L2 hit* is `get_or_load_shared` without a near cache (one `GET` and a decode); *near \
          hit* the same call answered by the near cache (an `Arc` clone).\n\n{}\n{targets}\n",
         round.as_millis(),
