@@ -101,13 +101,21 @@ impl FlightKey {
 /// (foldhash, seeded per cache, so keys cannot be aimed at one bucket)
 /// and picks the shard too; each entry keeps its key, so two keys with one
 /// hash are told apart (see [`Role::Alone`]).
-type Shard = Mutex<ShardMap>;
-
-/// Aligned so that each shard (its lock and its map) has its cache lines to
-/// itself: calls on other threads for keys of neighbouring shards would
-/// otherwise take turns at one line.
+///
+/// Each shard (its lock and its map) is aligned to 128 bytes, so that it has
+/// its cache lines to itself: calls on other threads for keys of neighbouring
+/// shards would otherwise take turns at one line.
 #[derive(Default)]
 #[repr(align(128))]
+struct Shard(Mutex<ShardMap>);
+
+impl Shard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ShardMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Default)]
 struct ShardMap {
     flights: HashMap<u64, Entry, BuildHasherDefault<Prehashed>>,
     /// Ids of this shard's flights (a counter under the shard's lock rather
@@ -124,7 +132,7 @@ pub struct Flights {
 impl Default for Flights {
     fn default() -> Self {
         Flights {
-            shards: std::array::from_fn(|_| Mutex::default()),
+            shards: std::array::from_fn(|_| Shard::default()),
             hasher: foldhash::fast::RandomState::default(),
         }
     }
@@ -143,10 +151,7 @@ pub enum Role<'a> {
 impl Flights {
     /// Flights in progress (none once every call has ended).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).flights.len())
-            .sum()
+        self.shards.iter().map(|s| s.lock().flights.len()).sum()
     }
 
     /// Joins the flight for `key`, leading it if there is none.
@@ -158,7 +163,7 @@ impl Flights {
         // Middle bits: the map takes its buckets from the low ones and its
         // tags from the top ones.
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
-        let mut shard_map = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shard_map = shard.lock();
         let ShardMap { flights, next_id } = &mut *shard_map;
         if let Some(entry) = flights.get_mut(&hash) {
             if !entry.key.is(key) {
@@ -230,7 +235,7 @@ impl Leader<'_> {
     /// reads the store) and hands `outcome` to its followers, if any.
     fn close(&self, outcome: impl FnOnce() -> Outcome) {
         let slot = {
-            let mut map = self.shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut map = self.shard.lock();
             match map.flights.get(&self.hash) {
                 Some(entry) if entry.id == self.id => {
                     map.flights.remove(&self.hash).and_then(|e| e.slot)

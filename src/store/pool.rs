@@ -137,17 +137,24 @@ pub enum Pool {
 /// last pooled connection checked out, with its pooled original's flag and
 /// generation (so retiring either retires both); and clones of it that
 /// commands gave back, by stripe of threads.
+///
+/// Every change of the slot (a connection put in, a retired one taken out)
+/// starts a new epoch and empties every stripe: a spare is only ever a clone
+/// of the slot's connection of the current epoch, so none keeps a retired
+/// connection, or one the slot no longer holds, open.
 #[derive(Default)]
 pub struct Current {
     slot: std::sync::Mutex<Option<Spare>>,
+    epoch: AtomicU64,
     spares: [Spares; STRIPES],
 }
 
-/// A clone of the current connection, with its flag and generation.
+/// A clone of the current connection, with its flag, generation and epoch.
 struct Spare {
     conn: MultiplexedConnection,
     broken: Arc<AtomicBool>,
     generation: u64,
+    epoch: u64,
 }
 
 /// The spares of one stripe of threads, alone on its cache line.
@@ -164,6 +171,33 @@ impl Current {
         self.slot.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Puts `conn` (or nothing) in the slot, under its lock: a new epoch,
+    /// and every stripe emptied. Returns the new epoch.
+    fn renew(
+        &self,
+        slot: &mut std::sync::MutexGuard<'_, Option<Spare>>,
+        conn: Option<(MultiplexedConnection, Arc<AtomicBool>, u64)>,
+    ) -> u64 {
+        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let old = std::mem::replace(
+            &mut **slot,
+            conn.map(|(conn, broken, generation)| Spare {
+                conn,
+                broken,
+                generation,
+                epoch,
+            }),
+        );
+        drop(old);
+        // After the new epoch: a spare given back from now on is refused
+        // (`give_back` reads the epoch under its stripe's lock).
+        for spares in &self.spares {
+            let stale = std::mem::take(&mut *spares.lock());
+            drop(stale);
+        }
+        epoch
+    }
+
     /// This thread's stripe of spares.
     fn spares(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
         self.spares[stripes::this_thread()].lock()
@@ -177,8 +211,11 @@ impl Spares {
 }
 
 impl Spare {
-    fn usable(&self, generations: &Generations) -> bool {
-        !self.broken.load(Ordering::Relaxed) && self.generation >= generations.current()
+    /// Not retired, and a clone of the slot's connection of `epoch`.
+    fn usable(&self, generations: &Generations, epoch: u64) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+            && self.generation >= generations.current()
+            && self.epoch == epoch
     }
 }
 
@@ -204,8 +241,9 @@ impl bb8::ErrorSink<RedisError> for ConnectErrors {
 pub struct Connection<'p> {
     pub conn: MultiplexedConnection,
     health: Health<'p>,
-    /// Where the clone goes back after a command that succeeded (our pool's).
-    lender: Option<&'p Current>,
+    /// Where the clone goes back after a command that succeeded (our pool's),
+    /// and the epoch it was lent in.
+    lender: Option<(&'p Current, u64)>,
 }
 
 /// What is left of a [`Connection`] once its multiplexed connection was taken
@@ -261,35 +299,29 @@ impl Pool {
             health: Health {
                 own: Some((spare.broken, spare.generation, generations)),
             },
-            lender: Some(current),
+            lender: Some((current, spare.epoch)),
         };
         let spare = current.spares().pop();
-        match spare {
-            Some(spare) if spare.usable(generations) => return Some(lend(spare)),
-            // Retired: so are the others of its generation.
-            Some(_) => {
-                let stale = std::mem::take(&mut *current.spares());
-                drop(stale);
+        if let Some(spare) = spare {
+            if spare.usable(generations, current.epoch.load(Ordering::SeqCst)) {
+                return Some(lend(spare));
             }
-            None => {}
+            // Retired (then so is the slot's, checked below) or of an epoch
+            // that has just ended (its stripes are being emptied).
+            drop(spare);
         }
         let mut slot = current.slot();
         match &*slot {
-            Some(spare) if spare.usable(generations) => Some(lend(Spare {
-                conn: spare.conn.clone(),
-                broken: Arc::clone(&spare.broken),
-                generation: spare.generation,
-            })),
-            // Retired: so are every stripe's spares, cloned from it (they
-            // would keep its connection open).
+            Some(spare) if spare.usable(generations, current.epoch.load(Ordering::SeqCst)) => {
+                Some(lend(Spare {
+                    conn: spare.conn.clone(),
+                    broken: Arc::clone(&spare.broken),
+                    generation: spare.generation,
+                    epoch: spare.epoch,
+                }))
+            }
             Some(_) => {
-                let retired = slot.take();
-                drop(slot);
-                drop(retired);
-                for spares in &current.spares {
-                    let stale = std::mem::take(&mut *spares.lock());
-                    drop(stale);
-                }
+                current.renew(&mut slot, None);
                 None
             }
             None => None,
@@ -314,11 +346,14 @@ impl Pool {
                     drop(checkout);
                     continue;
                 }
-                *current.slot() = Some(Spare {
-                    conn: checkout.inner.clone(),
-                    broken: Arc::clone(&checkout.broken),
-                    generation: checkout.generation,
-                });
+                let epoch = current.renew(
+                    &mut current.slot(),
+                    Some((
+                        checkout.inner.clone(),
+                        Arc::clone(&checkout.broken),
+                        checkout.generation,
+                    )),
+                );
                 return Ok(Connection {
                     conn: checkout.inner.clone(),
                     health: Health {
@@ -328,7 +363,7 @@ impl Pool {
                             &**generations,
                         )),
                     },
-                    lender: Some(current),
+                    lender: Some((current, epoch)),
                 });
             },
             Pool::User(p) => {
@@ -363,18 +398,25 @@ impl<'p> Connection<'p> {
 
     /// After a command that succeeded: the clone goes back to this thread's
     /// stripe of spares, for the next command to take, unless there are
-    /// enough there (then it is dropped).
+    /// enough there, or it was retired or its epoch ended (then it is
+    /// dropped).
     pub fn give_back(self) {
-        let (Some(current), Some((broken, generation, _))) = (self.lender, self.health.own) else {
+        let (Some((current, epoch)), Some((broken, generation, generations))) =
+            (self.lender, self.health.own)
+        else {
             return;
         };
         let spare = Spare {
             conn: self.conn,
             broken,
             generation,
+            epoch,
         };
         let mut spares = current.spares();
-        if spares.len() < SPARES {
+        // The epoch is read under the stripe's lock: an epoch that ended
+        // before is seen here, or its emptying of this stripe comes after.
+        if spares.len() < SPARES && spare.usable(generations, current.epoch.load(Ordering::SeqCst))
+        {
             spares.push(spare);
         } else {
             drop(spares);
