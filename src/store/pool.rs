@@ -24,7 +24,9 @@
 //! one per stripe of threads (`stripes.rs`), and the next command of that
 //! thread takes it from there: on a hit, no cache line every thread writes.
 //! A spare is checked as the current connection is (its flag, its generation)
-//! and lives no longer than the pool.
+//! and belongs to the slot's epoch: every change of the slot starts a new one
+//! and empties the stripes (see [`Current`]). Spares live no longer than the
+//! pool.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -140,14 +142,23 @@ pub enum Pool {
 ///
 /// Every change of the slot (a connection put in, a retired one taken out)
 /// starts a new epoch and empties every stripe: a spare is only ever a clone
-/// of the slot's connection of the current epoch, so none keeps a retired
-/// connection, or one the slot no longer holds, open.
+/// of the slot's connection of the current epoch, so no spare keeps a
+/// retired connection, or one the slot no longer holds, open past the next
+/// command that finds it retired (clones lent to commands in flight live
+/// until their command ends).
 #[derive(Default)]
 pub struct Current {
     slot: std::sync::Mutex<Option<Spare>>,
-    epoch: AtomicU64,
+    /// Read by every hit; on a cache line of its own, away from the slot's
+    /// lock, which the slow path writes.
+    epoch: Epoch,
     spares: [Spares; STRIPES],
 }
+
+/// [`Current`]'s epoch, alone on its cache line.
+#[derive(Default)]
+#[repr(align(128))]
+struct Epoch(AtomicU64);
 
 /// A clone of the current connection, with its flag, generation and epoch.
 struct Spare {
@@ -178,7 +189,7 @@ impl Current {
         slot: &mut std::sync::MutexGuard<'_, Option<Spare>>,
         conn: Option<(MultiplexedConnection, Arc<AtomicBool>, u64)>,
     ) -> u64 {
-        let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        let epoch = self.epoch.0.fetch_add(1, Ordering::SeqCst).wrapping_add(1);
         let old = std::mem::replace(
             &mut **slot,
             conn.map(|(conn, broken, generation)| Spare {
@@ -303,7 +314,7 @@ impl Pool {
         };
         let spare = current.spares().pop();
         if let Some(spare) = spare {
-            if spare.usable(generations, current.epoch.load(Ordering::SeqCst)) {
+            if spare.usable(generations, current.epoch.0.load(Ordering::SeqCst)) {
                 return Some(lend(spare));
             }
             // Retired (then so is the slot's, checked below) or of an epoch
@@ -312,7 +323,7 @@ impl Pool {
         }
         let mut slot = current.slot();
         match &*slot {
-            Some(spare) if spare.usable(generations, current.epoch.load(Ordering::SeqCst)) => {
+            Some(spare) if spare.usable(generations, current.epoch.0.load(Ordering::SeqCst)) => {
                 Some(lend(Spare {
                     conn: spare.conn.clone(),
                     broken: Arc::clone(&spare.broken),
@@ -415,7 +426,8 @@ impl<'p> Connection<'p> {
         let mut spares = current.spares();
         // The epoch is read under the stripe's lock: an epoch that ended
         // before is seen here, or its emptying of this stripe comes after.
-        if spares.len() < SPARES && spare.usable(generations, current.epoch.load(Ordering::SeqCst))
+        if spares.len() < SPARES
+            && spare.usable(generations, current.epoch.0.load(Ordering::SeqCst))
         {
             spares.push(spare);
         } else {

@@ -223,26 +223,11 @@ impl RedisStore {
         &self,
         key: K,
     ) -> Result<Option<Vec<u8>>> {
-        // The common case spelled out, on the current connection: its first
-        // send. Anything else (no current connection, a dead one) goes on
-        // through `run`'s loop, boxed. (Through `run` and its closure, a hit
-        // cost 600 more instructions.)
-        let mut sent = 0;
-        if let Some(mut connection) = self.pool.current() {
-            match commands::send(&mut connection.conn, &redis::Cmd::get(key)).await {
-                Ok(value) => {
-                    connection.give_back();
-                    return Ok(value);
-                }
-                Err(e) => match self.failed("GET", e, connection.health(), 1) {
-                    Some(error) => return Err(error),
-                    None => sent = 1,
-                },
-            }
-        }
-        Box::pin(self.run_after(sent, "GET", |mut c, _| async move {
-            commands::get(&mut c, key).await
-        }))
+        self.read_on(
+            "GET",
+            async |conn| commands::send(conn, &redis::Cmd::get(key)).await,
+            |mut c, _| async move { commands::get(&mut c, key).await },
+        )
         .await
     }
 
@@ -252,24 +237,43 @@ impl RedisStore {
         &self,
         key: K,
     ) -> Result<Option<Stored>> {
-        // As in `read`.
+        self.read_on(
+            "GET+PTTL",
+            async |conn| commands::send_get_with_ttl(conn, key).await,
+            |mut c, _| async move { commands::get_with_ttl(&mut c, key).await },
+        )
+        .await
+    }
+
+    /// A hit's read: its first send (`first`) spelled out on the current
+    /// connection, which it gives back after a success; anything else (no
+    /// current connection, a dead one) goes on through `run`'s loop
+    /// (`again`), boxed. (Through `run` and its closure, a hit cost 600 more
+    /// instructions.)
+    async fn read_on<T, F, Fut>(
+        &self,
+        command: &'static str,
+        first: impl AsyncFnOnce(&mut MultiplexedConnection) -> Result<T, RedisError>,
+        again: F,
+    ) -> Result<T>
+    where
+        F: Fn(MultiplexedConnection, bool) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let mut sent = 0;
         if let Some(mut connection) = self.pool.current() {
-            match commands::send_get_with_ttl(&mut connection.conn, key).await {
+            match first(&mut connection.conn).await {
                 Ok(value) => {
                     connection.give_back();
                     return Ok(value);
                 }
-                Err(e) => match self.failed("GET+PTTL", e, connection.health(), 1) {
+                Err(e) => match self.failed(command, e, connection.health(), 1) {
                     Some(error) => return Err(error),
                     None => sent = 1,
                 },
             }
         }
-        Box::pin(self.run_after(sent, "GET+PTTL", |mut c, _| async move {
-            commands::get_with_ttl(&mut c, key).await
-        }))
-        .await
+        Box::pin(self.run_after(sent, command, again)).await
     }
 }
 
