@@ -43,6 +43,25 @@ pub fn value_key(prefix: &str, key: &str) -> String {
     value_key_parts(prefix, key).concat()
 }
 
+/// The cache key whose value key is `value_key` under `prefix`: the inverse
+/// of [`value_key`]; `None` for a key no cache key of `prefix` maps to.
+/// (The near cache keeps values by cache key; invalidations name value keys.)
+#[cfg_attr(not(feature = "near-cache"), allow(dead_code))]
+pub fn cache_key_of<'v>(prefix: &str, value_key: &'v str) -> Option<&'v str> {
+    let braced = value_key
+        .strip_prefix(prefix)?
+        .strip_prefix('{')?
+        .strip_suffix('}')?;
+    match braced.strip_prefix('\\') {
+        // The escape goes before a key starting with `}` or `\`, and only
+        // there.
+        Some(key) if key.starts_with(['}', '\\']) => Some(key),
+        Some(_) => None,
+        None if braced.starts_with('}') => None,
+        None => Some(braced),
+    }
+}
+
 /// The value key of a cache key, not yet built: a hit writes it straight
 /// into its `GET` ([`ToRedisArgs`](redis::ToRedisArgs)) instead of building
 /// a `String` for it; the paths past a hit [`build`](Self::build) it.
@@ -55,6 +74,12 @@ pub struct ValueKey<'a> {
 impl<'a> ValueKey<'a> {
     pub fn new(prefix: &'a str, key: &'a str) -> ValueKey<'a> {
         ValueKey { prefix, key }
+    }
+
+    /// The cache key it is the value key of.
+    #[cfg_attr(not(feature = "near-cache"), allow(dead_code))]
+    pub fn key(self) -> &'a str {
+        self.key
     }
 
     /// The value key as a `String` ([`value_key`]).
@@ -80,7 +105,7 @@ impl redis::ToRedisArgs for ValueKey<'_> {
 impl redis::ToSingleRedisArg for ValueKey<'_> {}
 
 /// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
-/// when it is short: a near cache lookup allocates nothing.
+/// when it is short: a `GET` writes it into its command without a `String`.
 pub fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut buf = [0u8; 128];
     let escape = key.starts_with(['}', '\\']);
@@ -170,6 +195,44 @@ mod tests {
                 let arg = redis::ToRedisArgs::to_redis_args(&unbuilt);
                 assert_eq!(arg, vec![built.clone().into_bytes()], "{prefix:?} {key:?}");
             }
+        }
+    }
+
+    /// `cache_key_of` inverts `value_key` for every key (escaped or not),
+    /// and refuses what no key maps to.
+    #[test]
+    fn the_cache_key_of_a_value_key_is_its_key() {
+        let long = "k".repeat(200);
+        let keys = [
+            "a",
+            "}",
+            "}x",
+            "\\",
+            "\\}x",
+            "\\\\",
+            "{",
+            "{}",
+            "a{b}c",
+            "a}b",
+            "}{",
+            "é:ü",
+            "",
+            long.as_str(),
+        ];
+        for prefix in ["", "lc:", "p{"] {
+            for key in keys {
+                let value_key = value_key(prefix, key);
+                assert_eq!(
+                    cache_key_of(prefix, &value_key),
+                    Some(key),
+                    "{prefix:?} {key:?}"
+                );
+            }
+        }
+        for bad in [
+            "lc:k", "lc:{k", "lc:k}", "x:{k}", "lc:{}x}", "lc:{\\x}", "lc:{\\}",
+        ] {
+            assert_eq!(cache_key_of("lc:", bad), None, "{bad:?}");
         }
     }
 

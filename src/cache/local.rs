@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use moka::sync::Cache;
 use tokio::task::JoinHandle;
 
+use super::keys;
 use crate::stats::Stats;
 use crate::store::SharedStore;
 
@@ -79,14 +80,14 @@ pub struct Ticket {
     slot: u64,
 }
 
-/// A near cache key: a value key's bytes.
+/// A near cache key: a cache key's bytes.
 type Key = Box<[u8]>;
 
 /// The near cache of one [`LockedCache`](crate::LockedCache).
 pub struct Local {
-    /// By value key, as bytes (a lookup with a key built on the stack need
-    /// not check it for UTF-8), hashed by foldhash (seeded per cache) rather
-    /// than std's SipHash: hashing the key was a tenth of a near hit.
+    /// By cache key (the key a caller gives, not its value key: a lookup
+    /// builds nothing), as bytes, hashed by foldhash (seeded per cache)
+    /// rather than std's SipHash: hashing the key was a tenth of a near hit.
     entries: Cache<Key, Entry, foldhash::fast::RandomState>,
     /// Bumped by every clear.
     all: AtomicU64,
@@ -95,6 +96,9 @@ pub struct Local {
     /// The subscription is up: the L1 may answer and take values.
     live: AtomicBool,
     max_ttl: Duration,
+    /// The cache's key prefix: entries are by cache key, messages name value
+    /// keys (`keys.rs`).
+    key_prefix: String,
     channel: String,
     origin: String,
     stats: Arc<Stats>,
@@ -104,7 +108,13 @@ impl Local {
     /// A near cache holding up to `max_bytes` (values weighed by their encoded
     /// size plus their key), each for at most `max_ttl`, invalidated on
     /// `channel`. Not live until [`listen`] subscribed.
-    pub fn new(max_bytes: u64, max_ttl: Duration, channel: String, stats: Arc<Stats>) -> Local {
+    pub fn new(
+        max_bytes: u64,
+        max_ttl: Duration,
+        key_prefix: &str,
+        channel: String,
+        stats: Arc<Stats>,
+    ) -> Local {
         let entries = Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|key: &Key, entry: &Entry| {
@@ -121,6 +131,7 @@ impl Local {
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             live: AtomicBool::new(false),
             max_ttl,
+            key_prefix: key_prefix.to_owned(),
             channel,
             origin,
             stats,
@@ -221,15 +232,26 @@ impl Local {
         self.entries.invalidate(key.as_bytes());
     }
 
+    /// [`invalidate`](Self::invalidate) for the key whose value key (as
+    /// written to Redis, and sent in messages) is `value_key`; everything when
+    /// no key of this cache has that value key (safe, if costly).
+    pub fn invalidate_value_key(&self, value_key: &str) {
+        match keys::cache_key_of(&self.key_prefix, value_key) {
+            Some(key) => self.invalidate(key),
+            None => self.clear(),
+        }
+    }
+
     /// Drops every entry and refuses the inserts of every read in flight.
     pub fn clear(&self) {
         self.all.fetch_add(1, Ordering::SeqCst);
         self.entries.invalidate_all();
     }
 
-    /// The message telling other processes that `key` changed.
-    pub fn message(&self, key: &str) -> String {
-        format!("{}{key}", self.origin)
+    /// The message telling other processes that the value at `value_key`
+    /// changed (messages name value keys, as Redis does).
+    pub fn message(&self, value_key: &str) -> String {
+        format!("{}{value_key}", self.origin)
     }
 
     /// Applies a message from the channel: invalidates its key, unless it
@@ -242,9 +264,9 @@ impl Local {
             .map(|m| m.split_at(ORIGIN_LEN));
         match parsed {
             Some((origin, _)) if origin == self.origin => {}
-            Some((_, key)) => {
+            Some((_, value_key)) => {
                 Stats::add(&self.stats.near_invalidations);
-                self.invalidate(key);
+                self.invalidate_value_key(value_key);
             }
             None => self.clear(),
         }
@@ -288,7 +310,7 @@ impl Near {
         stats: Arc<Stats>,
     ) -> Near {
         let channel = format!("locked-cache:near:{key_prefix}");
-        let local = Arc::new(Local::new(max_bytes, max_ttl, channel, stats));
+        let local = Arc::new(Local::new(max_bytes, max_ttl, key_prefix, channel, stats));
         let listener = listen(&local, store);
         Near {
             local,
@@ -313,7 +335,7 @@ impl Near {
     /// not returned: the write happened, and the other processes' copies
     /// expire within the near cache's TTL.
     pub async fn changed(&self, store: &SharedStore, value_key: &str) {
-        self.local.invalidate(value_key);
+        self.local.invalidate_value_key(value_key);
         let message = self.local.message(value_key);
         if let Err(e) = store.publish(self.local.channel(), &message).await {
             tracing::warn!(key = value_key, error = %e, "publishing a near cache invalidation failed; other processes may serve the old value until their near cache entry expires");
@@ -389,7 +411,7 @@ mod tests {
     const MINUTE: Duration = Duration::from_secs(60);
 
     fn local(max_bytes: u64) -> Local {
-        let l = Local::new(max_bytes, MINUTE, "inv".into(), Arc::default());
+        let l = Local::new(max_bytes, MINUTE, "", "inv".into(), Arc::default());
         l.live.store(true, Ordering::SeqCst);
         l
     }
@@ -429,6 +451,7 @@ mod tests {
         let l = Local::new(
             1 << 20,
             Duration::from_millis(30),
+            "",
             "inv".into(),
             Arc::default(),
         );
@@ -479,12 +502,19 @@ mod tests {
         for key in ["a", "b"] {
             l.insert(key, Arc::new(1u8), 1, MINUTE, l.ticket(key));
         }
-        l.apply(l.message("a").as_bytes());
+        // Messages name value keys (`{a}` with the empty prefix); entries
+        // are by cache key.
+        l.apply(l.message("{a}").as_bytes());
         assert!(l.get::<u8>(b"a").is_some(), "our own message is skipped");
-        l.apply(format!("{:016x}a", 1).as_bytes());
+        l.apply(format!("{:016x}{{a}}", 1).as_bytes());
         assert!(l.get::<u8>(b"a").is_none());
         assert!(l.get::<u8>(b"b").is_some());
+        // A value key no key of this cache has clears everything.
+        l.insert("a", Arc::new(1u8), 1, MINUTE, l.ticket("a"));
+        l.apply(format!("{:016x}a", 1).as_bytes());
+        assert!(l.get::<u8>(b"a").is_none() && l.get::<u8>(b"b").is_none());
         // Garbage clears everything rather than being ignored.
+        l.insert("b", Arc::new(1u8), 1, MINUTE, l.ticket("b"));
         l.apply(&[0xff, 0xfe]);
         assert!(l.get::<u8>(b"b").is_none());
     }
@@ -492,8 +522,14 @@ mod tests {
     #[tokio::test]
     async fn the_listener_applies_published_invalidations() {
         let store: SharedStore = Arc::new(MemoryStore::new());
-        let a = Arc::new(Local::new(1 << 20, MINUTE, "inv".into(), Arc::default()));
-        let b = Local::new(1 << 20, MINUTE, "inv".into(), Arc::default());
+        let a = Arc::new(Local::new(
+            1 << 20,
+            MINUTE,
+            "",
+            "inv".into(),
+            Arc::default(),
+        ));
+        let b = Local::new(1 << 20, MINUTE, "", "inv".into(), Arc::default());
         let _listener = listen(&a, Arc::clone(&store));
         let deadline = Instant::now() + Duration::from_secs(5);
         while !a.is_live() {
@@ -501,7 +537,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         a.insert("k", Arc::new(1u8), 1, MINUTE, a.ticket("k"));
-        store.publish("inv", &b.message("k")).await.unwrap();
+        store.publish("inv", &b.message("{k}")).await.unwrap();
         while a.get::<u8>(b"k").is_some() {
             assert!(Instant::now() < deadline, "never invalidated");
             tokio::time::sleep(Duration::from_millis(1)).await;

@@ -127,9 +127,8 @@ impl<C: Codec> LockedCache<C> {
     }
 
     /// The near cache's value for `key`: `None` without a near cache,
-    /// `Some(None)` when it does not hold the key. The lookup builds the value
-    /// key on the stack (no allocation while the value key, prefix and braces
-    /// included, is at most 128 bytes). A near hit never
+    /// `Some(None)` when it does not hold the key. The near cache is keyed by
+    /// the cache key itself, so a lookup builds nothing. A near hit never
     /// waits, so it takes part in tokio's cooperative budget: a loop of hits
     /// yields now and then, as a loop of Redis reads would, instead of
     /// starving the worker.
@@ -143,9 +142,7 @@ impl<C: Codec> LockedCache<C> {
             return Ok(None);
         };
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        let value = keys::with_value_key_bytes(&inner.key_prefix, key, |value_key| {
-            near.local.get::<T>(value_key)
-        });
+        let value = near.local.get::<T>(key.as_bytes());
         if value.is_some() {
             tokio::task::consume_budget().await;
         }
@@ -158,8 +155,7 @@ impl<C: Codec> LockedCache<C> {
     #[doc(hidden)]
     pub fn near_peek<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
         let near = self.inner.near.as_ref()?;
-        near.local
-            .peek::<T>(keys::value_key(&self.inner.key_prefix, key).as_bytes())
+        near.local.peek::<T>(key.as_bytes())
     }
 
     /// Whether the near cache's invalidation subscription is up (false without
@@ -202,9 +198,9 @@ impl<C: Codec> LockedCache<C> {
 pub(super) struct Keep<T> {
     #[cfg(feature = "near-cache")]
     ticket: super::local::Ticket,
-    /// The value key, built once for the ticket and the insert.
+    /// The cache key (the near cache's key), for the insert.
     #[cfg(feature = "near-cache")]
-    value_key: String,
+    key: String,
     #[cfg(feature = "near-cache")]
     sharing: Sharing<T>,
     #[cfg(not(feature = "near-cache"))]
@@ -224,10 +220,10 @@ impl<C: Codec> Inner<C> {
     ) -> Option<Keep<T>> {
         #[cfg(feature = "near-cache")]
         if let (Some(near), Some(sharing)) = (&self.near, sharing) {
-            let value_key = value_key.build();
+            let key = value_key.key();
             return Some(Keep {
-                ticket: near.local.ticket(&value_key),
-                value_key,
+                ticket: near.local.ticket(key),
+                key: key.to_owned(),
                 sharing,
             });
         }
@@ -250,7 +246,7 @@ impl<C: Codec> Inner<C> {
                 left.saturating_sub(found.meta.stale_for)
             });
             near.local.insert_erased(
-                &keep.value_key,
+                &keep.key,
                 (keep.sharing.share)(&found.value),
                 found.stored_len,
                 fresh_left,
