@@ -139,13 +139,12 @@ impl<C: Codec> Inner<C> {
                 keep,
                 found: Some((found, Freshness::Fresh)),
             } => {
+                self.hit(&found, keep);
                 let Some(leader) = leader else {
                     // Alone (coalescing off): nobody to hand anything to.
-                    self.near_keep(&found, keep);
-                    Stats::add(&self.stats.hits);
                     return Ok((found.value, Outcome::Hit));
                 };
-                let mut led = self.hit(found, keep);
+                let mut led = Led::unlocked(found.value, found.bytes, Outcome::Hit);
                 self.hand_over::<T, E>(Some(leader), Ok(&mut led), sharing);
                 Ok((led.value, Outcome::Hit))
             }
@@ -297,7 +296,7 @@ impl<C: Codec> Inner<C> {
             0.0
         };
         let judged = freshness::judge(&meta, stored.ttl, options, draw);
-        if judged == Freshness::Fresh && stored.bytes.len() <= self.max_value_size {
+        let stored = if judged == Freshness::Fresh && stored.bytes.len() <= self.max_value_size {
             let Stored { mut bytes, ttl } = stored;
             let stored_len = bytes.len();
             match in_place::decode::<C, T>(&mut bytes) {
@@ -315,23 +314,21 @@ impl<C: Codec> Inner<C> {
                     self.report_corrupt(&value_key, &e);
                     return None;
                 }
-                None => {
-                    let stored = Stored { bytes, ttl };
-                    return self
-                        .decode_or_report(&value_key, stored, true)
-                        .map(|found| (found, judged));
-                }
+                // Not a type decoded in place: `bytes` is untouched.
+                None => Stored { bytes, ttl },
             }
-        }
+        } else {
+            stored
+        };
         self.decode_or_report(&value_key, stored, true)
             .map(|found| (found, judged))
     }
 
-    /// A fresh value found by the first read: a hit.
-    fn hit<T>(&self, found: Found<T>, keep: Option<Keep<T>>) -> Led<T> {
-        self.near_keep(&found, keep);
+    /// A fresh value found by the first read: a hit, kept in the near cache
+    /// (when `keep` says so) and counted.
+    fn hit<T>(&self, found: &Found<T>, keep: Option<Keep<T>>) {
+        self.near_keep(found, keep);
         Stats::add(&self.stats.hits);
-        Led::unlocked(found.value, found.bytes, Outcome::Hit)
     }
 
     /// The leader's path past its read (`leader` is `None` with coalescing
@@ -400,7 +397,9 @@ impl<C: Codec> Inner<C> {
         let Judged { keep, found } = judged;
         match found {
             Some((found, Freshness::Fresh)) => {
-                return Ok(Lead::Done(self.hit(found, keep)));
+                self.hit(&found, keep);
+                let led = Led::unlocked(found.value, found.bytes, Outcome::Hit);
+                return Ok(Lead::Done(led));
             }
             Some((found, Freshness::RefreshEarly)) => {
                 Stats::add(&self.stats.early_refreshes);

@@ -106,7 +106,7 @@ impl redis::ToSingleRedisArg for ValueKey<'_> {}
 
 /// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
 /// when it is short: a `GET` writes it into its command without a `String`.
-pub fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
+fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {
     let mut buf = [0u8; 128];
     let escape = key.starts_with(['}', '\\']);
     let len = prefix.len() + usize::from(escape) + key.len() + 2;
@@ -131,11 +131,7 @@ pub fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) ->
 
 impl Keys {
     pub fn new(prefix: &str, key: &str) -> Keys {
-        Keys::with_value_key(value_key(prefix, key))
-    }
-
-    /// The lock and fence keys that go with `value` (a value key).
-    pub fn with_value_key(value: String) -> Keys {
+        let value = value_key(prefix, key);
         Keys {
             lock: format!("{LOCK_PREFIX}{value}"),
             fence: format!("{FENCE_PREFIX}{value}"),

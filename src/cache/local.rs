@@ -80,13 +80,13 @@ pub struct Ticket {
     slot: u64,
 }
 
-/// A near cache key: a cache key's bytes.
-type Key = Box<[u8]>;
+/// A near cache key: a cache key.
+type Key = Box<str>;
 
 /// The near cache of one [`LockedCache`](crate::LockedCache).
 pub struct Local {
     /// By cache key (the key a caller gives, not its value key: a lookup
-    /// builds nothing), as bytes, hashed by foldhash (seeded per cache)
+    /// builds nothing), hashed by foldhash (seeded per cache)
     /// rather than std's SipHash: hashing the key was a tenth of a near hit.
     entries: Cache<Key, Entry, foldhash::fast::RandomState>,
     /// Bumped by every clear.
@@ -149,7 +149,7 @@ impl Local {
     }
 
     /// The value of `key` as a `T`, if the L1 holds one of that type.
-    pub fn get<T: Send + Sync + 'static>(&self, key: &[u8]) -> Option<Arc<T>> {
+    pub fn get<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
         if !self.is_live() {
             return None;
         }
@@ -163,7 +163,7 @@ impl Local {
     }
 
     /// As [`get`](Self::get), without counting (for tests and benches).
-    pub fn peek<T: Send + Sync + 'static>(&self, key: &[u8]) -> Option<Arc<T>> {
+    pub fn peek<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
         if !self.is_live() {
             return None;
         }
@@ -218,18 +218,18 @@ impl Local {
             ttl,
             weight: u32::try_from(weight).unwrap_or(u32::MAX),
         };
-        self.entries.insert(key.as_bytes().into(), entry);
+        self.entries.insert(key.into(), entry);
         // An invalidation between the check and the insert removed nothing:
         // take the value out again.
         if self.ticket(key) != ticket || !self.is_live() {
-            self.entries.invalidate(key.as_bytes());
+            self.entries.invalidate(key);
         }
     }
 
     /// Drops `key` here and refuses the inserts of reads already in flight.
     pub fn invalidate(&self, key: &str) {
         self.slot(key).fetch_add(1, Ordering::SeqCst);
-        self.entries.invalidate(key.as_bytes());
+        self.entries.invalidate(key);
     }
 
     /// [`invalidate`](Self::invalidate) for the key whose value key (as
@@ -421,11 +421,11 @@ mod tests {
         let l = local(1 << 20);
         let t = l.ticket("k");
         l.insert("k", Arc::new(String::from("v")), 1, MINUTE, t);
-        let a = l.get::<String>(b"k").unwrap();
-        let b = l.get::<String>(b"k").unwrap();
+        let a = l.get::<String>("k").unwrap();
+        let b = l.get::<String>("k").unwrap();
         assert!(Arc::ptr_eq(&a, &b));
         // Another type under the key is a miss, not a panic.
-        assert!(l.get::<u64>(b"k").is_none());
+        assert!(l.get::<u64>("k").is_none());
         assert_eq!(l.stats.snapshot().near_hits, 2);
     }
 
@@ -435,15 +435,15 @@ mod tests {
         let t = l.ticket("k");
         l.invalidate("k");
         l.insert("k", Arc::new(1u32), 1, MINUTE, t);
-        assert!(l.get::<u32>(b"k").is_none());
+        assert!(l.get::<u32>("k").is_none());
         let t = l.ticket("k");
         l.clear();
         l.insert("k", Arc::new(1u32), 1, MINUTE, t);
-        assert!(l.get::<u32>(b"k").is_none());
+        assert!(l.get::<u32>("k").is_none());
         // A fresh ticket inserts.
         let t = l.ticket("k");
         l.insert("k", Arc::new(2u32), 1, MINUTE, t);
-        assert_eq!(*l.get::<u32>(b"k").unwrap(), 2);
+        assert_eq!(*l.get::<u32>("k").unwrap(), 2);
     }
 
     #[test]
@@ -465,13 +465,13 @@ mod tests {
             l.ticket("own"),
         );
         l.insert("none", Arc::new(1u8), 1, Duration::ZERO, l.ticket("none"));
-        assert!(l.get::<u8>(b"cap").is_some());
-        assert!(l.get::<u8>(b"none").is_none());
+        assert!(l.get::<u8>("cap").is_some());
+        assert!(l.get::<u8>("none").is_none());
         std::thread::sleep(Duration::from_millis(15));
-        assert!(l.get::<u8>(b"own").is_none());
-        assert!(l.get::<u8>(b"cap").is_some());
+        assert!(l.get::<u8>("own").is_none());
+        assert!(l.get::<u8>("cap").is_some());
         std::thread::sleep(Duration::from_millis(20));
-        assert!(l.get::<u8>(b"cap").is_none());
+        assert!(l.get::<u8>("cap").is_none());
     }
 
     #[test]
@@ -490,10 +490,10 @@ mod tests {
         let l = local(1 << 20);
         l.insert("k", Arc::new(1u8), 1, MINUTE, l.ticket("k"));
         l.set_live(false);
-        assert!(l.get::<u8>(b"k").is_none());
+        assert!(l.get::<u8>("k").is_none());
         l.insert("k", Arc::new(1u8), 1, MINUTE, l.ticket("k"));
         l.set_live(true);
-        assert!(l.get::<u8>(b"k").is_none(), "cleared on the way back");
+        assert!(l.get::<u8>("k").is_none(), "cleared on the way back");
     }
 
     #[test]
@@ -505,18 +505,18 @@ mod tests {
         // Messages name value keys (`{a}` with the empty prefix); entries
         // are by cache key.
         l.apply(l.message("{a}").as_bytes());
-        assert!(l.get::<u8>(b"a").is_some(), "our own message is skipped");
+        assert!(l.get::<u8>("a").is_some(), "our own message is skipped");
         l.apply(format!("{:016x}{{a}}", 1).as_bytes());
-        assert!(l.get::<u8>(b"a").is_none());
-        assert!(l.get::<u8>(b"b").is_some());
+        assert!(l.get::<u8>("a").is_none());
+        assert!(l.get::<u8>("b").is_some());
         // A value key no key of this cache has clears everything.
         l.insert("a", Arc::new(1u8), 1, MINUTE, l.ticket("a"));
         l.apply(format!("{:016x}a", 1).as_bytes());
-        assert!(l.get::<u8>(b"a").is_none() && l.get::<u8>(b"b").is_none());
+        assert!(l.get::<u8>("a").is_none() && l.get::<u8>("b").is_none());
         // Garbage clears everything rather than being ignored.
         l.insert("b", Arc::new(1u8), 1, MINUTE, l.ticket("b"));
         l.apply(&[0xff, 0xfe]);
-        assert!(l.get::<u8>(b"b").is_none());
+        assert!(l.get::<u8>("b").is_none());
     }
 
     #[tokio::test]
@@ -538,7 +538,7 @@ mod tests {
         }
         a.insert("k", Arc::new(1u8), 1, MINUTE, a.ticket("k"));
         store.publish("inv", &b.message("{k}")).await.unwrap();
-        while a.get::<u8>(b"k").is_some() {
+        while a.get::<u8>("k").is_some() {
             assert!(Instant::now() < deadline, "never invalidated");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }

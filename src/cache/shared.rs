@@ -142,7 +142,7 @@ impl<C: Codec> LockedCache<C> {
             return Ok(None);
         };
         keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        let value = near.local.get::<T>(key.as_bytes());
+        let value = near.local.get::<T>(key);
         if value.is_some() {
             tokio::task::consume_budget().await;
         }
@@ -155,7 +155,7 @@ impl<C: Codec> LockedCache<C> {
     #[doc(hidden)]
     pub fn near_peek<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
         let near = self.inner.near.as_ref()?;
-        near.local.peek::<T>(key.as_bytes())
+        near.local.peek::<T>(key)
     }
 
     /// Whether the near cache's invalidation subscription is up (false without

@@ -161,6 +161,7 @@ pub struct Current {
 struct Epoch(AtomicU64);
 
 /// A clone of the current connection, with its flag, generation and epoch.
+#[derive(Clone)]
 struct Spare {
     conn: MultiplexedConnection,
     broken: Arc<AtomicBool>,
@@ -324,12 +325,7 @@ impl Pool {
         let mut slot = current.slot();
         match &*slot {
             Some(spare) if spare.usable(generations, current.epoch.0.load(Ordering::SeqCst)) => {
-                Some(lend(Spare {
-                    conn: spare.conn.clone(),
-                    broken: Arc::clone(&spare.broken),
-                    generation: spare.generation,
-                    epoch: spare.epoch,
-                }))
+                Some(lend(spare.clone()))
             }
             Some(_) => {
                 current.renew(&mut slot, None);
