@@ -94,15 +94,7 @@ fn main() {
                 .near_cache_ttl(Duration::from_secs(3600));
         }
         let cache = builder.build().await.expect("cache");
-        // The raw side with the cache's socket options (TCP_NODELAY).
-        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .expect("url")
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let raw = redis::Client::open(info)
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connection");
+        let raw = common::raw_connection(&url).await;
         let value = "x".repeat(1024);
         for caller in 0..callers {
             cache.set(&format!("k{caller}"), &value).await.expect("SET");

@@ -290,14 +290,7 @@ fn worker(work: Work) {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
         let cache = cache(&work.url).await;
-        let info = redis::IntoConnectionInfo::into_connection_info(work.url.as_str())
-            .expect("url")
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let raw = redis::Client::open(info)
-            .expect("client")
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connection");
+        let raw = common::raw_connection(&work.url).await;
         // Warm: the cache's connection open and its scripts loaded.
         let _: Option<String> = cache.get("k0").await.expect("warm-up");
         println!("READY");

@@ -702,9 +702,7 @@ fn throughput(o: &Options) -> String {
     let bench = runtime.block_on(async {
         // The raw sides' sockets, with the cache's TCP_NODELAY unless told
         // otherwise: the comparison is of the code, not of socket options.
-        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .expect("url")
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(o.raw_nodelay));
+        let info = common::raw_connection_info(&url, o.raw_nodelay);
         let manager = RedisConnectionManager::new(info.clone()).expect("manager");
         let pool = bb8::Pool::builder()
             .max_size(DEFAULT_POOL_SIZE)

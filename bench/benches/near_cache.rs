@@ -134,14 +134,7 @@ async fn throughput(
     // The raw side with the cache's socket options (TCP_NODELAY), as in the
     // hit path bench: with Nagle's algorithm a multiplexed connection packs
     // more commands per packet at 16-64 callers and answers later.
-    let info = redis::IntoConnectionInfo::into_connection_info(server.url().as_str())
-        .expect("url")
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    let client = redis::Client::open(info).expect("client");
-    let conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connection");
+    let conn = common::raw_connection(&server.url()).await;
     let max = callers.iter().copied().max().unwrap_or(1);
     let value = "x".repeat(1024);
     for c in 0..max {

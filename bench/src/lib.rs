@@ -9,6 +9,26 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+/// The connection info of `url` for a raw side: with `TCP_NODELAY` as told.
+/// The cache sets it on every connection, so a raw side that is to be
+/// compared with the cache sets it too (`nodelay`): the comparison is then of
+/// the code, not of socket options.
+pub fn raw_connection_info(url: &str, nodelay: bool) -> redis::ConnectionInfo {
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .unwrap_or_else(|e| die(&format!("url {url}: {e}")))
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(nodelay))
+}
+
+/// One multiplexed connection to `url` with the cache's socket options
+/// (`TCP_NODELAY`): a raw side's connection.
+pub async fn raw_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(raw_connection_info(url, true))
+        .unwrap_or_else(|e| die(&format!("client: {e}")))
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| die(&format!("connection to {url}: {e}")))
+}
+
 /// Where reports go: `$CARGO_TARGET_DIR/bench-report`, else `target/bench-report`
 /// in the workspace (the repository root).
 pub fn report_dir() -> PathBuf {
