@@ -47,7 +47,10 @@ pub(super) fn decode<C: Codec, T: 'static>(bytes: &mut Vec<u8>) -> Option<Result
     if usize::try_from(len).ok()? != bytes.len() - start {
         return None;
     }
-    bytes.drain(..start);
+    // The payload to the front (`drain` does the same through a guard that
+    // costs a hit about 100 instructions more).
+    bytes.copy_within(start.., 0);
+    bytes.truncate(bytes.len() - start);
     let bytes = std::mem::take(bytes);
     // (Each cast succeeds: `kind` was checked above.)
     if string {

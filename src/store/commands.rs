@@ -21,7 +21,15 @@ pub async fn get<C: ConnectionLike + Send, K: ToSingleRedisArg>(
     conn: &mut C,
     key: K,
 ) -> RedisResult<Option<Vec<u8>>> {
-    redis::Cmd::get(key).query_async(conn).await
+    get_command(key).query_async(conn).await
+}
+
+/// `GET key`, its buffers sized up front for keys of up to 64 bytes:
+/// `redis::Cmd::get` grows them as it writes, a reallocation on every hit.
+pub fn get_command<K: ToSingleRedisArg>(key: K) -> redis::Cmd {
+    let mut cmd = redis::Cmd::with_capacity(2, 3 + 64);
+    cmd.arg("GET").arg(key);
+    cmd
 }
 
 /// One command on a multiplexed connection, its reply as `T`: what
@@ -57,8 +65,10 @@ pub async fn get_with_ttl<C: ConnectionLike + Send, K: ToSingleRedisArg>(
 }
 
 fn ttl_pipe<K: ToSingleRedisArg>(key: K) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    pipe.get(&key).cmd("PTTL").arg(&key);
+    let mut pttl = redis::Cmd::with_capacity(2, 4 + 64);
+    pttl.arg("PTTL").arg(&key);
+    let mut pipe = redis::Pipeline::with_capacity(2);
+    pipe.add_command(get_command(&key)).add_command(pttl);
     pipe
 }
 

@@ -225,7 +225,7 @@ impl RedisStore {
     ) -> Result<Option<Vec<u8>>> {
         self.read_on(
             "GET",
-            async |conn| commands::send(conn, &redis::Cmd::get(key)).await,
+            async |conn| commands::send(conn, &commands::get_command(key)).await,
             |mut c, _| async move { commands::get(&mut c, key).await },
         )
         .await
