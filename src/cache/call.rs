@@ -81,10 +81,15 @@ impl<C: Codec> Inner<C> {
         // process (as a follower) or in another (for the lock).
         let started = Instant::now();
         let mut trace = CallTrace::default();
-        let result = self
-            .call(key, loader, options, sharing, started, &mut trace)
-            .instrument(span.clone())
-            .await;
+        let call = self.call(key, loader, options, sharing, started, &mut trace);
+        // Without a subscriber that wants the span (the common case for a
+        // hit), the call runs as it is: wrapping it would move the whole
+        // future once more and enter and leave the span on every poll.
+        let result = if span.is_disabled() {
+            call.await
+        } else {
+            call.instrument(span.clone()).await
+        };
         self.telemetry.call_ended(&span, &trace, started, &result);
         result
     }
