@@ -370,6 +370,51 @@ async fn odd_and_maximum_length_keys_work_across_processes_and_one_byte_more_is_
     assert_eq!(runs.load(Ordering::SeqCst), keys.len() as u32);
 }
 
+/// Hits build their `GET` in a command buffer each connection keeps between
+/// commands: keys of very different lengths, escaped or not, read in turn and
+/// at once on one thread (so the same buffers come back) each get their own
+/// value, never a previous key's.
+#[test]
+fn hits_on_reused_command_buffers_read_their_own_keys() {
+    let server = RedisServer::start();
+    current_thread().block_on(async {
+        let cache = LockedCache::builder()
+            .redis(server.url())
+            .key_prefix(unique_prefix("buffers"))
+            .build()
+            .await
+            .unwrap();
+        let long = "l".repeat(900);
+        let keys = ["a", long.as_str(), "}braced", "mid-length key", "\\x", "b"];
+        for key in keys {
+            cache.set(key, &format!("value of {key}")).await.unwrap();
+        }
+        for round in 0..20 {
+            // In turn, in an order that changes by round...
+            for i in 0..keys.len() {
+                let key = keys[(i * 5 + round) % keys.len()];
+                let got: Option<String> = cache.get(key).await.unwrap();
+                assert_eq!(got.as_deref(), Some(format!("value of {key}").as_str()));
+            }
+            // ...and all at once, each call on a buffer another just used.
+            let reads = keys.iter().map(|key| {
+                let cache = cache.clone();
+                async move {
+                    let got: String = cache
+                        .get_or_load(key, || async { Err::<String, &str>("a hit must not load") })
+                        .await
+                        .unwrap();
+                    (key, got)
+                }
+            });
+            for (key, got) in futures_util::future::join_all(reads).await {
+                assert_eq!(got, format!("value of {key}"));
+            }
+        }
+        assert_eq!(cache.stats().hits, 20 * 2 * keys.len() as u64);
+    });
+}
+
 /// A value over the maximum size, with 20 callers in the flight: the loader runs
 /// once, every caller gets `ValueTooLarge`, nothing is stored, and the lock is
 /// free at once.

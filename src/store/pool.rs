@@ -160,10 +160,14 @@ pub struct Current {
 #[repr(align(128))]
 struct Epoch(AtomicU64);
 
-/// A clone of the current connection, with its flag, generation and epoch.
+/// A clone of the current connection, with its flag, generation and epoch,
+/// and the command buffer its hits reuse.
 #[derive(Clone)]
 struct Spare {
     conn: MultiplexedConnection,
+    /// Empty in the slot (a clone of it allocates nothing); a spare given
+    /// back keeps the buffer its last command grew.
+    command: redis::Cmd,
     broken: Arc<AtomicBool>,
     generation: u64,
     epoch: u64,
@@ -195,6 +199,7 @@ impl Current {
             &mut **slot,
             conn.map(|(conn, broken, generation)| Spare {
                 conn,
+                command: redis::Cmd::new(),
                 broken,
                 generation,
                 epoch,
@@ -252,6 +257,10 @@ impl bb8::ErrorSink<RedisError> for ConnectErrors {
 /// that retires the pooled original when a command fails on the connection.
 pub struct Connection<'p> {
     pub conn: MultiplexedConnection,
+    /// A buffer to build a command in (`Cmd::clear` keeps its allocations):
+    /// a spare's comes back with it, so a hit builds its `GET` without
+    /// allocating.
+    pub command: redis::Cmd,
     health: Health<'p>,
     /// Where the clone goes back after a command that succeeded (our pool's),
     /// and the epoch it was lent in.
@@ -308,6 +317,7 @@ impl Pool {
         };
         let lend = |spare: Spare| Connection {
             conn: spare.conn,
+            command: spare.command,
             health: Health {
                 own: Some((spare.broken, spare.generation, generations)),
             },
@@ -363,6 +373,7 @@ impl Pool {
                 );
                 return Ok(Connection {
                     conn: checkout.inner.clone(),
+                    command: redis::Cmd::new(),
                     health: Health {
                         own: Some((
                             Arc::clone(&checkout.broken),
@@ -377,6 +388,7 @@ impl Pool {
                 let checkout = p.get().await.map_err(run_error)?;
                 Ok(Connection {
                     conn: (*checkout).clone(),
+                    command: redis::Cmd::new(),
                     health: Health { own: None },
                     lender: None,
                 })
@@ -415,6 +427,7 @@ impl<'p> Connection<'p> {
         };
         let spare = Spare {
             conn: self.conn,
+            command: self.command,
             broken,
             generation,
             epoch,
