@@ -46,31 +46,19 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Length of the origin id at the start of a message.
 const ORIGIN_LEN: usize = 16;
 
-/// A decoded value (an `Arc<T>` behind `dyn Any`) and how long it may live.
+/// A decoded value (an `Arc<T>` behind `dyn Any`) and until when it may
+/// answer.
+///
+/// The expiry is checked here on each read rather than by moka's per-entry
+/// expiry: with an expiry policy, moka's every read does clock arithmetic
+/// and timer bookkeeping, a fifth of a near hit (1,340 instructions against
+/// 1,085 without). An expired entry answers no read; it stays, within the
+/// size bound, until a read's fresh value replaces it or moka evicts it.
 #[derive(Clone)]
 struct Entry {
     value: Arc<dyn Any + Send + Sync>,
-    ttl: Duration,
+    expires: Instant,
     weight: u32,
-}
-
-/// moka expiry: each entry's own TTL, renewed on update, never on read.
-struct PerEntry;
-
-impl moka::Expiry<Key, Entry> for PerEntry {
-    fn expire_after_create(&self, _: &Key, entry: &Entry, _: Instant) -> Option<Duration> {
-        Some(entry.ttl)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Key,
-        entry: &Entry,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(entry.ttl)
-    }
 }
 
 /// The invalidation epochs a read saw before it went to Redis.
@@ -122,7 +110,6 @@ impl Local {
                     .weight
                     .saturating_add(u32::try_from(key.len()).unwrap_or(u32::MAX))
             })
-            .expire_after(PerEntry)
             .build_with_hasher(foldhash::fast::RandomState::default());
         let origin = format!("{:016x}", fastrand::u64(..));
         Local {
@@ -167,9 +154,11 @@ impl Local {
         if !self.is_live() {
             return None;
         }
-        self.entries
-            .get(key)
-            .and_then(|entry| entry.value.downcast::<T>().ok())
+        let entry = self.entries.get(key)?;
+        if entry.expires <= Instant::now() {
+            return None;
+        }
+        entry.value.downcast::<T>().ok()
     }
 
     /// Taken before reading `key` from Redis; hand it to [`insert`](Self::insert).
@@ -215,7 +204,7 @@ impl Local {
         }
         let entry = Entry {
             value,
-            ttl,
+            expires: Instant::now() + ttl,
             weight: u32::try_from(weight).unwrap_or(u32::MAX),
         };
         self.entries.insert(key.into(), entry);
@@ -472,6 +461,9 @@ mod tests {
         assert!(l.get::<u8>("cap").is_some());
         std::thread::sleep(Duration::from_millis(20));
         assert!(l.get::<u8>("cap").is_none());
+        // An expired entry is replaced by the next value kept.
+        l.insert("cap", Arc::new(2u8), 1, MINUTE, l.ticket("cap"));
+        assert_eq!(l.get::<u8>("cap").as_deref(), Some(&2));
     }
 
     #[test]
