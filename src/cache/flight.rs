@@ -10,7 +10,7 @@
 //! and every follower joins again, so exactly one of them becomes the new leader.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, hash_map};
 use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
@@ -165,21 +165,25 @@ impl Flights {
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         let mut shard_map = shard.lock();
         let ShardMap { flights, next_id } = &mut *shard_map;
-        if let Some(entry) = flights.get_mut(&hash) {
-            if !entry.key.is(key) {
-                return Role::Alone;
+        // One probe of the map, whether the flight exists or not.
+        let vacant = match flights.entry(hash) {
+            hash_map::Entry::Occupied(mut occupied) => {
+                let entry = occupied.get_mut();
+                if !entry.key.is(key) {
+                    return Role::Alone;
+                }
+                let slot = entry.slot.get_or_insert_with(|| watch::channel(None).0);
+                return Role::Follower(slot.subscribe());
             }
-            let slot = entry.slot.get_or_insert_with(|| watch::channel(None).0);
-            return Role::Follower(slot.subscribe());
-        }
+            hash_map::Entry::Vacant(vacant) => vacant,
+        };
         let id = *next_id;
         *next_id = next_id.wrapping_add(1);
-        let entry = Entry {
+        vacant.insert(Entry {
             key: FlightKey::new(key),
             id,
             slot: None,
-        };
-        flights.insert(hash, entry);
+        });
         Role::Leader(Leader {
             shard,
             hash,
@@ -236,9 +240,9 @@ impl Leader<'_> {
     fn close(&self, outcome: impl FnOnce() -> Outcome) {
         let slot = {
             let mut map = self.shard.lock();
-            match map.flights.get(&self.hash) {
-                Some(entry) if entry.id == self.id => {
-                    map.flights.remove(&self.hash).and_then(|e| e.slot)
+            match map.flights.entry(self.hash) {
+                hash_map::Entry::Occupied(entry) if entry.get().id == self.id => {
+                    entry.remove().slot
                 }
                 _ => None,
             }
