@@ -81,14 +81,18 @@ impl<C: Codec> Inner<C> {
         // process (as a follower) or in another (for the lock).
         let started = Instant::now();
         let mut trace = CallTrace::default();
-        let call = self.call(key, loader, options, sharing, started, &mut trace);
         // Without a subscriber that wants the span (the common case for a
         // hit), the call runs as it is: wrapping it would move the whole
-        // future once more and enter and leave the span on every poll.
+        // future once more and enter and leave the span on every poll. (Each
+        // branch makes its future where it awaits it: one made first and
+        // then awaited is moved into place, 2 KiB.)
         let result = if span.is_disabled() {
-            call.await
+            self.call(key, loader, options, sharing, started, &mut trace)
+                .await
         } else {
-            call.instrument(span.clone()).await
+            self.call(key, loader, options, sharing, started, &mut trace)
+                .instrument(span.clone())
+                .await
         };
         self.telemetry.call_ended(&span, &trace, started, &result);
         result
