@@ -269,7 +269,8 @@ impl RedisStore {
     {
         let mut sent = 0;
         if let Some(mut connection) = self.pool.current() {
-            match first(&mut connection.conn, &mut connection.command).await {
+            let lent = &mut *connection.lent;
+            match first(&mut lent.conn, &mut lent.command).await {
                 Ok(value) => {
                     connection.give_back();
                     return Ok(value);
