@@ -381,11 +381,22 @@ fn hits_on_reused_command_buffers_read_their_own_keys() {
         let cache = LockedCache::builder()
             .redis(server.url())
             .key_prefix(unique_prefix("buffers"))
+            .max_key_len(8192)
             .build()
             .await
             .unwrap();
         let long = "l".repeat(900);
-        let keys = ["a", long.as_str(), "}braced", "mid-length key", "\\x", "b"];
+        // Past the longest key whose command a connection's buffer keeps.
+        let longer = "m".repeat(6000);
+        let keys = [
+            "a",
+            long.as_str(),
+            "}braced",
+            longer.as_str(),
+            "mid-length key",
+            "\\x",
+            "b",
+        ];
         for key in keys {
             cache.set(key, &format!("value of {key}")).await.unwrap();
         }

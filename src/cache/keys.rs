@@ -104,6 +104,13 @@ impl redis::ToRedisArgs for ValueKey<'_> {
 
 impl redis::ToSingleRedisArg for ValueKey<'_> {}
 
+impl crate::store::KeyArg for ValueKey<'_> {
+    fn len(&self) -> usize {
+        // At most: braces and an escape.
+        self.prefix.len() + self.key.len() + 3
+    }
+}
+
 /// Calls `f` with the value key of `key` ([`value_key`]), built on the stack
 /// when it is short: a `GET` writes it into its command without a `String`.
 fn with_value_key_bytes<R>(prefix: &str, key: &str, f: impl FnOnce(&[u8]) -> R) -> R {

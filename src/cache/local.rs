@@ -43,6 +43,9 @@ use crate::store::SharedStore;
 const SLOTS: usize = 256;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// The listener sweeps expired entries out once per near cache TTL, at most
+/// once a second.
+const SWEEP_MIN: Duration = Duration::from_secs(1);
 /// Length of the origin id at the start of a message.
 const ORIGIN_LEN: usize = 16;
 
@@ -52,8 +55,9 @@ const ORIGIN_LEN: usize = 16;
 /// The expiry is checked here on each read rather than by moka's per-entry
 /// expiry: with an expiry policy, moka's every read does clock arithmetic
 /// and timer bookkeeping, a fifth of a near hit (1,340 instructions against
-/// 1,085 without). An expired entry answers no read; it stays, within the
-/// size bound, until a read's fresh value replaces it or moka evicts it.
+/// 1,085 without). An expired entry answers no read: the read that finds it
+/// removes it, and the listener sweeps the rest out once per TTL, so an idle
+/// near cache lets go of its values as it did with moka's expiry.
 #[derive(Clone)]
 struct Entry {
     value: Arc<dyn Any + Send + Sync>,
@@ -156,9 +160,33 @@ impl Local {
         }
         let entry = self.entries.get(key)?;
         if entry.expires <= Instant::now() {
+            self.remove_expired(key);
             return None;
         }
         entry.value.downcast::<T>().ok()
+    }
+
+    /// Removes the entry of `key` if it has expired (not one kept meanwhile):
+    /// an expired entry would still count as read in moka's admission and
+    /// take the place of live ones.
+    fn remove_expired(&self, key: &str) {
+        let now = Instant::now();
+        self.entries
+            .entry(key.into())
+            .and_compute_with(|entry| match entry {
+                Some(entry) if entry.value().expires <= now => moka::ops::compute::Op::Remove,
+                _ => moka::ops::compute::Op::Nop,
+            });
+    }
+
+    /// Removes every expired entry (the listener's sweep, once per TTL).
+    fn sweep(&self) {
+        let now = Instant::now();
+        for (key, entry) in self.entries.iter() {
+            if entry.expires <= now {
+                self.remove_expired(&key);
+            }
+        }
     }
 
     /// Taken before reading `key` from Redis; hand it to [`insert`](Self::insert).
@@ -358,11 +386,30 @@ async fn run(local: Weak<Local>, store: SharedStore) {
         match store.subscribe(&channel).await {
             Ok(mut messages) => {
                 backoff = BACKOFF_MIN;
-                match local.upgrade() {
-                    Some(l) => l.set_live(true),
+                let sweep_every = match local.upgrade() {
+                    Some(l) => {
+                        l.set_live(true);
+                        l.max_ttl.max(SWEEP_MIN)
+                    }
                     None => return,
-                }
-                while let Some(payload) = messages.recv().await {
+                };
+                let mut sweeps = tokio::time::interval(sweep_every);
+                sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                sweeps.reset();
+                loop {
+                    let payload = tokio::select! {
+                        payload = messages.recv() => payload,
+                        _ = sweeps.tick() => {
+                            match local.upgrade() {
+                                Some(l) => l.sweep(),
+                                None => return,
+                            }
+                            continue;
+                        }
+                    };
+                    let Some(payload) = payload else {
+                        break;
+                    };
                     let Some(l) = local.upgrade() else {
                         return;
                     };
@@ -464,6 +511,28 @@ mod tests {
         // An expired entry is replaced by the next value kept.
         l.insert("cap", Arc::new(2u8), 1, MINUTE, l.ticket("cap"));
         assert_eq!(l.get::<u8>("cap").as_deref(), Some(&2));
+    }
+
+    /// An expired entry is removed by the read that finds it, and the sweep
+    /// removes those nobody reads; live entries stay.
+    #[test]
+    fn expired_entries_are_removed_by_reads_and_by_the_sweep() {
+        let l = local(1 << 20);
+        for key in ["read", "unread", "live"] {
+            let ttl = if key == "live" {
+                MINUTE
+            } else {
+                Duration::from_millis(10)
+            };
+            l.insert(key, Arc::new(1u8), 1, ttl, l.ticket(key));
+        }
+        assert_eq!(l.len(), 3);
+        std::thread::sleep(Duration::from_millis(15));
+        assert!(l.get::<u8>("read").is_none());
+        assert_eq!(l.len(), 2);
+        l.sweep();
+        assert_eq!(l.len(), 1);
+        assert!(l.get::<u8>("live").is_some());
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub use claims::{Claim, Holding, Holdings};
 #[cfg(feature = "cluster")]
 pub use cluster::{ClusterOptions, ClusterStore};
 pub use memory::MemoryStore;
+pub(crate) use redis::KeyArg;
 pub use redis::{ConnectionOptions, RedisStore};
 
 use std::fmt::Debug;

@@ -216,19 +216,38 @@ impl RedisStore {
 /// connections (a fresh connection can die too, e.g. under `CLIENT KILL` loops).
 const SENDS: u32 = 3;
 
+/// A key a hit's `GET` is built from in the connection's command buffer:
+/// its length in bytes, known before it is written.
+pub(crate) trait KeyArg: ToSingleRedisArg + Copy + Send + Sync {
+    /// Bytes the key takes in the command, or a little more.
+    fn len(&self) -> usize;
+}
+
+impl KeyArg for &str {
+    fn len(&self) -> usize {
+        str::len(self)
+    }
+}
+
+/// The longest key whose `GET` is built in a connection's command buffer.
+const KEPT_KEY: usize = 4096;
+
 impl RedisStore {
     /// `GET`: [`Store::get`], callable without a boxed future, and with a
     /// key that writes itself into the command (no `String` built for it).
-    pub(crate) async fn read<K: ToSingleRedisArg + Copy + Send + Sync>(
-        &self,
-        key: K,
-    ) -> Result<Option<Vec<u8>>> {
+    pub(crate) async fn read<K: KeyArg>(&self, key: K) -> Result<Option<Vec<u8>>> {
         self.read_on(
             "GET",
             async |conn, command| {
                 command.clear();
                 command.arg("GET").arg(key);
-                commands::send(conn, command).await
+                let reply = commands::send(conn, command).await;
+                // `Cmd::clear` keeps the buffer's allocation, and the
+                // connection keeps the buffer: not one grown by a long key.
+                if key.len() > KEPT_KEY {
+                    *command = redis::Cmd::new();
+                }
+                reply
             },
             |mut c, _| async move { commands::get(&mut c, key).await },
         )
