@@ -272,10 +272,9 @@ impl RedisStore {
     /// connection, with the connection's command buffer to build it in (a
     /// `GET` built in a fresh `Cmd` cost a hit 220 instructions of
     /// allocating and freeing), and the connection given back after a
-    /// success; anything else (no
-    /// current connection, a dead one) goes on through `run`'s loop
-    /// (`again`), boxed. (Through `run` and its closure, a hit cost 600 more
-    /// instructions.)
+    /// success; anything else (no current connection, a dead one) goes on
+    /// through `run`'s loop (`again`), boxed. (Through `run` and its
+    /// closure, a hit cost 600 more instructions.)
     async fn read_on<T, F, Fut>(
         &self,
         command: &'static str,
