@@ -204,16 +204,64 @@ pub enum CodecError {
 /// the caller's own loader error, or a failure of the cache.
 ///
 /// The loader error is behind an [`Arc`] because one load serves every concurrent
-/// caller of the same key in this process: they all receive the same error. Take
-/// it out with [`into_loader_error`](LoadError::into_loader_error) (the `Arc`) or
-/// [`try_into_loader_error`](LoadError::try_into_loader_error) (the error itself,
-/// when no other caller still holds it; `Arc::unwrap_or_clone` when `E: Clone`).
+/// caller of the same key in this process: they all receive the same error.
+/// [`loader_error`](LoadError::loader_error) borrows it (to `match` it),
+/// [`try_into_loader_error`](LoadError::try_into_loader_error) takes it out by
+/// value when no other caller still holds it, and
+/// [`into_loader_error`](LoadError::into_loader_error) hands over the `Arc`.
 ///
-/// As a [`std::error::Error`] (when `E` is one): `Loader` displays as
-/// `the loader failed` and its [`source`](std::error::Error::source) is the
-/// loader's error, so error reporters (`anyhow`'s `{:#}`, `tracing`'s error
-/// fields) print the chain once; `Cache` is transparent (displays as the
-/// [`Error`], with its source).
+/// # As a [`std::error::Error`]
+///
+/// `LoadError<E>` is an error whenever `E` is `Debug + Display`, so `?` works
+/// in a handler returning `anyhow::Result`, `eyre::Result`,
+/// `Result<_, Box<dyn Error + Send + Sync>>` or an enum of your own with
+/// `#[from] LoadError<MyError>`, whatever the loader returns (an
+/// `anyhow::Error` too, which is not itself a `std::error::Error`).
+///
+/// It follows the Rust convention of showing a cause *or* returning it from
+/// [`source`](std::error::Error::source), never both, so a reporter (anyhow's
+/// `{:#}`, `tracing`'s `error = &e as &dyn Error`) prints each message once:
+///
+/// - `Loader` **shows** the loader's message: `the loader failed: <message>`
+///   (the loader error formatted with `{:#}`, so an `anyhow`/`eyre` loader
+///   error prints its whole chain) and has no `source()`. `format!("{e}")`,
+///   `%e` in `tracing` and `anyhow!("{e}")` all say why.
+/// - `Cache` is transparent: it displays as the [`Error`] and its `source()`
+///   is the error's own (the `redis::RedisError` of [`Error::Redis`]).
+///
+/// ```
+/// use std::sync::Arc;
+/// use locked_cache::LoadError;
+///
+/// #[derive(Debug, thiserror::Error)]
+/// enum DbError {
+///     #[error("user {0} not found")]
+///     NotFound(u64),
+///     #[error("database unavailable")]
+///     Down,
+/// }
+///
+/// let e: LoadError<DbError> = LoadError::Loader(Arc::new(DbError::NotFound(42)));
+/// assert_eq!(e.to_string(), "the loader failed: user 42 not found");
+/// match e.loader_error() {
+///     Some(DbError::NotFound(id)) => assert_eq!(*id, 42),
+///     Some(DbError::Down) => unreachable!(),
+///     None => unreachable!("the cache failed: {e}"),
+/// }
+/// // After `?` into `anyhow::Error`, the same through `downcast_ref`:
+/// // `err.downcast_ref::<LoadError<DbError>>().and_then(LoadError::loader_error)`.
+/// ```
+///
+/// A loader error type without `Display` (and so without `?` into an error
+/// reporter) does not convert:
+///
+/// ```compile_fail
+/// # async fn demo(cache: locked_cache::LockedCache) -> Result<(), Box<dyn std::error::Error>> {
+/// #[derive(Debug)]
+/// struct Opaque;
+/// let v: u32 = cache.get_or_load("k", || async { Err::<u32, _>(Opaque) }).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub enum LoadError<E> {
     /// The loader returned this error. Nothing was stored.
@@ -228,20 +276,35 @@ impl<E> From<Error> for LoadError<E> {
     }
 }
 
-impl<E> std::fmt::Display for LoadError<E> {
+impl<E: std::fmt::Display> std::fmt::Display for LoadError<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            LoadError::Loader(_) => f.write_str("the loader failed"),
+            LoadError::Loader(e) => write!(f, "the loader failed: {e:#}"),
             LoadError::Cache(e) => std::fmt::Display::fmt(e, f),
         }
     }
 }
 
-impl<E: std::error::Error + 'static> std::error::Error for LoadError<E> {
+impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for LoadError<E> {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            LoadError::Loader(e) => Some(&**e),
+            // Shown in the message, so not returned again (see the type's docs).
+            LoadError::Loader(_) => None,
             LoadError::Cache(e) => std::error::Error::source(e),
+        }
+    }
+}
+
+/// What the library's own log lines say of a [`LoadError`] whose loader error
+/// type it does not know to be `Display`: the cache's error, or that the
+/// loader failed.
+pub(crate) struct Described<'a, E>(pub(crate) &'a LoadError<E>);
+
+impl<E> std::fmt::Display for Described<'_, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            LoadError::Loader(_) => f.write_str("the loader failed"),
+            LoadError::Cache(e) => std::fmt::Display::fmt(e, f),
         }
     }
 }
@@ -256,8 +319,8 @@ impl<E> Clone for LoadError<E> {
 }
 
 impl<E> LoadError<E> {
-    /// The loader's error, if that is what failed.
-    pub fn loader_error(&self) -> Option<&Arc<E>> {
+    /// The loader's error, if that is what failed: borrowed, to `match` it.
+    pub fn loader_error(&self) -> Option<&E> {
         match self {
             LoadError::Loader(e) => Some(e),
             LoadError::Cache(_) => None,
@@ -270,6 +333,19 @@ impl<E> LoadError<E> {
             LoadError::Cache(e) => Some(e),
             LoadError::Loader(_) => None,
         }
+    }
+
+    /// The cache's error, or `None` when the loader failed.
+    pub fn into_cache_error(self) -> Option<Error> {
+        match self {
+            LoadError::Cache(e) => Some(e),
+            LoadError::Loader(_) => None,
+        }
+    }
+
+    /// True when the loader failed (rather than the cache).
+    pub fn is_loader_error(&self) -> bool {
+        matches!(self, LoadError::Loader(_))
     }
 
     /// The loader's error (still shared with the other callers of the same
@@ -355,11 +431,15 @@ mod tests {
     }
 
     #[test]
-    fn a_loader_error_is_the_source_and_can_be_taken_out() {
+    fn a_loader_error_is_shown_once_and_can_be_taken_out() {
         use std::error::Error as _;
         let e: LoadError<std::io::Error> = LoadError::Loader(Arc::new(std::io::Error::other("db")));
-        assert_eq!(e.to_string(), "the loader failed");
-        assert_eq!(e.source().unwrap().to_string(), "db");
+        assert_eq!(e.to_string(), "the loader failed: db");
+        assert!(
+            e.source().is_none(),
+            "shown in the message, not returned again"
+        );
+        assert!(e.is_loader_error());
         let shared = e.clone();
         // Shared: not taken out, handed back.
         let e = e.try_into_loader_error().unwrap_err();
@@ -388,5 +468,6 @@ mod tests {
         assert!(e.cache_error().is_none());
         let c: LoadError<std::io::Error> = Error::Abandoned.into();
         assert!(c.cache_error().is_some() && c.clone().loader_error().is_none());
+        assert!(matches!(c.into_cache_error(), Some(Error::Abandoned)));
     }
 }

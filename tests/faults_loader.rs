@@ -74,7 +74,8 @@ async fn a_load_three_times_longer_than_the_lock_expiry_still_runs_once() {
         calls.push(tokio::spawn(async move {
             start.wait().await;
             cache
-                .get_or_load_with("k", |ctx| async move {
+                .get_or_load("k", || async move {
+                    let ctx = locked_cache::LoadContext::current().expect("inside a loader");
                     loads.enter();
                     tokio::time::sleep(Duration::from_millis(1600)).await;
                     loads.leave();
@@ -172,7 +173,8 @@ async fn a_lost_lock_is_signalled_and_its_stale_write_is_fenced_off() {
             Arc::clone(&saw_lost),
         );
         async move {
-            a.get_or_load_with("k", |ctx| async move {
+            a.get_or_load("k", || async move {
+                let ctx = locked_cache::LoadContext::current().expect("inside a loader");
                 assert!(!ctx.is_lock_lost());
                 started.notify_one();
                 // The signal, as a loader would select! on it.
@@ -237,7 +239,8 @@ async fn a_holder_cut_off_past_its_lock_expiry_is_told_and_fenced_off() {
     let first = tokio::spawn({
         let (a, started, proceed) = (a.clone(), Arc::clone(&started), Arc::clone(&proceed));
         async move {
-            a.get_or_load_with("k", |ctx| async move {
+            a.get_or_load("k", || async move {
+                let ctx = locked_cache::LoadContext::current().expect("inside a loader");
                 started.notify_one();
                 proceed.notified().await;
                 let _ = tokio::time::timeout(Duration::from_secs(3), ctx.lock_lost()).await;
@@ -297,7 +300,8 @@ async fn a_master_restart_mid_load_loses_the_lock_value_returned_not_stored() {
         let (cache, started) = (cache.clone(), Arc::clone(&started));
         async move {
             cache
-                .get_or_load_with("k", |ctx| async move {
+                .get_or_load("k", || async move {
+                    let ctx = locked_cache::LoadContext::current().expect("inside a loader");
                     started.notify_one();
                     let _ = tokio::time::timeout(Duration::from_secs(3), ctx.lock_lost()).await;
                     Ok::<_, String>((ctx.is_lock_lost(), "v1".to_owned()))

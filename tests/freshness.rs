@@ -155,7 +155,7 @@ async fn a_plain_get_or_load_refreshes_in_the_caller_that_takes_the_lock() {
         }
     };
     caches[0]
-        .get_or_load_with("k", load("old", Duration::ZERO))
+        .get_or_load_with_outcome("k", load("old", Duration::ZERO))
         .await
         .unwrap();
     tokio::time::sleep(MS(400)).await;
@@ -237,7 +237,10 @@ async fn a_failed_refresh_serves_the_stale_value_fail_safe() {
     let swr = CallOptions::new().stale_for(Duration::from_secs(30));
     let cache = swr_cache(&server, &prefix, MS(200), swr).await;
     let ok = |v: &'static str| move |_| async move { Ok::<_, String>(v.to_owned()) };
-    cache.get_or_load_with("k", ok("old")).await.unwrap();
+    cache
+        .get_or_load_with_outcome("k", ok("old"))
+        .await
+        .unwrap();
     tokio::time::sleep(MS(300)).await;
 
     // Loader error, inline: the stale value, as FailSafe.
@@ -287,7 +290,10 @@ async fn a_failed_refresh_serves_the_stale_value_fail_safe() {
 
     // Fail-safe off: the error.
     let other = swr_cache(&server, &prefix, MS(200), swr.fail_safe(false)).await;
-    other.get_or_load_with("k2", ok("old")).await.unwrap();
+    other
+        .get_or_load_with_outcome("k2", ok("old"))
+        .await
+        .unwrap();
     tokio::time::sleep(MS(300)).await;
     let failed = other
         .get_or_load_with_outcome("k2", |_| async { Err::<String, _>("db down".to_owned()) })
@@ -295,7 +301,10 @@ async fn a_failed_refresh_serves_the_stale_value_fail_safe() {
     assert!(matches!(failed, Err(LoadError::Loader(_))), "{failed:?}");
 
     // Soft timeout on an inline refresh.
-    cache.get_or_load_with("k3", ok("old")).await.unwrap();
+    cache
+        .get_or_load_with_outcome("k3", ok("old"))
+        .await
+        .unwrap();
     tokio::time::sleep(MS(300)).await;
     let slow = swr_cache(&server, &prefix, MS(200), swr.soft_timeout(MS(100))).await;
     let began = Instant::now();
@@ -314,7 +323,10 @@ async fn a_failed_refresh_serves_the_stale_value_fail_safe() {
     );
 
     // Background failures: counted, the value stays.
-    cache.get_or_load_with("k4", ok("old")).await.unwrap();
+    cache
+        .get_or_load_with_outcome("k4", ok("old"))
+        .await
+        .unwrap();
     tokio::time::sleep(MS(300)).await;
     let served = cache
         .with(CallOptions::new())
@@ -759,4 +771,146 @@ async fn no_entry_is_kept_per_key_after_100_000_keys_with_refreshes() {
     })
     .await;
     assert!(drained, "{} entries left", cache.retained_entries());
+}
+
+/// Every value kind takes every option the same way: an owned value, a shared
+/// `Arc` and bytes, each through `with(options)`, are served stale at once
+/// while one background refresh runs, detach their load from a caller that
+/// goes away, and the infallible form and `LoadContext::current()` work in
+/// each. The deprecated `get_or_load_with` still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_value_kind_takes_every_option() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("kinds");
+    let cache = cache_on(&server, &prefix).await;
+    let options = CallOptions::new()
+        .ttl(MS(300))
+        .stale_for(Duration::from_secs(30));
+    let with = cache.with(options);
+    let loads = Arc::new(AtomicU32::new(0));
+    let counted = |value: &'static str| {
+        let loads = Arc::clone(&loads);
+        move || async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            let context = locked_cache::LoadContext::current().expect("inside a loader");
+            assert!(context.fencing_token().is_some() && !context.is_lock_lost());
+            Ok::<_, String>(value.to_owned())
+        }
+    };
+    // Prime each kind, then let them go stale.
+    let owned: String = with.get_or_load("owned", counted("o1")).await.unwrap();
+    let shared = with
+        .get_or_load_shared("shared", counted("s1"))
+        .await
+        .unwrap();
+    let bytes_loads = Arc::clone(&loads);
+    let bytes = with
+        .get_or_load_bytes("bytes", move || async move {
+            bytes_loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, String>(b"b1".to_vec())
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (owned.as_str(), shared.as_str(), &bytes[..]),
+        ("o1", "s1", &b"b1"[..])
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+    tokio::time::sleep(MS(400)).await;
+
+    // Stale: served at once, the refresh in the background.
+    let (owned, o) = with
+        .get_or_load_with_outcome("owned", |_| async { Ok::<_, String>("o2".to_owned()) })
+        .await
+        .unwrap();
+    let (shared, s) = with
+        .get_or_load_shared_with_outcome("shared", |_| async { Ok::<_, String>("s2".to_owned()) })
+        .await
+        .unwrap();
+    let (bytes, b) = with
+        .get_or_load_bytes_with_outcome("bytes", |_| async { Ok::<_, String>(b"b2".to_vec()) })
+        .await
+        .unwrap();
+    assert_eq!((o, s, b), (Outcome::Stale, Outcome::Stale, Outcome::Stale));
+    assert_eq!(
+        (owned.as_str(), shared.as_str(), &bytes[..]),
+        ("o1", "s1", &b"b1"[..])
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            cache.get::<String>("owned").await.unwrap().as_deref() == Some("o2")
+                && cache.get::<String>("shared").await.unwrap().as_deref() == Some("s2")
+                && cache.get_bytes("bytes").await.unwrap().as_deref() == Some(&b"b2"[..])
+        })
+        .await,
+        "each kind's refresh stored its value"
+    );
+
+    // Detached: a caller that goes away at once still gets the value stored.
+    for (i, kind) in ["owned", "shared", "bytes"].into_iter().enumerate() {
+        let key = format!("detached:{kind}");
+        let slow = || async {
+            tokio::time::sleep(MS(200)).await;
+            Ok::<_, String>("late".to_owned())
+        };
+        let call = async {
+            match i {
+                0 => drop(with.get_or_load::<String, _, _, _>(&key, slow).await),
+                1 => drop(with.get_or_load_shared::<String, _, _, _>(&key, slow).await),
+                _ => drop(
+                    with.get_or_load_bytes(&key, || async {
+                        tokio::time::sleep(MS(200)).await;
+                        Ok::<_, String>(b"late".to_vec())
+                    })
+                    .await,
+                ),
+            }
+        };
+        assert!(tokio::time::timeout(MS(50), call).await.is_err(), "{kind}");
+        assert!(
+            eventually(Duration::from_secs(3), || async {
+                server
+                    .try_query::<Option<Vec<u8>>>(&["GET", &cache.value_key(&key)])
+                    .ok()
+                    .flatten()
+                    .is_some()
+            })
+            .await,
+            "the detached {kind} load stored its value"
+        );
+    }
+
+    // The infallible form, plain and with options.
+    let n: u32 = cache
+        .get_or_compute("compute", || async { 7 })
+        .await
+        .unwrap();
+    let m: u32 = with
+        .get_or_compute("compute2", || async { 8 })
+        .await
+        .unwrap();
+    assert_eq!((n, m), (7, 8));
+    let invalid = cache
+        .get_or_compute("", || async { 1_u32 })
+        .await
+        .unwrap_err();
+    assert!(invalid.is_invalid_input(), "{invalid}");
+
+    // The deprecated context-taking calls still work for this release.
+    #[allow(deprecated)]
+    let token = cache
+        .get_or_load_with("old-api", |ctx| async move {
+            Ok::<_, String>(ctx.fencing_token())
+        })
+        .await
+        .unwrap();
+    assert!(token.is_some());
+    #[allow(deprecated)]
+    let token = with
+        .get_or_load_with("old-api-with", |ctx| async move {
+            Ok::<_, String>(ctx.fencing_token())
+        })
+        .await
+        .unwrap();
+    assert!(token.is_some());
 }

@@ -225,7 +225,8 @@ async fn the_load_context_carries_a_rising_fencing_token() {
     let mut tokens = Vec::new();
     for _ in 0..3 {
         let token: u64 = cache
-            .get_or_load_with("k", |ctx| async move {
+            .get_or_load("k", || async move {
+                let ctx = locked_cache::LoadContext::current().expect("inside a loader");
                 assert!(!ctx.is_lock_lost());
                 Ok::<_, String>(ctx.fencing_token().expect("a token"))
             })

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use super::LockedCache;
 use crate::codec::Codec;
 use crate::error::{LoadError, Result};
+use crate::telemetry::Outcome;
 
 impl<C: Codec> LockedCache<C> {
     /// [`get_or_load`](Self::get_or_load) for a blob (rendered HTML, a protobuf
@@ -58,10 +59,32 @@ impl<C: Codec> LockedCache<C> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<u8>, E>>,
     {
-        let blob: Blob = self
-            .get_or_load(key, || async { loader().await.map(Blob) })
+        let (blob, _) = self
+            .get_or_load_bytes_with_outcome(key, |_| loader())
             .await?;
-        Ok(blob.0)
+        Ok(blob)
+    }
+
+    /// As [`get_or_load_bytes`](Self::get_or_load_bytes), handing the loader
+    /// its [`LoadContext`](crate::LoadContext) and telling how the call was
+    /// served (see [`get_or_load_with_outcome`](Self::get_or_load_with_outcome)).
+    pub async fn get_or_load_bytes_with_outcome<E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<(Vec<u8>, Outcome), LoadError<E>>
+    where
+        E: Send + Sync + 'static,
+        F: FnOnce(crate::LoadContext) -> Fut,
+        Fut: Future<Output = Result<Vec<u8>, E>>,
+    {
+        let (Blob(blob), outcome) = self
+            .get_or_load_with_outcome(
+                key,
+                |context| async move { loader(context).await.map(Blob) },
+            )
+            .await?;
+        Ok((blob, outcome))
     }
 
     /// [`get`](Self::get) for a blob stored by

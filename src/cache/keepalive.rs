@@ -67,7 +67,34 @@ impl KeepAlive {
     }
 }
 
-/// What a loader can learn about its lock while it runs.
+tokio::task_local! {
+    /// The context of the load running in this task, for
+    /// [`LoadContext::current`].
+    pub(super) static CURRENT: LoadContext;
+}
+
+/// What a loader can learn about its lock while it runs: whether it was lost,
+/// and its fencing token.
+///
+/// Inside any loader, [`LoadContext::current`] returns it; the
+/// `*_with_outcome` calls also hand it to the loader as its argument.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use locked_cache::{LoadContext, LockedCache};
+///
+/// let cache = LockedCache::builder().build().await?;
+/// let token: Option<u64> = cache
+///     .get_or_compute("k", || async {
+///         let context = LoadContext::current().expect("inside a loader");
+///         context.fencing_token()
+///     })
+///     .await?;
+/// assert!(token.is_some());
+/// assert!(LoadContext::current().is_none(), "outside a loader");
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct LoadContext {
     lost: Option<LostSignal>,
@@ -75,6 +102,13 @@ pub struct LoadContext {
 }
 
 impl LoadContext {
+    /// The context of the load this code runs in: `Some` inside a loader
+    /// (in the loader's own future, not in tasks it spawns), `None`
+    /// elsewhere.
+    pub fn current() -> Option<LoadContext> {
+        CURRENT.try_with(LoadContext::clone).ok()
+    }
+
     /// The context of a load without the lock (fail-open): never lost, no token.
     pub(crate) fn new(lost: Option<LostSignal>) -> LoadContext {
         LoadContext {

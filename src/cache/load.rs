@@ -463,7 +463,7 @@ impl<C: Codec> Inner<C> {
         );
         let span = load_span(&self.telemetry);
         let loaded = self
-            .run_loader(loader.load(keepalive.context()))
+            .run_loader(loader, keepalive.context())
             .instrument(span.clone())
             .await;
         let lost_during_load = keepalive.stop().await;
@@ -550,7 +550,7 @@ impl<C: Codec> Inner<C> {
             "lock quorum lost: loading without the lock (fail-open)"
         );
         let (value, load_time) = match self
-            .run_loader(loader.load(LoadContext::new(None)))
+            .run_loader(loader, LoadContext::new(None))
             .instrument(load_span(&self.telemetry))
             .await
         {
@@ -584,13 +584,16 @@ impl<C: Codec> Inner<C> {
     /// counts it in flight while it runs. A panic continues to the caller (the
     /// panic hook has already run; it is not run again). Returns the value with
     /// how long the load took.
-    async fn run_loader<T, E, Fut>(&self, load: Fut) -> Result<(T, Duration), E>
+    async fn run_loader<T, E, L>(&self, loader: L, context: LoadContext) -> Result<(T, Duration), E>
     where
-        Fut: Future<Output = Result<T, E>>,
+        L: Loader<Output = Result<T, E>>,
     {
         Stats::add(&self.stats.loads);
         let _loading = self.telemetry.loading();
         let began = Instant::now();
+        // The context is handed to the loader, and is what
+        // `LoadContext::current()` answers inside it.
+        let load = super::keepalive::CURRENT.scope(context.clone(), loader.load(context));
         let output = match AssertUnwindSafe(load).catch_unwind().await {
             Ok(output) => output,
             Err(panic) => {

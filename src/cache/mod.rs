@@ -227,8 +227,8 @@ impl<C: Codec> LockedCache<C> {
     /// extension is refused (the lock expired during a pause, or a master lost
     /// it), the value is still returned to the callers, but it is written only if
     /// no newer holder took the key's fence since: a holder that lost its lock
-    /// never overwrites a newer value. See [`get_or_load_with`](Self::get_or_load_with)
-    /// to observe the loss from inside the loader.
+    /// never overwrites a newer value. Inside the loader,
+    /// [`LoadContext::current`] observes the loss (and gives the fencing token).
     ///
     /// # Example
     ///
@@ -264,9 +264,43 @@ impl<C: Codec> LockedCache<C> {
         Ok(value)
     }
 
+    /// As [`get_or_load`](Self::get_or_load), for a loader that cannot fail:
+    /// it returns the value itself (no `Ok::<_, E>` to spell), and the only
+    /// error is the cache's own [`Error`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locked_cache::Error> {
+    /// use locked_cache::LockedCache;
+    ///
+    /// let cache = LockedCache::builder().build().await?;
+    /// let squares: Vec<u64> = cache
+    ///     .get_or_compute("squares", || async { (1..=4).map(|n| n * n).collect() })
+    ///     .await?;
+    /// assert_eq!(squares, [1, 4, 9, 16]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn get_or_compute<T, F, Fut>(&self, key: &str, compute: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let loaded = self
+            .get_or_load_with_outcome(key, |_| async move {
+                Ok::<_, std::convert::Infallible>(compute().await)
+            })
+            .await;
+        loaded.map(|(value, _)| value).map_err(infallible)
+    }
+
     /// As [`get_or_load`](Self::get_or_load), with a [`LoadContext`] handed to the
     /// loader: it tells whether the lock protecting the load was lost, so a long
     /// load can stop early when another process has taken over.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `get_or_load` and `LoadContext::current()` inside the loader, or `get_or_load_with_outcome`"
+    )]
     pub async fn get_or_load_with<T, E, F, Fut>(
         &self,
         key: &str,
@@ -282,8 +316,9 @@ impl<C: Codec> LockedCache<C> {
         Ok(value)
     }
 
-    /// As [`get_or_load_with`](Self::get_or_load_with), also telling how the
-    /// call was served: a [`Outcome::Hit`], [`Outcome::Coalesced`] with another
+    /// As [`get_or_load`](Self::get_or_load), handing the loader its
+    /// [`LoadContext`] (also at hand as [`LoadContext::current`]) and telling
+    /// how the call was served: a [`Outcome::Hit`], [`Outcome::Coalesced`] with another
     /// call of this process, [`Outcome::Waited`] for another process's load, or
     /// [`Outcome::Loaded`] by this call's loader. The other `get_or_load` methods
     /// are this one without the outcome; failures are told by the
@@ -599,6 +634,14 @@ impl<C: Codec> Inner<C> {
         let absent = codec::is_absent(value);
         let (ttl, meta) = freshness::storage(options, absent, load_time, fastrand::f64());
         Ok((ttl, self.encode(key, value, &meta)?))
+    }
+}
+
+/// The error of a call whose loader cannot fail: the cache's.
+fn infallible(error: LoadError<std::convert::Infallible>) -> Error {
+    match error {
+        LoadError::Cache(e) => e,
+        LoadError::Loader(never) => match *never {},
     }
 }
 

@@ -32,7 +32,7 @@ use super::load::{Detached, Led, Loader};
 use super::options::Resolved;
 use super::{Found, Inner, Replacing};
 use crate::codec::Codec;
-use crate::error::{Error, LoadError};
+use crate::error::{Described, Error, LoadError};
 use crate::lock::{Attempt, LockGuard};
 use crate::stats::Stats;
 use crate::telemetry::{CallTrace, Outcome};
@@ -228,12 +228,12 @@ impl<C: Codec> Inner<C> {
         let still_there = found.ttl_left.is_none_or(|left| left > read_at.elapsed());
         if served == Outcome::Hit && still_there {
             // Early refresh of a fresh value: it is still fresh, serve it.
-            tracing::warn!(key = keys.value, error = %error, "early refresh failed; the value is still fresh");
+            tracing::warn!(key = keys.value, error = %Described(&error), "early refresh failed; the value is still fresh");
             return Ok(Led::unlocked(found.value, found.bytes, Outcome::Hit));
         }
         if still_there && (timed_out || options.fail_safe) {
             Stats::add(&self.stats.fail_safe_served);
-            tracing::warn!(key = keys.value, error = %error, "refreshing a stale value failed; serving the stale value (fail-safe)");
+            tracing::warn!(key = keys.value, error = %Described(&error), "refreshing a stale value failed; serving the stale value (fail-safe)");
             return Ok(Led::unlocked(found.value, found.bytes, Outcome::FailSafe));
         }
         Err(error)
@@ -270,7 +270,7 @@ impl<C: Codec> Inner<C> {
             );
             match bounded.await {
                 Ok(Ok(Ok(led))) => drop(led.finish().await),
-                Ok(Ok(Err(e))) => inner.background_failed(&keys, &e.to_string()),
+                Ok(Ok(Err(e))) => inner.background_failed(&keys, &Described(&e).to_string()),
                 // The lock is released by its guard's drop; the panic was
                 // reported by the panic hook.
                 Ok(Err(_)) => inner.background_failed(&keys, "the loader panicked"),
@@ -343,7 +343,7 @@ impl<C: Codec> Inner<C> {
                 match unsent {
                     Ok((Ok(led), _)) => drop(led.finish().await),
                     Ok((Err(LoadError::Cache(Error::Abandoned)), _)) => {}
-                    Ok((Err(e), _)) => inner.background_failed(&keys, &e.to_string()),
+                    Ok((Err(e), _)) => inner.background_failed(&keys, &Described(&e).to_string()),
                     Err(_) => inner.background_failed(&keys, "the loader panicked"),
                 }
             }

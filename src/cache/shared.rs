@@ -133,7 +133,7 @@ impl<C: Codec> LockedCache<C> {
     /// yields now and then, as a loop of Redis reads would, instead of
     /// starving the worker.
     #[cfg(feature = "near-cache")]
-    async fn near_get<T>(&self, key: &str) -> Result<Option<Option<Arc<T>>>>
+    pub(super) async fn near_get<T>(&self, key: &str) -> Result<Option<Option<Arc<T>>>>
     where
         T: Send + Sync + 'static,
     {
@@ -266,7 +266,7 @@ pub(super) struct Shared<T>(pub(super) Arc<T>);
 
 impl<T: Send + Sync + 'static> Shared<T> {
     /// The flight's followers share the leader's `Arc`: one decode per flight.
-    const SHARING: Sharing<Shared<T>> = Sharing {
+    pub(super) const SHARING: Sharing<Shared<T>> = Sharing {
         share: |value| Arc::clone(&value.0) as Arc<dyn std::any::Any + Send + Sync>,
         take: |shared| Arc::clone(shared).downcast::<T>().ok().map(Shared),
     };

@@ -1,23 +1,36 @@
-//! [`With`]: `get_or_load` calls with their own [`CallOptions`], from
-//! [`LockedCache::with`].
+//! The load calls with their own [`CallOptions`]: [`With`], from
+//! [`LockedCache::with`]. Every value kind the plain calls have (an owned
+//! `T`, a shared `Arc<T>`, bytes) with the same names, each with or without
+//! its [`Outcome`], and an infallible form; all of them go down one path,
+//! `Inner::traced_call`, as the plain calls do.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::bytes::Blob;
+use super::flight::Sharing;
 use super::load::Spawnable;
+use super::shared::Shared;
 use super::{CallOptions, LoadContext, LockedCache};
 use crate::codec::Codec;
-use crate::error::LoadError;
+use crate::error::{Error, LoadError};
 use crate::telemetry::Outcome;
 
-/// A cache with per-call [`CallOptions`]: the `get_or_load` methods of
-/// [`LockedCache`], for loaders that are `Send + 'static`, so that a refresh
+/// The cache's load calls with per-call [`CallOptions`], for loaders that
+/// are `Send + 'static` (move what they need into them), so that a refresh
 /// can run in the background (the caller returns the stale value at once) and
 /// a load can be detached from its caller. Made by [`LockedCache::with`];
 /// cheap, and reusable for many calls.
+///
+/// It has the plain calls' names: [`get_or_load`](With::get_or_load) (an
+/// owned value), [`get_or_load_shared`](With::get_or_load_shared) (`Arc<T>`,
+/// the near cache's kind), [`get_or_load_bytes`](With::get_or_load_bytes)
+/// (a blob), each also `_with_outcome`, and
+/// [`get_or_compute`](With::get_or_compute) for a loader that cannot fail.
 ///
 /// What the calls do around an expiry is told by [`CallOptions`]; errors,
 /// concurrency and cancellation are as for [`LockedCache::get_or_load`], plus:
@@ -30,8 +43,8 @@ use crate::telemetry::Outcome;
 ///   call's future does not stop a load it started: the load stores its value
 ///   and releases the lock, and callers waiting on it get the value;
 /// - the [`hard_timeout`](CallOptions::hard_timeout) bounds the call, and is
-///   [`Error::LoadTimeout`](crate::Error::LoadTimeout) when it passes;
-/// - options out of range are [`Error::InvalidConfig`](crate::Error::InvalidConfig).
+///   [`Error::LoadTimeout`] when it passes;
+/// - options out of range are [`Error::InvalidConfig`].
 #[derive(Debug)]
 pub struct With<'a, C> {
     cache: &'a LockedCache<C>,
@@ -55,8 +68,27 @@ impl<'a, C: Codec> With<'a, C> {
         Ok(value)
     }
 
-    /// As [`LockedCache::get_or_load_with`], with these options: the loader gets
-    /// a [`LoadContext`].
+    /// As [`LockedCache::get_or_compute`], with these options: a loader that
+    /// cannot fail, and the cache's [`Error`] as the only error.
+    pub async fn get_or_compute<T, F, Fut>(&self, key: &str, compute: F) -> Result<T, Error>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
+        let loaded = self
+            .get_or_load_with_outcome(key, |_| async move {
+                Ok::<_, std::convert::Infallible>(compute().await)
+            })
+            .await;
+        loaded.map(|(value, _)| value).map_err(super::infallible)
+    }
+
+    /// As [`LockedCache::get_or_load_with`], with these options.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `get_or_load` and `LoadContext::current()` inside the loader, or `get_or_load_with_outcome`"
+    )]
     pub async fn get_or_load_with<T, E, F, Fut>(
         &self,
         key: &str,
@@ -72,13 +104,107 @@ impl<'a, C: Codec> With<'a, C> {
         Ok(value)
     }
 
-    /// As [`LockedCache::get_or_load_with_outcome`], with these options: also
-    /// tells how the call was served ([`Outcome::Stale`] and
-    /// [`Outcome::FailSafe`] included).
+    /// As [`LockedCache::get_or_load_with_outcome`], with these options: the
+    /// loader gets its [`LoadContext`], and the call tells how it was served
+    /// ([`Outcome::Stale`] and [`Outcome::FailSafe`] included).
     pub async fn get_or_load_with_outcome<T, E, F, Fut>(
         &self,
         key: &str,
         loader: F,
+    ) -> Result<(T, Outcome), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        self.call(key, loader, None).await
+    }
+
+    /// As [`LockedCache::get_or_load_shared`], with these options: the value
+    /// as an `Arc<T>`, from the near cache when it holds a fresh one.
+    pub async fn get_or_load_shared<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<Arc<T>, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let (value, _) = self
+            .get_or_load_shared_with_outcome(key, |_| loader())
+            .await?;
+        Ok(value)
+    }
+
+    /// As [`LockedCache::get_or_load_shared_with_outcome`], with these
+    /// options.
+    pub async fn get_or_load_shared_with_outcome<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<(Arc<T>, Outcome), LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        #[cfg(feature = "near-cache")]
+        if let Some(Some(value)) = self.cache.near_get::<T>(key).await? {
+            return Ok((value, Outcome::Hit));
+        }
+        let loader =
+            move |context| async move { loader(context).await.map(|v| Shared(Arc::new(v))) };
+        let (Shared(value), outcome) = self.call(key, loader, Some(Shared::<T>::SHARING)).await?;
+        Ok((value, outcome))
+    }
+
+    /// As [`LockedCache::get_or_load_bytes`], with these options: a blob,
+    /// stored as bytes and read back with one copy.
+    pub async fn get_or_load_bytes<E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<Vec<u8>, LoadError<E>>
+    where
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<u8>, E>> + Send + 'static,
+    {
+        let (value, _) = self
+            .get_or_load_bytes_with_outcome(key, |_| loader())
+            .await?;
+        Ok(value)
+    }
+
+    /// As [`LockedCache::get_or_load_bytes_with_outcome`], with these
+    /// options.
+    pub async fn get_or_load_bytes_with_outcome<E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<(Vec<u8>, Outcome), LoadError<E>>
+    where
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<u8>, E>> + Send + 'static,
+    {
+        let loader = move |context| async move { loader(context).await.map(Blob) };
+        let (Blob(value), outcome) = self.call(key, loader, None).await?;
+        Ok((value, outcome))
+    }
+
+    /// The one path of every call above: these options resolved against the
+    /// cache's, then the cache's own call.
+    async fn call<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+        sharing: Option<Sharing<T>>,
     ) -> Result<(T, Outcome), LoadError<E>>
     where
         T: Serialize + DeserializeOwned + Send + 'static,
@@ -92,7 +218,7 @@ impl<'a, C: Codec> With<'a, C> {
         // `E` and loader (a caller's `tokio::spawn` of this future otherwise
         // trips over rustc's higher-ranked lifetime check of nested spawns).
         let call: Pin<Box<dyn Future<Output = _> + Send + '_>> =
-            Box::pin(inner.traced_call(key, Spawnable(loader), &options, None));
+            Box::pin(inner.traced_call(key, Spawnable(loader), &options, sharing));
         call.await
     }
 }
