@@ -1,5 +1,5 @@
 //! The benchmark harness of locked-cache, a crate of its own so that
-//! `cargo run --example quickstart` does not compile criterion and plotters.
+//! `cargo run -p quickstart` does not compile criterion and plotters.
 //! This library holds the helpers the benches (under `benches/`) share:
 //! command-line flags, percentiles, markdown tables and the report directory.
 //! The benches start their redis-servers with the test support of the main

@@ -4,8 +4,8 @@
 //! Runs on the embedded in-memory store, or on Redis when `REDIS_URL` is set:
 //!
 //! ```text
-//! cargo run --example quickstart
-//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example quickstart
+//! cargo run -p quickstart
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run -p quickstart
 //! ```
 
 use std::sync::Arc;
