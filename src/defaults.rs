@@ -5,18 +5,29 @@ use std::time::Duration;
 
 /// How long a stored value lives: 60 s.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
-/// How long a lock lives unless extended or released: 5 s. A holder that crashed
-/// blocks the key for at most this long; a live holder extends it every third of it.
-pub const DEFAULT_LOCK_EXPIRY: Duration = Duration::from_secs(5);
-/// How long a miss waits for the lock: 10 s, twice the lock expiry, so a waiter
-/// outlives a crashed holder's lock and loads the value itself.
+/// How long a lock lives unless extended or released: 800 ms. A live holder
+/// extends it every third of it (267 ms) for as long as its load runs, so long
+/// loads are safe; a holder that died (SIGKILL, OOM kill, a lost host) blocks
+/// its key for at most this long, and waiters in other processes take over
+/// within it plus one retry (under 1 s). The price is renewal traffic: about
+/// 3.75 extension scripts a second per running load on each master, and as
+/// many fence extensions on the value server; and a holder paused (CPU
+/// starvation, a stop-the-world pause, SIGSTOP) for more than about 530 ms
+/// loses its lock: another process then loads the key too, and the paused
+/// holder's late write is refused by the fence (the value stays the newer
+/// one). Raise it where holders are often paused that long.
+pub const DEFAULT_LOCK_EXPIRY: Duration = Duration::from_millis(800);
+/// How long a miss waits for someone else's load: 10 s. Well above the lock
+/// expiry, so a waiter outlives a crashed holder's lock and loads the value
+/// itself; and long enough for a slow load by a live holder.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
 /// Pause between lock attempts, randomised ±50%: 100 ms. Only a fallback while
 /// wake-ups are on (waiters in other processes are woken by pub/sub the moment
 /// the value is stored, and again when the lock is released).
 pub const DEFAULT_RETRY: Duration = Duration::from_millis(100);
-/// The Redlock per-master timeout: 50 ms (1% of the default lock expiry, the
-/// upper end of the Redlock spec's "5–50 ms for a 10 s expiry"). Once a majority
+/// The Redlock per-master timeout: 50 ms (the upper end of the Redlock spec's
+/// "5–50 ms for a 10 s expiry"; a 16th of the default lock expiry, so a lock
+/// taken at that bound still has most of its validity left). Once a majority
 /// of masters has answered an acquisition without deciding it, the attempt
 /// waits at most this long (from its start) for the others.
 pub const DEFAULT_MASTER_TIMEOUT: Duration = Duration::from_millis(50);

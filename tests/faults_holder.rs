@@ -18,6 +18,13 @@ const PREFIX_ENV: &str = "LC_HOLDER_PREFIX";
 const KEY_ENV: &str = "LC_HOLDER_KEY";
 const EXPIRY_ENV: &str = "LC_HOLDER_EXPIRY_MS";
 const LOADING: &str = "LOADING";
+/// When set, the holder's load takes this long and then returns its value
+/// (otherwise it hangs until killed). Each load first counts itself with
+/// `INCR <prefix>loads` on the first master, so loads are counted across
+/// processes.
+const LOAD_MS_ENV: &str = "LC_HOLDER_LOAD_MS";
+/// Printed by a holder whose load returned: `DONE refused=<writes refused>`.
+const DONE: &str = "DONE";
 
 /// The holder process's entry point. In a normal test run (the variable unset)
 /// it does nothing. Re-executed by [`Holder::spawn`], it takes the lock through
@@ -30,27 +37,53 @@ fn holder_process_entry() {
     };
     let env = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} unset"));
     let (prefix, key) = (env(PREFIX_ENV), env(KEY_ENV));
-    let expiry = Duration::from_millis(env(EXPIRY_ENV).parse().expect("expiry ms"));
+    // Unset: the library's default lock expiry.
+    let expiry = std::env::var(EXPIRY_ENV)
+        .ok()
+        .map(|ms| Duration::from_millis(ms.parse().expect("expiry ms")));
+    let load_for = std::env::var(LOAD_MS_ENV)
+        .ok()
+        .map(|ms| Duration::from_millis(ms.parse().expect("load ms")));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let cache = LockedCache::builder()
+        let first = urls.split(',').next().unwrap().to_owned();
+        let mut builder = LockedCache::builder()
             .masters(urls.split(','))
-            .key_prefix(prefix)
-            .lock_expiry(expiry)
-            .build()
-            .await
-            .expect("holder: build");
+            .key_prefix(&prefix);
+        if let Some(expiry) = expiry {
+            builder = builder.lock_expiry(expiry);
+        }
+        let cache = builder.build().await.expect("holder: build");
         let r: Result<String, LoadError<String>> = cache
             .get_or_load(&key, || async {
+                count_load(&first, &prefix);
                 println!("{LOADING} pid={}", std::process::id());
-                std::future::pending().await
+                match load_for {
+                    Some(load_for) => tokio::time::sleep(load_for).await,
+                    None => std::future::pending().await,
+                }
+                Ok(format!("holder {}", std::process::id()))
             })
             .await;
-        panic!("holder: the load was supposed to hang, got {r:?}");
+        match (load_for, r) {
+            (Some(_), Ok(_)) => println!("{DONE} refused={}", cache.stats().writes_refused),
+            (_, r) => panic!("holder: unexpected end of the load: {r:?}"),
+        }
     });
+}
+
+/// Counts one load of the test under `prefix`, on the server at `url`.
+fn count_load(url: &str, prefix: &str) {
+    let mut conn = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .expect("count_load: connect");
+    let _: u64 = redis::cmd("INCR")
+        .arg(format!("{prefix}loads"))
+        .query(&mut conn)
+        .expect("count_load: INCR");
 }
 
 /// A holder process, SIGKILLed when dropped.
@@ -62,7 +95,20 @@ struct Holder {
 
 impl Holder {
     fn spawn(urls: &[String], prefix: &str, key: &str, expiry: Duration) -> Holder {
-        let mut child = Command::new(std::env::current_exe().expect("current_exe"))
+        Holder::spawn_with(urls, prefix, key, Some(expiry), None)
+    }
+
+    /// A holder with the library's default lock expiry when `expiry` is
+    /// `None`, whose load returns after `load_for` (hangs when `None`).
+    fn spawn_with(
+        urls: &[String],
+        prefix: &str,
+        key: &str,
+        expiry: Option<Duration>,
+        load_for: Option<Duration>,
+    ) -> Holder {
+        let mut command = Command::new(std::env::current_exe().expect("current_exe"));
+        command
             .args([
                 "--exact",
                 "holder_process_entry",
@@ -71,8 +117,14 @@ impl Holder {
             ])
             .env(URLS_ENV, urls.join(","))
             .env(PREFIX_ENV, prefix)
-            .env(KEY_ENV, key)
-            .env(EXPIRY_ENV, expiry.as_millis().to_string())
+            .env(KEY_ENV, key);
+        if let Some(expiry) = expiry {
+            command.env(EXPIRY_ENV, expiry.as_millis().to_string());
+        }
+        if let Some(load_for) = load_for {
+            command.env(LOAD_MS_ENV, load_for.as_millis().to_string());
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -120,6 +172,16 @@ impl Holder {
                 ),
             }
         }
+    }
+
+    /// SIGSTOP (`true`) or SIGCONT (`false`).
+    fn stop(&self, stop: bool) {
+        let signal = if stop { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
     }
 
     /// SIGKILL, then reap.
@@ -235,4 +297,163 @@ async fn holder_process_sigkilled_mid_load_waiters_elsewhere_load_once_after_exp
     eprintln!(
         "holder SIGKILLed: load started {after_kill:?} after the kill (expiry {expiry:?}), all 60 calls done after {done:?}; loads: 1"
     );
+}
+
+/// How many loads of the test under `prefix` ran, in every process.
+fn loads_counted(fleet: &Fleet, prefix: &str) -> u64 {
+    fleet.servers[0]
+        .query::<Option<u64>>(&["GET", &format!("{prefix}loads")])
+        .unwrap_or(0)
+}
+
+/// With the library's defaults (no lock expiry, retry or wait set), a holder
+/// process SIGKILLed at 10 %, 50 % and 90 % of a 2 s load costs the survivors
+/// (two caches with 20 callers each) under a second: one of them starts
+/// loading within 1 s of the kill, everyone is served within 1 s + the load
+/// time, and the loader ran at most twice (the dead holder's and one
+/// survivor's), counted across processes in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holder_costs_the_survivors_under_a_second_with_the_defaults() {
+    let fleet = Fleet::start(3);
+    let load = Duration::from_secs(2);
+    let mut report = Vec::new();
+    for percent in [10_u32, 50, 90] {
+        let prefix = unique_prefix("killed_default");
+        let mut holder = Holder::spawn_with(&fleet.urls(), &prefix, "page", None, Some(load));
+        tokio::task::block_in_place(|| holder.wait_for_line(LOADING, Duration::from_secs(20)));
+        let loading_since = Instant::now();
+        let mut caches = Vec::new();
+        for _ in 0..2 {
+            caches.push(
+                LockedCache::builder()
+                    .masters(fleet.urls())
+                    .key_prefix(&prefix)
+                    .build()
+                    .await
+                    .unwrap(),
+            );
+        }
+        let first = fleet.urls()[0].clone();
+        let load_started: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let mut calls = Vec::new();
+        for i in 0..40 {
+            let cache = caches[i % 2].clone();
+            let (first, prefix) = (first.clone(), prefix.clone());
+            let load_started = Arc::clone(&load_started);
+            calls.push(tokio::spawn(async move {
+                let value = cache
+                    .get_or_load("page", || async move {
+                        load_started.lock().unwrap().get_or_insert(Instant::now());
+                        tokio::task::block_in_place(|| count_load(&first, &prefix));
+                        tokio::time::sleep(load).await;
+                        Ok::<_, String>(format!("survivor {}", std::process::id()))
+                    })
+                    .await;
+                (value, Instant::now())
+            }));
+        }
+        let kill_at = load * percent / 100;
+        tokio::time::sleep(kill_at.saturating_sub(loading_since.elapsed())).await;
+        assert!(
+            load_started.lock().unwrap().is_none(),
+            "a survivor loaded while the holder lived"
+        );
+        holder.kill();
+        let killed_at = Instant::now();
+        let results = join_all_checked(calls).await;
+        let expected = format!("survivor {}", std::process::id());
+        let mut last_served = killed_at;
+        for (value, served_at) in results {
+            assert_eq!(value.unwrap(), expected);
+            last_served = last_served.max(served_at);
+        }
+        let takeover = load_started.lock().unwrap().expect("a survivor loaded") - killed_at;
+        let served = last_served - killed_at;
+        let loads = loads_counted(&fleet, &prefix);
+        assert!(
+            loads <= 2,
+            "{loads} loads: the dead holder's and more than one survivor's"
+        );
+        assert!(
+            takeover <= Duration::from_millis(1000),
+            "killed at {percent} %: a survivor took over {takeover:?} after the kill"
+        );
+        assert!(
+            served <= Duration::from_millis(1000) + load + Duration::from_millis(200),
+            "killed at {percent} %: the last survivor was served {served:?} after the kill"
+        );
+        report.push(format!(
+            "{percent} %: takeover {takeover:?}, last served {served:?} after the kill, {loads} loads"
+        ));
+    }
+    eprintln!("holder SIGKILLed, library defaults: {}", report.join("; "));
+}
+
+/// With the defaults, a holder SIGSTOPped mid-load for 3 s loses its lock:
+/// the survivors take the key over and store their value; when the holder
+/// resumes and its load returns, its write is refused by the fence, and the
+/// survivors' value stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_holders_late_write_is_refused_with_the_defaults() {
+    let fleet = Fleet::start(3);
+    let prefix = unique_prefix("paused_default");
+    let holder = Holder::spawn_with(
+        &fleet.urls(),
+        &prefix,
+        "page",
+        None,
+        Some(Duration::from_millis(500)),
+    );
+    tokio::task::block_in_place(|| holder.wait_for_line(LOADING, Duration::from_secs(20)));
+    holder.stop(true);
+    let stopped_at = Instant::now();
+    let cache = LockedCache::builder()
+        .masters(fleet.urls())
+        .key_prefix(&prefix)
+        .build()
+        .await
+        .unwrap();
+    let first = fleet.urls()[0].clone();
+    let survivors: Vec<_> = (0..20)
+        .map(|_| {
+            let (cache, first, prefix) = (cache.clone(), first.clone(), prefix.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_load("page", || async move {
+                        tokio::task::block_in_place(|| count_load(&first, &prefix));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        Ok::<_, String>("survivor".to_owned())
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for value in join_all_checked(survivors).await {
+        assert_eq!(value.unwrap(), "survivor");
+    }
+    let served = stopped_at.elapsed();
+    assert!(
+        served < Duration::from_secs(3),
+        "the survivors waited {served:?} for a paused holder"
+    );
+    // Resume the holder after 3 s of pause: its load returns, its write must
+    // be refused.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(stopped_at.elapsed())).await;
+    holder.stop(false);
+    let done = tokio::task::block_in_place(|| holder.wait_for_line(DONE, Duration::from_secs(10)));
+    assert!(
+        done.contains("refused=1"),
+        "the paused holder's write: {done}"
+    );
+    assert_eq!(
+        cache.get::<String>("page").await.unwrap().as_deref(),
+        Some("survivor"),
+        "the survivors' value stays"
+    );
+    assert_eq!(
+        loads_counted(&fleet, &prefix),
+        2,
+        "the holder's load and one survivor's"
+    );
+    eprintln!("holder SIGSTOPped 3 s, library defaults: survivors served after {served:?}; {done}");
 }

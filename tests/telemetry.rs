@@ -323,7 +323,7 @@ async fn debug_shows_the_configuration_not_the_internals() {
     for expected in [
         "name: \"reports\"",
         "ttl: 300s",
-        "lock_expiry: 5s",
+        "lock_expiry: 800ms",
         "wait_time: 10s",
         "quorum_loss: FailClosed",
         "key_prefix: \"lc:\"",

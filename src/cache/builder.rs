@@ -284,10 +284,13 @@ impl<C: Codec> Builder<C> {
     }
 
     /// How long a lock lives unless extended. Defaults to [`DEFAULT_LOCK_EXPIRY`]
-    /// (5 s). The lock is extended every third of this while the loader runs, so
-    /// long loads are safe; this bounds how long a crashed holder blocks a key.
-    /// Shorter: faster recovery from crashes, more extension commands, and less
-    /// tolerance for pauses of the holder (GC, swap) before the lock is lost.
+    /// (800 ms: a holder that died costs the others under a second). The lock
+    /// is extended every third of this while the loader runs, so long loads
+    /// are safe; this bounds how long a crashed holder blocks a key. Shorter:
+    /// faster recovery from crashes, more extension commands, and less
+    /// tolerance for pauses of the holder (GC, swap, CPU starvation) before
+    /// the lock is lost (the paused holder's write is then fenced out, and
+    /// the key loaded a second time). Longer: the reverse.
     pub fn lock_expiry(mut self, expiry: Duration) -> Self {
         self.lock.expiry = expiry;
         self
