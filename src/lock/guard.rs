@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Inner;
 use super::claim::Claimed;
 use super::local::Turn;
 use super::quorum::validity;
+use super::redlock::Inner;
 use super::token::Token;
 use super::watchdog::{LockLost, LostSignal, Watchdog};
 use crate::error::Result;
@@ -191,7 +191,7 @@ impl LockGuard {
     /// True when a majority did, and the validity is renewed; false when the lock
     /// was lost (expired and maybe taken by another).
     pub async fn extend(&mut self, expiry: Duration) -> Result<bool> {
-        super::check_expiry(expiry)?;
+        super::options::check_expiry(expiry)?;
         self.extender().extend(expiry).await
     }
 

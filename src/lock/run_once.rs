@@ -10,7 +10,8 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use super::claim::Claimed;
-use super::{Attempt, Redlock, Splits, check_expiry};
+use super::options::check_expiry;
+use super::{Attempt, Redlock, Splits};
 use crate::error::Result;
 
 /// What [`Redlock::run_once`] did.
