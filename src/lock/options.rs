@@ -14,15 +14,16 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockOptions {
     /// How long a lock lives on the masters unless extended or released.
-    /// Defaults to [`DEFAULT_LOCK_EXPIRY`] (5 s). Longer: a crashed holder blocks
-    /// others for longer. Shorter: more extension traffic, and a holder paused
-    /// (GC, swap) for longer than this loses the lock. The cache extends the lock
-    /// while a loader runs, so this does not bound the load time.
+    /// Defaults to [`DEFAULT_LOCK_EXPIRY`] (800 ms). Longer: a crashed holder
+    /// blocks others for longer. Shorter: more extension traffic, and a holder
+    /// paused (GC, swap, CPU starvation) for longer than about two thirds of
+    /// this loses the lock. The cache and every guard's watchdog extend the
+    /// lock every third of it, so this does not bound the load time.
     pub expiry: Duration,
     /// How long [`Redlock::acquire`](crate::Redlock::acquire) (and a cache
     /// miss) waits for the lock before giving up with [`Error::LockTimeout`].
-    /// Defaults to [`DEFAULT_WAIT`] (10 s), twice the expiry, so that a waiter
-    /// outlives a holder that crashed.
+    /// Defaults to [`DEFAULT_WAIT`] (10 s), well above the expiry, so that a
+    /// waiter outlives a holder that crashed.
     pub wait: Duration,
     /// Pause between attempts, randomised ±50%. Defaults to [`DEFAULT_RETRY`]
     /// (100 ms). With wake-ups on, this is only the fallback when a wake-up
