@@ -251,3 +251,107 @@ fn a_get_or_load_dropped_at_any_await_point_leaks_no_lock_strands_no_waiter_leav
     });
     drop(proxy);
 }
+
+/// The leader's caller hangs up (its task aborted 250 ms into a 1 s load)
+/// while 99 callers wait on three caches of one server, with the library's
+/// defaults. With `with(CallOptions::new())` (the loader is `'static`, the
+/// load detached): the load finishes for the others, one load in all, and
+/// everyone is served by its end. With a plain `get_or_load` (the loader
+/// may borrow, so it cannot outlive its caller): a waiter starts over at
+/// once (well within one lock expiry, woken by the release), two loads in
+/// all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_caller_hangs_up_costs_one_load_detached_and_a_prompt_takeover_borrowing() {
+    const LOAD: Duration = Duration::from_secs(1);
+    const HANG_UP: Duration = Duration::from_millis(250);
+    let server = RedisServer::start();
+    for detached in [true, false] {
+        let prefix = unique_prefix("hang_up");
+        let mut caches = Vec::new();
+        for _ in 0..3 {
+            caches.push(
+                LockedCache::builder()
+                    .redis(server.url())
+                    .key_prefix(&prefix)
+                    .build()
+                    .await
+                    .unwrap(),
+            );
+        }
+        let runs = Arc::new(AtomicU32::new(0));
+        let starts: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
+        let call = |cache: LockedCache, who: u32| {
+            let (runs, starts) = (Arc::clone(&runs), Arc::clone(&starts));
+            tokio::spawn(async move {
+                let load = move || async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    starts.lock().unwrap().push(Instant::now());
+                    tokio::time::sleep(LOAD).await;
+                    Ok::<_, String>(format!("loaded by {who}"))
+                };
+                let value = if detached {
+                    cache
+                        .with(locked_cache::CallOptions::new())
+                        .get_or_load("k", load)
+                        .await
+                } else {
+                    cache.get_or_load("k", load).await
+                };
+                (value, Instant::now())
+            })
+        };
+        let leader = call(caches[0].clone(), 0);
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                runs.load(Ordering::SeqCst) == 1
+            })
+            .await
+        );
+        let waiters: Vec<_> = (1..100)
+            .map(|i| call(caches[i as usize % 3].clone(), i))
+            .collect();
+        tokio::time::sleep(HANG_UP).await;
+        leader.abort();
+        let hung_up = Instant::now();
+        let results = join_all_checked(waiters).await;
+        let first_start = starts.lock().unwrap()[0];
+        let mut last_served = hung_up;
+        let mut values = std::collections::HashSet::new();
+        for (value, at) in results {
+            values.insert(value.expect("a waiter failed"));
+            last_served = last_served.max(at);
+        }
+        let loads = runs.load(Ordering::SeqCst);
+        if detached {
+            assert_eq!(loads, 1, "the detached load was finished for the others");
+            assert_eq!(values.len(), 1, "{values:?}");
+            assert!(values.contains("loaded by 0"), "{values:?}");
+            let after_load = last_served.saturating_duration_since(first_start + LOAD);
+            assert!(
+                after_load < Duration::from_millis(300),
+                "served {after_load:?} after the load's end"
+            );
+            eprintln!(
+                "caller hung up, detached: 1 load, last waiter served {after_load:?} after it ended"
+            );
+        } else {
+            assert_eq!(
+                loads, 2,
+                "the borrowing load stopped with its caller; one takeover"
+            );
+            assert_eq!(
+                values.len(),
+                1,
+                "every waiter got the one takeover's value: {values:?}"
+            );
+            let takeover = starts.lock().unwrap()[1] - hung_up;
+            assert!(
+                takeover < Duration::from_millis(300),
+                "a waiter took over {takeover:?} after the hang-up (the lock expiry is 800 ms)"
+            );
+            eprintln!(
+                "caller hung up, borrowing: 2 loads, takeover {takeover:?} after the hang-up"
+            );
+        }
+    }
+}
