@@ -239,7 +239,8 @@ impl Redlock {
 
     /// One attempt at an exclusive lock on `resource` (the cache's).
     pub(crate) async fn attempt(&self, resource: &str, expiry: Duration) -> Result<Attempt> {
-        let claim = Arc::new(Claimed::Exclusive(vec![resource.to_owned()]));
+        // A load's claim: its fencing counter lives no longer than the lock.
+        let claim = Arc::new(Claimed::Load(resource.to_owned()));
         self.attempt_claim(&claim, expiry).await
     }
 

@@ -10,6 +10,8 @@ use crate::store::Claim;
 pub enum Claimed {
     /// An exclusive lock on one name, or on several (sorted, distinct).
     Exclusive(Vec<String>),
+    /// The cache's lock for one load (`Claim::Load`: nothing left behind).
+    Load(String),
     /// A reader of a reader-writer lock.
     Read(String),
     /// The writer of a reader-writer lock.
@@ -22,6 +24,7 @@ impl Claimed {
     pub fn as_claim(&self) -> Claim<'_> {
         match self {
             Claimed::Exclusive(names) => Claim::Exclusive(names),
+            Claimed::Load(name) => Claim::Load(name),
             Claimed::Read(name) => Claim::Read(name),
             Claimed::Write { name, queue } => Claim::Write {
                 name,
@@ -38,9 +41,10 @@ impl Claimed {
     pub fn name(&self) -> &str {
         match self {
             Claimed::Exclusive(names) => &names[0],
-            Claimed::Read(name) | Claimed::Write { name, .. } | Claimed::Permit { name, .. } => {
-                name
-            }
+            Claimed::Load(name)
+            | Claimed::Read(name)
+            | Claimed::Write { name, .. }
+            | Claimed::Permit { name, .. } => name,
         }
     }
 
@@ -58,7 +62,7 @@ impl Claimed {
     pub fn line(&self) -> Option<String> {
         match self {
             Claimed::Exclusive(names) => Some(names.join("\n")),
-            Claimed::Write { name, .. } => Some(name.clone()),
+            Claimed::Load(name) | Claimed::Write { name, .. } => Some(name.clone()),
             Claimed::Read(_) | Claimed::Permit { .. } => None,
         }
     }

@@ -234,7 +234,9 @@ fn shape(claim: Claim<'_>) -> Shape {
             keys.extend(names.iter().map(|n| claims::meta_key(n)));
             Shape::Keyed(keys)
         }
-        Claim::Write { name, .. } => Shape::Keyed(vec![name.to_owned(), claims::meta_key(name)]),
+        Claim::Load(name) | Claim::Write { name, .. } => {
+            Shape::Keyed(vec![name.to_owned(), claims::meta_key(name)])
+        }
         Claim::Read(name) => Shape::Member([claims::readers_key(name), claims::meta_key(name)]),
         Claim::Permit { name, .. } => {
             Shape::Member([claims::permits_key(name), claims::meta_key(name)])
@@ -250,8 +252,13 @@ pub async fn claim<C: ConnectionLike + Send>(
     expiry: Duration,
     owner: &str,
 ) -> RedisResult<Option<Vec<u64>>> {
-    let keep = millis(claims::meta_keep(expiry));
+    let keep = millis(claims::meta_keep_for(claim, expiry));
     let mut invocation = match claim {
+        Claim::Load(name) => {
+            let mut inv = scripts::CLAIM_LOAD.prepare_invoke();
+            inv.key(name);
+            return inv.arg(token).arg(millis(expiry)).invoke_async(conn).await;
+        }
         Claim::Exclusive(names) => {
             let mut inv = scripts::CLAIM_ALL.prepare_invoke();
             for name in names {
@@ -305,7 +312,7 @@ pub async fn renew<C: ConnectionLike + Send>(
     token: &[u8],
     expiry: Duration,
 ) -> RedisResult<bool> {
-    let keep = millis(claims::meta_keep(expiry));
+    let keep = millis(claims::meta_keep_for(claim, expiry));
     let mut invocation = match shape(claim) {
         Shape::Keyed(keys) => {
             let mut inv = scripts::RENEW_ALL.prepare_invoke();
@@ -345,7 +352,17 @@ pub async fn unclaim<C: ConnectionLike + Send>(
             for key in keys {
                 inv.key(key);
             }
-            inv.arg(token).arg(channel).invoke_async(conn).await?
+            // A load's claim takes its meta key with it.
+            let drop_meta = if matches!(claim, Claim::Load(_)) {
+                "1"
+            } else {
+                ""
+            };
+            inv.arg(token)
+                .arg(channel)
+                .arg(drop_meta)
+                .invoke_async(conn)
+                .await?
         }
         Shape::Member([members, meta]) => {
             scripts::UNCLAIM_MEMBER
@@ -367,6 +384,11 @@ pub async fn raise_fence<C: ConnectionLike + Send>(
     claim: Claim<'_>,
     fences: &[u64],
 ) -> RedisResult<()> {
+    if let Claim::Load(_) = claim {
+        // Its counter lives no longer than the lock, which nobody else can
+        // take meanwhile: raising it would only leave a key behind.
+        return Ok(());
+    }
     let mut inv = scripts::RAISE_FENCE.prepare_invoke();
     for name in claim.names() {
         inv.key(claims::meta_key(name));

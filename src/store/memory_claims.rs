@@ -108,9 +108,24 @@ impl State {
         owner: &str,
     ) -> Option<Vec<u64>> {
         let now = Instant::now();
-        let keep = claims::meta_keep(expiry);
+        let keep = claims::meta_keep_for(claim, expiry);
         match claim {
-            Claim::Exclusive(names) => {
+            Claim::Load(name) => {
+                // The lock entry alone (see `CLAIM_LOAD`): the token is the
+                // clock, in microseconds.
+                if self.live(name).is_some_and(|held| held != token) {
+                    return None;
+                }
+                if !self.holds(name, token) {
+                    self.put(name, token, expiry);
+                }
+                let micros = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(1, |d| d.as_micros() as u64);
+                Some(vec![micros])
+            }
+            Claim::Exclusive(_) => {
+                let names = claim.names();
                 if names
                     .iter()
                     .any(|n| self.live(n).is_some_and(|held| held != token))
@@ -264,6 +279,9 @@ impl State {
     }
 
     pub fn raise_fence(&mut self, claim: Claim<'_>, fences: &[u64]) {
+        if let Claim::Load(_) = claim {
+            return; // as on Redis: nothing to raise beyond the lock's life
+        }
         let now = Instant::now();
         for (name, fence) in claim.names().into_iter().zip(fences) {
             let meta = self

@@ -217,6 +217,7 @@ pub trait Store: Send + Sync + Debug + 'static {
 fn single_name<'a, S: Store + ?Sized>(store: &S, claim: Claim<'a>, what: &str) -> Result<&'a str> {
     match claim {
         Claim::Exclusive([name]) => Ok(name),
+        Claim::Load(name) => Ok(name),
         _ => Err(unsupported(store, what)),
     }
 }

@@ -168,6 +168,18 @@ end
 return fences"
 );
 
+/// A load's claim (`Claim::Load`): the lock key alone, no meta key. KEYS[1]
+/// the lock key; ARGV[1] token, ARGV[2] expiry ms. Granted (or already held
+/// by the token): the fencing token, the server's clock in microseconds;
+/// refused: false.
+pub static CLAIM_LOAD: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_LOAD_LUA));
+const CLAIM_LOAD_LUA: &str = r"if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+    or redis.call('GET', KEYS[1]) == ARGV[1] then
+    local t = redis.call('TIME')
+    return {tonumber(t[1]) * 1000000 + tonumber(t[2])}
+end
+return false";
+
 /// A reader's claim. KEYS[1] writer, KEYS[2] readers (sorted set, score: expiry
 /// in server ms), KEYS[3] waiting writer, KEYS[4] meta; ARGV as `CLAIM_ALL`.
 /// Refused while a writer holds the lock or waits for it.
@@ -275,7 +287,8 @@ return 1"
 );
 
 /// Releases keyed claims. KEYS: n lock keys, then n meta keys; ARGV[1] token,
-/// ARGV[2] channel (or empty). Each name held by the token is deleted (with its
+/// ARGV[2] channel (or empty), ARGV[3] `1` to delete the meta key of each name
+/// released too (a load's claim). Each name held by the token is deleted and
 /// published (its owner entry stays, naming a token that no longer holds).
 /// 1: at least one was ours; 0: none was, and
 /// another token holds one; -1: none was there.
@@ -286,6 +299,9 @@ for i = 1, n do
     local held = redis.call('GET', KEYS[i])
     if held == ARGV[1] then
         redis.call('DEL', KEYS[i])
+        if ARGV[3] == '1' then
+            redis.call('DEL', KEYS[n + i])
+        end
         if ARGV[2] ~= '' then
             redis.call('PUBLISH', ARGV[2], KEYS[i])
         end
@@ -359,13 +375,14 @@ return out"
 );
 
 /// The source of every script, for loading them on a new connection.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     RELEASE_LUA,
     EXTEND_LUA,
     GET_OR_FENCE_LUA,
     SET_FENCED_LUA,
     ACQUIRE_LUA,
     CLAIM_ALL_LUA,
+    CLAIM_LOAD_LUA,
     CLAIM_READ_LUA,
     CLAIM_WRITE_LUA,
     CLAIM_PERMIT_LUA,
