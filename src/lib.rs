@@ -25,15 +25,43 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Locks
+//! # Which call
 //!
-//! The [`Redlock`] behind the cache is a toolkit of its own (README, "Locks"):
-//! exclusive locks ([`Redlock::acquire`]), several names at once, all or none
-//! ([`Redlock::acquire_all`]), a reader-writer lock ([`RwLock`]), a semaphore
-//! on one server ([`Semaphore`]), run once per window ([`Redlock::run_once`])
-//! and inspection ([`Redlock::inspect`]). Each hands out a [`LockGuard`] with
-//! a watchdog that keeps the lock alive, a lost-lock signal
-//! ([`LockGuard::lost`], [`LockLost`]) and a fencing token.
+//! | you need | call |
+//! | --- | --- |
+//! | a value; the loader may borrow from the caller | [`cache.get_or_load(key, \|\| async { .. })`](LockedCache::get_or_load) → [`Result<T, LoadError<E>>`](LoadError) |
+//! | a loader that cannot fail (no `Ok::<_, E>` to spell) | [`get_or_compute`](LockedCache::get_or_compute) → [`Result<T, Error>`](Error) |
+//! | the value as `Arc<T>`, answered from the near cache without a round trip | [`get_or_load_shared`](LockedCache::get_or_load_shared) |
+//! | a blob (HTML, protobuf, an image): stored as bytes, read with one copy | [`get_or_load_bytes`](LockedCache::get_or_load_bytes) |
+//! | how the call was served (`X-Cache`), or the loader's [`LoadContext`] as an argument | the same name + `_with_outcome`: [`get_or_load_with_outcome`](LockedCache::get_or_load_with_outcome), [`get_or_load_shared_with_outcome`](LockedCache::get_or_load_shared_with_outcome), [`get_or_load_bytes_with_outcome`](LockedCache::get_or_load_bytes_with_outcome) |
+//! | per-call options (TTL, stale window, fail-safe, early refresh, negative TTL, timeouts) or a load that finishes for the others when its caller goes away | [`cache.with(CallOptions)`](LockedCache::with) then the same names ([`With`], [`CallOptions`]); the loader must be `Send + 'static` |
+//! | read, write or remove without loading | [`get`](LockedCache::get), [`get_shared`](LockedCache::get_shared), [`get_bytes`](LockedCache::get_bytes), [`set`](LockedCache::set), [`set_with_ttl`](LockedCache::set_with_ttl), [`set_bytes`](LockedCache::set_bytes), [`invalidate`](LockedCache::invalidate) |
+//! | the lock on its own | [`cache.lock()`](LockedCache::lock), [`Redlock`] |
+//!
+//! Inside any loader, [`LoadContext::current()`](LoadContext::current) gives the
+//! lock's fencing token and lost signal. [`get_or_load_with`](LockedCache::get_or_load_with)
+//! is deprecated: use `LoadContext::current()` or the `_with_outcome` calls.
+//!
+//! # Errors
+//!
+//! [`LoadError<E>`](LoadError) is a [`std::error::Error`] whenever
+//! `E: Debug + Display`, so `?` works into `anyhow::Result`, `eyre::Result`,
+//! `Box<dyn Error + Send + Sync>` or an application enum with
+//! `#[from] LoadError<MyError>`. Its `Display` shows the loader's message
+//! (`the loader failed: <message>`), and [`loader_error()`](LoadError::loader_error)
+//! borrows the loader's error to match it. The cache's own failures are an
+//! [`Error`], with predicates such as [`Error::is_timeout`] to decide retries.
+//!
+//! # Guide
+//!
+//! The [`guide`] has the rest, one chapter per subject:
+//! [how it works](guide::how_it_works), [around an expiry](guide::around_an_expiry),
+//! [caching bytes](guide::caching_bytes), [the near cache](guide::near_cache),
+//! [deployments](guide::deployments), [configuration](guide::configuration),
+//! [TLS and ACL users](guide::tls_and_acl), [in a web service](guide::web_service),
+//! [observability](guide::observability), [locks](guide::locks),
+//! [guarantees](guide::guarantees), [failure modes](guide::failure_modes),
+//! [performance](guide::performance) and [development](guide::development).
 //!
 //! # Fencing tokens
 //!
@@ -56,83 +84,21 @@
 //! its counters at once; with a single master, as long as its clock does not
 //! go back. A custom [`Store`] that implements only `set_nx` hands out 0.
 //!
-//! # Around an expiry
-//!
-//! By default a value is gone at its TTL and the next call waits for its
-//! reload (one load across the fleet). [`CallOptions`] change that, for the
-//! whole cache ([`Builder::call_options`]) or one call ([`LockedCache::with`]):
-//! a stale window (stale-while-revalidate: the old value is served at once while
-//! one caller refreshes it; fail-safe: served instead of a refresh's error),
-//! early refresh (XFetch: hot keys reloaded before they expire), a negative TTL
-//! for a loader's `None`, TTL jitter, soft and hard timeouts, and loads detached
-//! from a caller that goes away. Freshness is judged from the key's remaining
-//! TTL as Redis counts it, never from a host's clock.
-//!
 //! # Telemetry
 //!
-//! **Per call**: [`LockedCache::get_or_load_with_outcome`] returns how the value
-//! was served ([`Outcome`]: `hit`, `coalesced`, `waited`, `loaded`, `stale` or
-//! `fail_safe`), e.g. for an `X-Cache` header.
-//!
-//! **Spans** (`tracing`): every `get_or_load` call runs in an INFO span named
-//! `get_or_load`; a miss opens DEBUG child spans `lock` (waiting for and taking
-//! the lock), `load` (the loader) and `store` (the fenced write). Field names
-//! follow OpenTelemetry's database semantic conventions where one applies, so
-//! `tracing-opentelemetry` exports useful traces without this crate depending
-//! on OpenTelemetry. Nothing is computed for a span nobody records.
-//!
-//! | field | on | value |
-//! | --- | --- | --- |
-//! | `db.system` | all | `"redis"`, or `"memory"` on the embedded store |
-//! | `db.operation.name` | all | `"get_or_load"`, `"lock"`, `"load"`, `"store"` |
-//! | `otel.kind` | `get_or_load` | `"client"` |
-//! | `otel.status_code` | `get_or_load` | `"ERROR"` when the call failed |
-//! | `error.type` | `get_or_load` | what failed: `loader`, `lock_timeout`, `quorum_not_reached`, `redis`, `command_timeout`... |
-//! | `locked_cache.name` | `get_or_load` | the cache's [name](Builder::name) |
-//! | `locked_cache.key_hash` | `get_or_load` | FNV-1a (64 bits, 16 hex digits) of prefix + key: never the key |
-//! | `locked_cache.outcome` | `get_or_load` | `hit`, `coalesced`, `waited`, `loaded`, `stale`, `fail_safe`, `timeout` or `error` |
-//! | `locked_cache.wait_ms` | `get_or_load` | time spent waiting for someone else's load (absent when it did not wait) |
-//! | `locked_cache.lock_attempts` | `get_or_load`, `lock` | lock attempts made by the call |
-//! | `locked_cache.lock_result` | `lock` | `acquired`, `value_found`, `quorum_lost`, `timeout`, `error` |
-//! | `locked_cache.lock_lost` | `load` | whether the lock was lost while loading |
-//! | `locked_cache.store_result` | `store` | `stored`, `refused` (fenced out by a newer writer), `failed` |
-//!
-//! The key hash is the same in every process and version, so one key's calls
-//! can be followed across a fleet; it is not a secret (keys from a small space,
-//! such as user ids, can be recovered by hashing every candidate): hash keys
-//! yourself first if they must not be guessable. A call waiting for a lock says
-//! at DEBUG what it waits for (once, then at most every second): a holder that
-//! is loading, or one that crashed and whose lock has yet to expire.
-//!
-//! **Metrics** (feature `metrics`), through the [`metrics`](https://docs.rs/metrics)
-//! facade: no recorder is installed; install yours (a Prometheus exporter...)
-//! *before* building the cache, which registers its handles in `build()`. Every
-//! metric has the label `cache` (the [name](Builder::name)); only
-//! `locked_cache_calls_total` has another, `outcome` (the span's outcome values).
-//!
-//! - counters: `locked_cache_calls_total{outcome}`, and one
-//!   `locked_cache_<field>_total` per [`StatsSnapshot`] field (`..._hits_total`,
-//!   `..._misses_total`, `..._loads_total`...), counting exactly what the field
-//!   counts;
-//! - histograms, in seconds: `locked_cache_load_seconds` (each loader run),
-//!   `locked_cache_wait_seconds` (calls that waited for someone else's load: an
-//!   in-process leader or the lock), `locked_cache_lock_acquire_seconds` (from
-//!   the first attempt to holding the lock), `locked_cache_time_to_value_seconds`
-//!   (calls served by someone else's load, `coalesced` or `waited`: from the
-//!   call to the value);
-//! - gauges: `locked_cache_loads_in_flight`, `locked_cache_waiters` (calls of
-//!   this process waiting for a flight or a lock), `locked_cache_subscribed_masters`
-//!   (masters whose wake-up subscription is up, sampled every second).
-//!
-//! **Counters**: [`LockedCache::stats`] counts each call once; the hit ratio is
-//! `hits / (hits + misses)` ([`StatsSnapshot::hit_ratio`]); see [`StatsSnapshot`].
+//! How each call was served ([`Outcome`], from the `_with_outcome` calls), a
+//! `tracing` span per call (`get_or_load`, with DEBUG children `lock`, `load`
+//! and `store`) whose field names follow OpenTelemetry's database conventions,
+//! metrics through the `metrics` facade (feature `metrics`) and
+//! [`LockedCache::stats`]. The span fields, the metric names and what each
+//! counter counts are in [`guide::observability`].
 //!
 //! # Cargo features
 //!
 //! | feature | default | what it adds |
 //! | --- | --- | --- |
 //! | `json` | off | `JsonCodec`, via serde_json: values readable in `redis-cli` |
-//! | `metrics` | off | the metrics above, via the `metrics` crate (the facade only) |
+//! | `metrics` | off | the metrics of [`guide::observability`], via the `metrics` crate (the facade only) |
 //! | `tls` | off | `rediss://` URLs, a custom CA and client certificates, over rustls |
 //! | `cluster` | off | `Builder::cluster` and `ClusterStore`: Redis Cluster through redis-rs's cluster connection |
 //! | `near-cache` | off | `Builder::near_cache`: decoded values kept in process (over moka), invalidated across processes by pub/sub |
@@ -149,6 +115,8 @@ mod cache;
 pub mod codec;
 mod defaults;
 mod error;
+/// The guide: how it works, deployments, configuration, guarantees, failure modes, performance.
+pub mod guide;
 mod lock;
 mod stats;
 mod store;
