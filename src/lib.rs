@@ -84,6 +84,14 @@
 //! its counters at once; with a single master, as long as its clock does not
 //! go back. A custom [`Store`] that implements only `set_nx` hands out 0.
 //!
+//! **The cache's own loads** keep no counter, so that a Redis that runs the
+//! cache for a day holds what is cached, not a trace of every load (see
+//! [guide::locks]): a load's [`LoadContext::fencing_token`] is the granting
+//! masters' highest clock reading in microseconds, above every earlier load's
+//! token of the key as long as the masters' clocks do not go back or disagree
+//! by more than the time between two loads of it. The value's own store does
+//! not rely on it (it is fenced by the lock's random token).
+//!
 //! # Telemetry
 //!
 //! How each call was served ([`Outcome`], from the `_with_outcome` calls), a
