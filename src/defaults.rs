@@ -69,6 +69,15 @@ pub const DEFAULT_DETACHED: bool = true;
 /// load) may run: 60 s. Then it is dropped, its lock released, and the failure
 /// counted: a hung backend call cannot hold a key's lock forever.
 pub const DEFAULT_BACKGROUND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Tags and clear ([`Builder::tags`](crate::Builder::tags)) are off by default.
+pub const DEFAULT_TAGS: bool = false;
+/// How long a process trusts a tag version or the cache's generation it read:
+/// 1 s, the near cache's default TTL. It bounds how long a process that missed
+/// an invalidation message may serve an invalidated entry.
+pub const DEFAULT_TAG_REFRESH: Duration = Duration::from_secs(1);
+/// How long a tag's version lives after its last invalidation, and the longest
+/// a tagged entry lives in Redis: 7 days.
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Longest an entry lives in the near cache (feature `near-cache`): 1 s, and
 /// never longer than the value's remaining time in Redis. This bounds how long a
 /// process may serve a value another process replaced when the invalidation

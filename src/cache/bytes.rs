@@ -106,7 +106,7 @@ impl<C: Codec> LockedCache<C> {
 pub(crate) struct Blob(pub(crate) Vec<u8>);
 
 /// A borrowed [`Blob`], to store without copying.
-struct BlobRef<'a>(&'a [u8]);
+pub(super) struct BlobRef<'a>(pub(super) &'a [u8]);
 
 impl Serialize for Blob {
     fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {

@@ -269,6 +269,12 @@ impl<C: Codec> Inner<C> {
         let keep = self.near_ticket(value_key, sharing);
         let with_ttl = options.reads_ttl() || keep.is_some();
         let stored = self.read_stored(value_key, with_ttl).await?;
+        // With tags on, an invalidated value is a miss (`tags.rs`); boxed, so
+        // that a hit without tags keeps its small future.
+        let stored = match &self.tags {
+            None => stored,
+            Some(_) => Box::pin(self.screen(stored)).await?,
+        };
         let found = stored.and_then(|stored| {
             let (found, judged) = self.decode_judged::<T>(value_key, stored, options)?;
             if judged != Freshness::TooStale && found.meta.absent {

@@ -41,9 +41,15 @@ pub(super) fn decode<C: Codec, T: 'static>(bytes: &mut Vec<u8>) -> Option<Result
     {
         return None;
     }
-    // The caller checked the header (`split_header`).
-    let (len, prefix) = varint(bytes.get(HEADER_LEN..)?)?;
-    let start = HEADER_LEN + prefix;
+    // The caller checked the header (`split_header`); a marked value's marks
+    // come before the payload.
+    let offset = if bytes.get(4).is_some_and(|flags| flags & 2 != 0) {
+        crate::codec::payload_offset(bytes)
+    } else {
+        HEADER_LEN
+    };
+    let (len, prefix) = varint(bytes.get(offset..)?)?;
+    let start = offset + prefix;
     if usize::try_from(len).ok()? != bytes.len() - start {
         return None;
     }

@@ -10,7 +10,8 @@
 //! by a version without them (`pk`) are simply not found (a one-time cold cache
 //! on upgrade), never read as something else.
 //!
-//! A value key never starts with `lock.` or `fence.`: a prefix that does is
+//! A value key never starts with `lock.`, `fence.` or `tag.` (tag versions,
+//! `tags.rs`): a prefix that does is
 //! refused when the cache is built, and a key cannot make it so (it comes after
 //! the prefix and the brace).
 
@@ -150,9 +151,13 @@ impl Keys {
 /// Refuses a prefix whose value keys could collide with lock or fence keys, or
 /// whose braces would replace the entry's hash tag.
 pub fn check_prefix(prefix: &str) -> Result<()> {
-    if prefix.starts_with(LOCK_PREFIX) || prefix.starts_with(FENCE_PREFIX) {
+    let tag = super::tags::TAG_PREFIX;
+    if prefix.starts_with(LOCK_PREFIX)
+        || prefix.starts_with(FENCE_PREFIX)
+        || prefix.starts_with(tag)
+    {
         return Err(Error::InvalidConfig(format!(
-            "key prefix must not start with `{LOCK_PREFIX}` or `{FENCE_PREFIX}`"
+            "key prefix must not start with `{LOCK_PREFIX}`, `{FENCE_PREFIX}` or `{tag}`"
         )));
     }
     if prefix.contains(['{', '}']) {

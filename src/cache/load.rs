@@ -434,6 +434,19 @@ impl<C: Codec> Inner<C> {
             .await;
         // The fence is taken either way (a corrupt value is reloaded under it);
         // a key of another Redis type reads as missing here.
+        // Invalidated (tags on): as missing. And the marks of what this load
+        // will store, as of now, before the loader reads anything.
+        let found = match found {
+            Ok(stored) => self.screen(stored).await,
+            Err(e) => Err(e),
+        };
+        let marks = match self.marks_for(&options.tags).await {
+            Ok(marks) => marks,
+            Err(e) => {
+                release(guard).await;
+                return Err(e.into());
+            }
+        };
         match found {
             Ok(Some(stored)) => {
                 if let Some(found) = self.decode_or_report::<T>(&keys.value, stored, false) {
@@ -477,7 +490,8 @@ impl<C: Codec> Inner<C> {
                 return Err(LoadError::Loader(Arc::new(e)));
             }
         };
-        let (ttl, bytes) = match self.encode_loaded(key, &value, load_time, options) {
+        let (ttl, bytes) = match self.encode_loaded(key, &value, load_time, options, marks.as_ref())
+        {
             Ok(stored) => stored,
             Err(e) => {
                 release(guard).await;
@@ -524,11 +538,16 @@ impl<C: Codec> Inner<C> {
         let token = Token::new().map_err(|e| {
             Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
         })?;
-        let fenced = match self
+        let found = match self
             .value_store
             .get_or_fence(&keys.value, &keys.fence, token.as_bytes(), fence_expiry)
             .await
         {
+            Ok(stored) => self.screen(stored).await,
+            Err(e) => Err(e),
+        };
+        let marks = self.marks_for(&options.tags).await?;
+        let fenced = match found {
             Ok(Some(stored)) => {
                 if let Some(found) = self.decode_or_report::<T>(&keys.value, stored, false)
                     && found.usable(options)
@@ -557,7 +576,7 @@ impl<C: Codec> Inner<C> {
             Ok(loaded) => loaded,
             Err(e) => return Err(LoadError::Loader(Arc::new(e))),
         };
-        let (ttl, bytes) = self.encode_loaded(key, &value, load_time, options)?;
+        let (ttl, bytes) = self.encode_loaded(key, &value, load_time, options, marks.as_ref())?;
         let Some(ttl) = ttl else {
             return Ok(Led {
                 value,

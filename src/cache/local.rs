@@ -79,8 +79,10 @@ pub struct Local {
     /// builds nothing), hashed by foldhash (seeded per cache)
     /// rather than std's SipHash: hashing the key was a tenth of a near hit.
     entries: Cache<Key, Entry, foldhash::fast::RandomState>,
-    /// Bumped by every clear.
-    all: AtomicU64,
+    /// Bumped by every clear (shared with the cache's known tag versions,
+    /// which a clear distrusts: a message that is not a key's, such as a tag
+    /// invalidation, or a lost subscription).
+    all: Arc<AtomicU64>,
     /// Bumped by every invalidation of a key of the slot.
     slots: Box<[AtomicU64]>,
     /// The subscription is up: the L1 may answer and take values.
@@ -117,7 +119,7 @@ impl Local {
         let origin = format!("{:016x}", fastrand::u64(..));
         Local {
             entries,
-            all: AtomicU64::new(0),
+            all: Arc::new(AtomicU64::new(0)),
             slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
             live: AtomicBool::new(false),
             max_ttl,
@@ -126,6 +128,11 @@ impl Local {
             origin,
             stats,
         }
+    }
+
+    /// The counter every clear bumps.
+    pub fn clears(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.all)
     }
 
     /// The pub/sub channel of the invalidations.

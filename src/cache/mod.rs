@@ -33,6 +33,7 @@ mod local;
 mod options;
 mod refresh;
 mod shared;
+mod tags;
 mod with;
 
 pub use builder::{Builder, QuorumLossPolicy};
@@ -137,6 +138,11 @@ struct Inner<C> {
     near: Option<local::Near>,
     value_store: SharedStore,
     lock: Redlock,
+    /// The tag versions and generation this process knows, when tags are on
+    /// (`tags.rs`).
+    tags: Option<Arc<tags::Known>>,
+    /// How long tag versions, and tagged entries, live.
+    tag_ttl: Duration,
     ttl: Duration,
     /// The options calls start from (the builder's `call_options`).
     call_options: CallOptions,
@@ -421,6 +427,49 @@ impl<C: Codec> LockedCache<C> {
         self.set_with_ttl(key, value, self.inner.defaults.ttl).await
     }
 
+    /// Makes every entry tagged `tag` ([`CallOptions::tag`]) a miss in every
+    /// process: one `SET` of the tag's version and one `PUBLISH`, whatever the
+    /// number of entries (no `SCAN`, no `KEYS`). The entries themselves stay
+    /// until their TTL; the next call for each reloads and overwrites it.
+    /// Processes with the near cache on and subscribed see it at once; others
+    /// within [`tag_refresh`](crate::Builder::tag_refresh) (1 s by default). A
+    /// stale window does not serve an invalidated entry: it is a miss, as if
+    /// gone. A load running when this is called stores a value that is
+    /// already a miss (its load began under the old version).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidConfig`] without [`Builder::tags`](crate::Builder::tags);
+    /// the value server's errors when the version cannot be written (then
+    /// nothing was invalidated: retry).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use locked_cache::{CallOptions, LockedCache};
+    ///
+    /// let cache = LockedCache::builder().tags(true).build().await?;
+    /// let user_7 = cache.with(CallOptions::new().tag("user:7"));
+    /// let name: String = user_7.get_or_compute("name:7", || async { "Ada".to_owned() }).await?;
+    /// cache.invalidate_tag("user:7").await?;
+    /// let (_, outcome) = user_7
+    ///     .get_or_load_with_outcome("name:7", |_| async { Ok::<_, String>("Grace".to_owned()) })
+    ///     .await?;
+    /// assert_eq!(outcome, locked_cache::Outcome::Loaded);
+    /// # let _ = name; Ok(()) }
+    /// ```
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<()> {
+        self.inner.invalidate_version(Some(tags::tag_id(tag))).await
+    }
+
+    /// Makes every entry of this cache (its key prefix) a miss in every
+    /// process, as [`invalidate_tag`](Self::invalidate_tag) does for a tag:
+    /// one `SET` of the cache's generation and one `PUBLISH`; old entries
+    /// expire by their TTL. Needs [`Builder::tags`](crate::Builder::tags).
+    pub async fn clear(&self) -> Result<()> {
+        self.inner.invalidate_version(None).await
+    }
+
     /// As [`set`](Self::set), with its own TTL (1 ms to 10 years, else
     /// [`Error::InvalidConfig`]).
     pub async fn set_with_ttl<T: Serialize>(
@@ -436,20 +485,7 @@ impl<C: Codec> LockedCache<C> {
                 "ttl must be at least 1 ms and at most 10 years".into(),
             ));
         }
-        let meta = Meta {
-            stale_for: inner.defaults.stale_for,
-            load_time: Duration::ZERO,
-            absent: codec::is_absent(value),
-        };
-        let bytes = inner.encode(key, value, &meta)?;
-        let keys = Keys::new(&inner.key_prefix, key);
-        // Fence first: a load already running must not overwrite this value with
-        // what it read before the change.
-        inner.value_store.delete(&keys.fence).await?;
-        let key_ttl = (ttl + meta.stale_for).min(builder::MAX_TTL);
-        inner.value_store.set(&keys.value, &bytes, key_ttl).await?;
-        inner.changed(&keys.value).await;
-        Ok(())
+        inner.set_with(key, value, ttl, &inner.defaults).await
     }
 
     /// Removes the value under `key`; the next `get_or_load` loads it again.
@@ -525,6 +561,10 @@ impl<C: Codec> Inner<C> {
         with_ttl: bool,
     ) -> Result<Option<Found<T>>> {
         let stored = self.read_stored(value_key, with_ttl).await?;
+        let stored = match &self.tags {
+            None => stored,
+            Some(_) => Box::pin(self.screen(stored)).await?,
+        };
         Ok(stored.and_then(|stored| self.decode_or_report(&value_key, stored, true)))
     }
 
@@ -609,8 +649,51 @@ impl<C: Codec> Inner<C> {
         tracing::warn!(key = %value_key, %error, "undecodable value treated as a miss; it will be reloaded and overwritten");
     }
 
-    fn encode<T: Serialize>(&self, key: &str, value: &T, meta: &Meta) -> Result<Vec<u8>> {
-        let bytes = codec::encode_with_meta(&self.codec, value, meta)?;
+    /// Stores `value` under `key` for `ttl` (plus the stale window of
+    /// `options`, with its tags), unconditionally.
+    async fn set_with<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+        options: &Resolved,
+    ) -> Result<()> {
+        let meta = Meta {
+            stale_for: options.stale_for,
+            load_time: Duration::ZERO,
+            absent: codec::is_absent(value),
+        };
+        let marks = self.marks_for(&options.tags).await?;
+        let bytes = self.encode(key, value, &meta, marks.as_ref())?;
+        let keys = Keys::new(&self.key_prefix, key);
+        // Fence first: a load already running must not overwrite this value with
+        // what it read before the change.
+        self.value_store.delete(&keys.fence).await?;
+        let key_ttl = self.key_ttl(ttl + meta.stale_for, marks.as_ref());
+        self.value_store.set(&keys.value, &bytes, key_ttl).await?;
+        self.changed(&keys.value).await;
+        Ok(())
+    }
+
+    /// The Redis TTL of a value that lives `ttl`: at most 10 years, and at
+    /// most the tag TTL for a marked one (which must not outlive the versions
+    /// it is judged by).
+    fn key_ttl(&self, ttl: Duration, marks: Option<&codec::Marks>) -> Duration {
+        let ttl = ttl.min(builder::MAX_TTL);
+        match marks {
+            Some(_) => ttl.min(self.tag_ttl),
+            None => ttl,
+        }
+    }
+
+    fn encode<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        meta: &Meta,
+        marks: Option<&codec::Marks>,
+    ) -> Result<Vec<u8>> {
+        let bytes = codec::encode_marked(&self.codec, value, meta, marks)?;
         if bytes.len() > self.max_value_size {
             return Err(Error::ValueTooLarge {
                 key: key.to_owned(),
@@ -630,10 +713,12 @@ impl<C: Codec> Inner<C> {
         value: &T,
         load_time: Duration,
         options: &Resolved,
+        marks: Option<&codec::Marks>,
     ) -> Result<(Option<Duration>, Vec<u8>)> {
         let absent = codec::is_absent(value);
         let (ttl, meta) = freshness::storage(options, absent, load_time, fastrand::f64());
-        Ok((ttl, self.encode(key, value, &meta)?))
+        let ttl = ttl.map(|ttl| self.key_ttl(ttl, marks));
+        Ok((ttl, self.encode(key, value, &meta, marks)?))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::defaults::{
 use crate::error::{Error, Result};
 
 use super::builder::MAX_TTL;
+use super::tags::TagSet;
 
 /// Freshness and timeout options of `get_or_load` calls.
 ///
@@ -58,6 +59,7 @@ pub struct CallOptions {
     hard_timeout: Option<Duration>,
     detached: Option<bool>,
     background_timeout: Option<Duration>,
+    tags: TagSet,
 }
 
 impl CallOptions {
@@ -75,7 +77,31 @@ impl CallOptions {
             hard_timeout: None,
             detached: None,
             background_timeout: None,
+            tags: TagSet::new(),
         }
+    }
+
+    /// Tags the entries these calls store (loads and [`With::set`](crate::With::set)):
+    /// [`invalidate_tag`](crate::LockedCache::invalidate_tag) with any of them
+    /// makes the entry a miss in every process. Call it once per tag, up to
+    /// [`MAX_TAGS`](crate::codec::MAX_TAGS) (8) per entry (more is
+    /// [`Error::InvalidConfig`]); repeats count once. Needs a cache built with
+    /// [`Builder::tags`](crate::Builder::tags) (else `InvalidConfig`).
+    /// Defaults to no tags. A tagged entry lives at most
+    /// [`tag_ttl`](crate::Builder::tag_ttl) in Redis. Tags set here replace
+    /// the cache's (from [`Builder::call_options`](crate::Builder::call_options)),
+    /// they do not add to them.
+    ///
+    /// ```
+    /// use locked_cache::CallOptions;
+    ///
+    /// const PRODUCT_PAGE: CallOptions = CallOptions::new().tag("products").tag("pages");
+    /// let user_42 = CallOptions::new().tag(&format!("user:{}", 42));
+    /// # let _ = (PRODUCT_PAGE, user_42);
+    /// ```
+    pub const fn tag(mut self, name: &str) -> Self {
+        self.tags = self.tags.with(name);
+        self
     }
 
     /// How long a loaded value is fresh (1 ms to 10 years). Defaults to the
@@ -252,6 +278,7 @@ impl CallOptions {
             hard_timeout: or(self.hard_timeout, fallback.hard_timeout),
             detached: or(self.detached, fallback.detached),
             background_timeout: or(self.background_timeout, fallback.background_timeout),
+            tags: self.tags.or(fallback.tags),
         }
     }
 
@@ -279,7 +306,14 @@ impl CallOptions {
             background_timeout: self
                 .background_timeout
                 .unwrap_or(DEFAULT_BACKGROUND_TIMEOUT),
+            tags: self.tags,
         };
+        if self.tags.overflowed() {
+            return Err(Error::InvalidConfig(format!(
+                "more than {} tags on one entry",
+                crate::codec::MAX_TAGS
+            )));
+        }
         resolved.check()?;
         Ok(resolved)
     }
@@ -309,6 +343,9 @@ impl std::fmt::Debug for CallOptions {
             detached,
             background_timeout
         );
+        if !self.tags.is_empty() {
+            s.field("tags", &self.tags.ids().len());
+        }
         s.finish()
     }
 }
@@ -334,6 +371,8 @@ pub(crate) struct Resolved {
     pub hard_timeout: Option<Duration>,
     pub detached: bool,
     pub background_timeout: Duration,
+    /// The tags of the entries these calls store.
+    pub tags: TagSet,
 }
 
 impl Resolved {

@@ -198,6 +198,20 @@ impl<'a, C: Codec> With<'a, C> {
         Ok((value, outcome))
     }
 
+    /// As [`LockedCache::set`], with these options: their TTL, stale window
+    /// and tags.
+    pub async fn set<T: Serialize>(&self, key: &str, value: &T) -> Result<(), Error> {
+        let inner = &self.cache.inner;
+        super::keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
+        inner.set_with(key, value, options.ttl, &options).await
+    }
+
+    /// As [`LockedCache::set_bytes`], with these options.
+    pub async fn set_bytes(&self, key: &str, value: &[u8]) -> Result<(), Error> {
+        self.set(key, &super::bytes::BlobRef(value)).await
+    }
+
     /// The one path of every call above: these options resolved against the
     /// cache's, then the cache's own call.
     async fn call<T, E, F, Fut>(

@@ -5,11 +5,18 @@
 //! 0..2  magic C7 4C
 //! 2     format version (2)
 //! 3     codec id
-//! 4     flags: bit 0 = absent (a cached "not found")
+//! 4     flags: bit 0 = absent (a cached "not found"), bit 1 = marked
 //! 5..9  stale window, ms, u32 little-endian
 //! 9..13 load time, ms, u32 little-endian
 //! 13..  payload (the codec's)
 //! ```
+//!
+//! A *marked* value (a cache with tags on, `Builder::tags`) carries, between
+//! the header and the payload, what its invalidations are judged by
+//! (`cache/tags.rs`): the cache's generation when its load began (u64 LE),
+//! the number of its tags (u8, at most [`MAX_TAGS`]), and per tag its id and
+//! its version when the load began (two u64 LE). Unmarked values are laid
+//! out as before.
 //!
 //! Version 1 (the 4-byte header of locked-cache before stale-while-revalidate)
 //! is not read: such bytes are [`CodecError::UnsupportedVersion`], which the
@@ -34,6 +41,105 @@ pub const HEADER_LEN: usize = 13;
 pub const MAX_META_DURATION: Duration = Duration::from_millis(u32::MAX as u64);
 
 const FLAG_ABSENT: u8 = 1;
+const FLAG_MARKED: u8 = 2;
+const KNOWN_FLAGS: u8 = FLAG_ABSENT | FLAG_MARKED;
+
+/// The most tags one value carries.
+pub const MAX_TAGS: usize = 8;
+
+/// What a marked value was loaded under: the cache's generation and each of
+/// its tags' versions (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Marks {
+    /// The cache's generation (0: never cleared).
+    pub generation: u64,
+    /// (tag id, version) per tag.
+    pub tags: Vec<(u64, u64)>,
+}
+
+impl Marks {
+    /// Its length between the header and the payload.
+    fn len(&self) -> usize {
+        9 + 16 * self.tags.len()
+    }
+}
+
+/// The marks section of `bytes` (header checked by the caller) and its
+/// length: `None` and 0 for an unmarked value; an error when it is cut short
+/// or has too many tags.
+fn read_marks(bytes: &[u8]) -> Result<(Option<Marks>, usize), CodecError> {
+    if bytes[4] & FLAG_MARKED == 0 {
+        return Ok((None, 0));
+    }
+    let section = &bytes[HEADER_LEN..];
+    let short = || CodecError::Decode("marks section cut short".into());
+    let u64_at = |at: usize| -> Result<u64, CodecError> {
+        let raw = section.get(at..at + 8).ok_or_else(short)?;
+        Ok(u64::from_le_bytes(raw.try_into().expect("8 bytes")))
+    };
+    let generation = u64_at(0)?;
+    let n = usize::from(*section.get(8).ok_or_else(short)?);
+    if n > MAX_TAGS {
+        return Err(CodecError::Decode(format!(
+            "{n} tags, over the maximum of {MAX_TAGS}"
+        )));
+    }
+    let mut tags = Vec::with_capacity(n);
+    for i in 0..n {
+        tags.push((u64_at(9 + 16 * i)?, u64_at(17 + 16 * i)?));
+    }
+    let marks = Marks { generation, tags };
+    let len = marks.len();
+    Ok((Some(marks), len))
+}
+
+/// The marks of a stored value whose header is valid, or `None` (unmarked,
+/// or a section that does not parse: then the decode fails too).
+pub(crate) fn marks(bytes: &[u8]) -> Option<Marks> {
+    if bytes.len() < HEADER_LEN {
+        return None;
+    }
+    read_marks(bytes).ok().and_then(|(marks, _)| marks)
+}
+
+/// Where the payload of a stored value whose header is valid starts.
+pub(crate) fn payload_offset(bytes: &[u8]) -> usize {
+    match read_marks(bytes) {
+        Ok((_, len)) => HEADER_LEN + len,
+        Err(_) => bytes.len(),
+    }
+}
+
+/// As [`encode_with_meta`], with `marks` between the header and the payload.
+pub(crate) fn encode_marked<C: Codec, T: Serialize>(
+    codec: &C,
+    value: &T,
+    meta: &Meta,
+    marks: Option<&Marks>,
+) -> Result<Vec<u8>, CodecError> {
+    let Some(marks) = marks else {
+        return encode_with_meta(codec, value, meta);
+    };
+    if marks.tags.len() > MAX_TAGS {
+        return Err(CodecError::Encode(format!(
+            "{} tags, over the maximum of {MAX_TAGS}",
+            marks.tags.len()
+        )));
+    }
+    let payload = codec.encode_payload(value)?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + marks.len() + payload.len());
+    let mut header = header(C::ID, meta);
+    header[4] |= FLAG_MARKED;
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&marks.generation.to_le_bytes());
+    bytes.push(marks.tags.len() as u8);
+    for (tag, version) in &marks.tags {
+        bytes.extend_from_slice(&tag.to_le_bytes());
+        bytes.extend_from_slice(&version.to_le_bytes());
+    }
+    bytes.extend_from_slice(&payload);
+    Ok(bytes)
+}
 
 /// What the cache stores with a value, besides the value itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -108,7 +214,7 @@ pub fn split_header(codec_id: u8, bytes: &[u8]) -> Result<(Meta, &[u8]), CodecEr
         });
     }
     let flags = bytes[4];
-    if flags & !FLAG_ABSENT != 0 {
+    if flags & !KNOWN_FLAGS != 0 {
         return Err(CodecError::Decode(format!(
             "unknown header flags {flags:#04x}"
         )));
@@ -122,7 +228,8 @@ pub fn split_header(codec_id: u8, bytes: &[u8]) -> Result<(Meta, &[u8]), CodecEr
         load_time: millis(9),
         absent: flags & FLAG_ABSENT != 0,
     };
-    Ok((meta, &bytes[HEADER_LEN..]))
+    let (_, marks_len) = read_marks(bytes)?;
+    Ok((meta, &bytes[HEADER_LEN + marks_len..]))
 }
 
 /// Whether `bytes` have a valid header (as [`split_header`] checks it) with a
@@ -133,7 +240,7 @@ pub(crate) fn has_stale_window(codec_id: u8, bytes: &[u8]) -> bool {
         && bytes[..2] == MAGIC
         && bytes[2] == FORMAT_VERSION
         && bytes[3] == codec_id
-        && bytes[4] & !FLAG_ABSENT == 0
+        && bytes[4] & !KNOWN_FLAGS == 0
         && bytes[5..9] != [0; 4]
 }
 

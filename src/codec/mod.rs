@@ -37,11 +37,11 @@ pub use bounded::{
     DECODED_BYTES_PER_PAYLOAD_BYTE, EXTRA_ELEMENTS, MAX_DEPTH, MIN_DECODED_BYTES_LIMIT,
     decode_bounded,
 };
-pub(crate) use envelope::has_stale_window;
 pub use envelope::{
-    FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_META_DURATION, Meta, decode, decode_with_meta, encode,
-    encode_with_meta, header, split_header,
+    FORMAT_VERSION, HEADER_LEN, MAGIC, MAX_META_DURATION, MAX_TAGS, Meta, decode, decode_with_meta,
+    encode, encode_with_meta, header, split_header,
 };
+pub(crate) use envelope::{Marks, encode_marked, has_stale_window, marks, payload_offset};
 #[cfg(feature = "json")]
 pub use json_codec::JsonCodec;
 

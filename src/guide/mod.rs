@@ -15,26 +15,28 @@
 //!    without a byte-by-byte decode.
 //! 4. [Near cache](crate::guide::near_cache): decoded values kept in process,
 //!    and its staleness bound.
-//! 5. [Deployments](crate::guide::deployments): one server, Redlock masters, a
+//! 5. [Tags and clear](crate::guide::tags_and_clear): invalidating groups of
+//!    entries, or a whole cache, in every process; Redis memory per key.
+//! 6. [Deployments](crate::guide::deployments): one server, Redlock masters, a
 //!    value server, Redis Cluster, managed offerings, the key layout.
-//! 6. [Configuration](crate::guide::configuration): every builder option, its
+//! 7. [Configuration](crate::guide::configuration): every builder option, its
 //!    default and what changing it trades; eviction policies.
-//! 7. [TLS and ACL users](crate::guide::tls_and_acl): `rediss://`, private CAs,
+//! 8. [TLS and ACL users](crate::guide::tls_and_acl): `rediss://`, private CAs,
 //!    client certificates, the ACL rules the cache needs.
-//! 8. [In a web service](crate::guide::web_service): the axum example, and what
+//! 9. [In a web service](crate::guide::web_service): the axum example, and what
 //!    to choose for a request path.
-//! 9. [Observability](crate::guide::observability): outcomes, spans and their
+//! 10. [Observability](crate::guide::observability): outcomes, spans and their
 //!    fields, metrics, counters.
-//! 10. [Locks](crate::guide::locks): the lock toolkit on its own (exclusive,
+//! 11. [Locks](crate::guide::locks): the lock toolkit on its own (exclusive,
 //!     reader-writer, semaphore, run once, multi-key), fencing tokens,
 //!     inspection.
-//! 11. [Guarantees](crate::guide::guarantees): what locked-cache promises, and
+//! 12. [Guarantees](crate::guide::guarantees): what locked-cache promises, and
 //!     what it cannot.
-//! 12. [Failure modes](crate::guide::failure_modes): every fault tested, what
+//! 13. [Failure modes](crate::guide::failure_modes): every fault tested, what
 //!     happens, and the test.
-//! 13. [Performance](crate::guide::performance): every benchmark table, with its
+//! 14. [Performance](crate::guide::performance): every benchmark table, with its
 //!     command and date.
-//! 14. [Development](crate::guide::development): the test suites, valkey, CI,
+//! 15. [Development](crate::guide::development): the test suites, valkey, CI,
 //!     the workspace.
 
 // Links in the guide are full paths (`crate::guide::<chapter>`, `crate::<Item>`):
@@ -54,6 +56,9 @@ pub mod caching_bytes {}
 
 #[doc = include_str!("near_cache.md")]
 pub mod near_cache {}
+
+#[doc = include_str!("tags_and_clear.md")]
+pub mod tags_and_clear {}
 
 #[doc = include_str!("deployments.md")]
 pub mod deployments {}
