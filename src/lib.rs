@@ -36,6 +36,7 @@
 //! | how the call was served (`X-Cache`), or the loader's [`LoadContext`] as an argument | the same name + `_with_outcome`: [`get_or_load_with_outcome`](LockedCache::get_or_load_with_outcome), [`get_or_load_shared_with_outcome`](LockedCache::get_or_load_shared_with_outcome), [`get_or_load_bytes_with_outcome`](LockedCache::get_or_load_bytes_with_outcome) |
 //! | per-call options (TTL, stale window, fail-safe, early refresh, negative TTL, timeouts) or a load that finishes for the others when its caller goes away | [`cache.with(CallOptions)`](LockedCache::with) then the same names ([`With`], [`CallOptions`]); the loader must be `Send + 'static` |
 //! | read, write or remove without loading | [`get`](LockedCache::get), [`get_shared`](LockedCache::get_shared), [`get_bytes`](LockedCache::get_bytes), [`set`](LockedCache::set), [`set_with_ttl`](LockedCache::set_with_ttl), [`set_bytes`](LockedCache::set_bytes), [`invalidate`](LockedCache::invalidate) |
+//! | remove a group of entries, or all of them, in every process (`Builder::tags(true)`) | [`CallOptions::tag`], then [`invalidate_tag`](LockedCache::invalidate_tag); [`clear`](LockedCache::clear) |
 //! | the lock on its own | [`cache.lock()`](LockedCache::lock), [`Redlock`] |
 //!
 //! Inside any loader, [`LoadContext::current()`](LoadContext::current) gives the

@@ -300,28 +300,6 @@ impl<C: Codec> LockedCache<C> {
         loaded.map(|(value, _)| value).map_err(infallible)
     }
 
-    /// As [`get_or_load`](Self::get_or_load), with a [`LoadContext`] handed to the
-    /// loader: it tells whether the lock protecting the load was lost, so a long
-    /// load can stop early when another process has taken over.
-    #[deprecated(
-        since = "0.1.0",
-        note = "use `get_or_load` and `LoadContext::current()` inside the loader, or `get_or_load_with_outcome`"
-    )]
-    pub async fn get_or_load_with<T, E, F, Fut>(
-        &self,
-        key: &str,
-        loader: F,
-    ) -> Result<T, LoadError<E>>
-    where
-        T: Serialize + DeserializeOwned + Send + 'static,
-        E: Send + Sync + 'static,
-        F: FnOnce(LoadContext) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let (value, _) = self.get_or_load_with_outcome(key, loader).await?;
-        Ok(value)
-    }
-
     /// As [`get_or_load`](Self::get_or_load), handing the loader its
     /// [`LoadContext`] (also at hand as [`LoadContext::current`]) and telling
     /// how the call was served: a [`Outcome::Hit`], [`Outcome::Coalesced`] with another
@@ -427,6 +405,38 @@ impl<C: Codec> LockedCache<C> {
         self.set_with_ttl(key, value, self.inner.defaults.ttl).await
     }
 
+    /// As [`set`](Self::set), with its own TTL (1 ms to 10 years, else
+    /// [`Error::InvalidConfig`]).
+    pub async fn set_with_ttl<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
+        let inner = &*self.inner;
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        if ttl < Duration::from_millis(1) || ttl > builder::MAX_TTL {
+            return Err(Error::InvalidConfig(
+                "ttl must be at least 1 ms and at most 10 years".into(),
+            ));
+        }
+        inner.set_with(key, value, ttl, &inner.defaults).await
+    }
+
+    /// Removes the value under `key`; the next `get_or_load` loads it again.
+    /// A load already running when this is called does not store its value (it
+    /// read the data before the change). True when there was a value.
+    pub async fn invalidate(&self, key: &str) -> Result<bool> {
+        let inner = &*self.inner;
+        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+        let keys = Keys::new(&inner.key_prefix, key);
+        // Fence first: a load already running must not store what it read before.
+        inner.value_store.delete(&keys.fence).await?;
+        let removed = inner.value_store.delete(&keys.value).await?;
+        inner.changed(&keys.value).await;
+        Ok(removed)
+    }
+
     /// Makes every entry tagged `tag` ([`CallOptions::tag`]) a miss in every
     /// process: one `SET` of the tag's version and one `PUBLISH`, whatever the
     /// number of entries (no `SCAN`, no `KEYS`). The entries themselves stay
@@ -470,38 +480,6 @@ impl<C: Codec> LockedCache<C> {
         self.inner.invalidate_version(None).await
     }
 
-    /// As [`set`](Self::set), with its own TTL (1 ms to 10 years, else
-    /// [`Error::InvalidConfig`]).
-    pub async fn set_with_ttl<T: Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-        ttl: Duration,
-    ) -> Result<()> {
-        let inner = &*self.inner;
-        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        if ttl < Duration::from_millis(1) || ttl > builder::MAX_TTL {
-            return Err(Error::InvalidConfig(
-                "ttl must be at least 1 ms and at most 10 years".into(),
-            ));
-        }
-        inner.set_with(key, value, ttl, &inner.defaults).await
-    }
-
-    /// Removes the value under `key`; the next `get_or_load` loads it again.
-    /// A load already running when this is called does not store its value (it
-    /// read the data before the change). True when there was a value.
-    pub async fn invalidate(&self, key: &str) -> Result<bool> {
-        let inner = &*self.inner;
-        keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
-        let keys = Keys::new(&inner.key_prefix, key);
-        // Fence first: a load already running must not store what it read before.
-        inner.value_store.delete(&keys.fence).await?;
-        let removed = inner.value_store.delete(&keys.value).await?;
-        inner.changed(&keys.value).await;
-        Ok(removed)
-    }
-
     /// Checks that the value server and every lock master answer, and returns
     /// the first failure (which names its server). The cache connects lazily, so
     /// a wrong URL or password otherwise shows up only on the first call: call
@@ -538,6 +516,28 @@ impl<C: Codec> LockedCache<C> {
     /// The lock key of `key`.
     pub fn lock_key(&self, key: &str) -> String {
         Keys::new(&self.inner.key_prefix, key).lock
+    }
+
+    /// As [`get_or_load`](Self::get_or_load), with a [`LoadContext`] handed to the
+    /// loader: it tells whether the lock protecting the load was lost, so a long
+    /// load can stop early when another process has taken over.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use `get_or_load` and `LoadContext::current()` inside the loader, or `get_or_load_with_outcome`"
+    )]
+    pub async fn get_or_load_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<T, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce(LoadContext) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let (value, _) = self.get_or_load_with_outcome(key, loader).await?;
+        Ok(value)
     }
 }
 
