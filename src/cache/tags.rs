@@ -280,24 +280,6 @@ impl Known {
     pub fn distrust(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
-
-    /// The marks of a value whose load begins now with `tags`, from trusted
-    /// versions: `None` when some must be fetched first, `Some(None)` when
-    /// the value needs no marks (never cleared, no tags).
-    pub fn marks(&self, tags: &TagSet, now: Instant) -> Option<Option<Marks>> {
-        let generation = self.generation(now)?;
-        let mut versions = Vec::with_capacity(tags.ids().len());
-        for &id in tags.ids() {
-            versions.push((id, self.tag(id, now)?));
-        }
-        if generation == 0 && versions.is_empty() {
-            return Some(None);
-        }
-        Some(Some(Marks {
-            generation,
-            tags: versions,
-        }))
-    }
 }
 
 /// A version as stored: decimal digits; anything else (absent, foreign
@@ -348,7 +330,7 @@ impl<C: Codec> Inner<C> {
             let now = Instant::now();
             match verdict(marks, known.generation(now), |id| known.tag(id, now)) {
                 Verdict::Current => return Ok(true),
-                Verdict::Unknown(which) => self.fetch_versions(known, &which).await?,
+                Verdict::Unknown(which) => drop(self.fetch_versions(known, &which).await?),
                 Verdict::Invalidated if rechecked => return Ok(false),
                 Verdict::Invalidated => {
                     let mut which = vec![None];
@@ -370,8 +352,8 @@ impl<C: Codec> Inner<C> {
     }
 
     /// Reads the versions `which` (`None`: the generation) from the value
-    /// server, at once, and records them.
-    async fn fetch_versions(&self, known: &Known, which: &[Option<u64>]) -> Result<()> {
+    /// server, at once, records them, and returns them in order.
+    async fn fetch_versions(&self, known: &Known, which: &[Option<u64>]) -> Result<Vec<u64>> {
         let epoch = known.epoch();
         let fetched = Instant::now();
         let reads = which.iter().map(|&w| {
@@ -379,10 +361,11 @@ impl<C: Codec> Inner<C> {
             async move { self.value_store.get(&key).await }
         });
         let values = futures_util::future::try_join_all(reads).await?;
-        for (&w, value) in which.iter().zip(values) {
-            known.record(w, parse_version(value.as_deref()), fetched, epoch);
+        let versions: Vec<u64> = values.iter().map(|v| parse_version(v.as_deref())).collect();
+        for (&w, &version) in which.iter().zip(&versions) {
+            known.record(w, version, fetched, epoch);
         }
-        Ok(())
+        Ok(versions)
     }
 
     /// The Redis key of a version: the generation (`None`) or a tag's.
@@ -395,6 +378,10 @@ impl<C: Codec> Inner<C> {
 
     /// The marks of a value whose load (or `set`) begins now with `tags`:
     /// `None` when it needs none (tags off, or never cleared and no tags).
+    /// The versions are read from Redis now (one round trip, the `GET`s at
+    /// once), not taken from what this process knows: a load that began after
+    /// an invalidation must carry its version, or every reader would take it
+    /// for an older entry and load it again.
     pub(super) async fn marks_for(&self, tags: &TagSet) -> Result<Option<Marks>> {
         let Some(known) = &self.tags else {
             if tags.is_empty() {
@@ -402,21 +389,18 @@ impl<C: Codec> Inner<C> {
             }
             return Err(tags_off());
         };
-        for _ in 0..MAX_FETCHES {
-            if let Some(marks) = known.marks(tags, Instant::now()) {
-                return Ok(marks);
-            }
-            let mut which = vec![None];
-            which.extend(tags.ids().iter().map(|&id| Some(id)));
-            self.fetch_versions(known, &which).await?;
+        let mut which = vec![None];
+        which.extend(tags.ids().iter().map(|&id| Some(id)));
+        let versions = self.fetch_versions(known, &which).await?;
+        let generation = versions[0];
+        if generation == 0 && tags.is_empty() {
+            return Ok(None);
         }
-        // Versions distrusted all along: mark with what was read last (an
-        // entry marked older than it is costs a reload, never a stale hit).
-        let generation = known.generation_any();
         let tags = tags
             .ids()
             .iter()
-            .map(|&id| (id, known.tag_any(id)))
+            .copied()
+            .zip(versions[1..].iter().copied())
             .collect();
         Ok(Some(Marks { generation, tags }))
     }
@@ -443,25 +427,6 @@ impl<C: Codec> Inner<C> {
         // no key of theirs, and their known versions are distrusted.
         self.changed(&key).await;
         Ok(())
-    }
-}
-
-impl Known {
-    /// The generation last read, trusted or not (0 if never read).
-    fn generation_any(&self) -> u64 {
-        self.generation
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map_or(0, |v| v.value)
-    }
-
-    /// Tag `id`'s version last read, trusted or not (0 if never read).
-    fn tag_any(&self, id: u64) -> u64 {
-        self.tags
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
-            .map_or(0, |v| v.value)
     }
 }
 
@@ -536,18 +501,9 @@ mod tests {
         assert_eq!(known.generation(t0), Some(0));
         assert_eq!(known.tag(1, t0 + Duration::from_millis(50)), Some(42));
         assert_eq!(known.tag(1, t0 + Duration::from_millis(100)), None);
-        assert_eq!(
-            known.marks(&TagSet::new(), t0),
-            Some(None),
-            "never cleared, no tags: unmarked"
-        );
-        let tags = TagSet::new().with("x");
-        assert_eq!(known.marks(&tags, t0), None, "x unknown");
+        assert_eq!(known.tag(tag_id("x"), t0), None, "x unknown");
         known.record(Some(tag_id("x")), 3, t0, known.epoch());
-        assert_eq!(
-            known.marks(&tags, t0),
-            Some(Some(marks(0, &[(tag_id("x"), 3)])))
-        );
+        assert_eq!(known.tag(tag_id("x"), t0), Some(3));
         known.distrust();
         assert_eq!(known.generation(t0), None, "a new epoch distrusts all");
     }
