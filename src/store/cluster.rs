@@ -1,13 +1,19 @@
 //! [`ClusterStore`]: the [`Store`] operations on a Redis Cluster (feature
 //! `cluster`), over redis-rs's async cluster connection.
 //!
-//! One multiplexed connection per node, managed by redis-rs: slots are
-//! discovered from the seeds, `MOVED` and `ASK` redirections are followed, and a
-//! failed-over shard is found again. Its retries are bounded by the cache's
-//! command timeout (redis-rs's defaults retry for much longer). Every key of a
-//! cache entry carries the same hash tag (`cache/keys.rs`), so each script runs
-//! on one shard; scripts are loaded on every primary when the connection is
-//! made, and again on `NOSCRIPT` (a promoted replica).
+//! One redis-rs cluster connection per shard group (`cluster_shards.rs`): the
+//! slots of each primary found at connect time have a connection of their
+//! own, so a primary down, hung or failing over delays only the calls on its
+//! slots, and a hung primary's slots move to its promoted replica. Within a
+//! group redis-rs discovers slots, follows `MOVED` and `ASK` and finds a
+//! failed-over shard again; its retries are bounded by the cache's command
+//! timeout (redis-rs's defaults retry for much longer). A redirection or a
+//! `TRYAGAIN`/`CLUSTERDOWN`/`MASTERDOWN` reply that outlasts redis-rs's
+//! retries is tried again here until the command timeout; a redirection is
+//! never returned: at the deadline it is a [`Error::CommandTimeout`]. Every key
+//! of a cache entry carries the same hash tag (`cache/keys.rs`), so each
+//! script runs on one shard; scripts are loaded on every primary when a
+//! connection is made, and again on `NOSCRIPT` (a promoted replica).
 //!
 //! For the lock, a cluster is **one** Redlock master: a key lives on one shard,
 //! so its lock is that shard's primary. With [`ClusterOptions::replica_acks`],
@@ -22,15 +28,18 @@
 
 use std::fmt;
 use std::future::Future;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use futures_util::FutureExt;
+use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{RedisError, Value};
 use tokio::sync::{OnceCell, mpsc};
 
+use super::cluster_shards::{Connect, Groups, connect_with, parse_slots};
 use super::redis::{ConnectionOptions, RedisStore, redact};
 use super::slot::slot;
 use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
@@ -49,12 +58,12 @@ pub struct ClusterOptions {
     pub replica_acks: Option<(u32, Duration)>,
 }
 
-/// A Redis Cluster, reached through one redis-rs cluster connection (one
-/// multiplexed connection per node). Cheap to clone.
+/// A Redis Cluster, reached through one redis-rs cluster connection per shard
+/// group (each one multiplexed connection per node). Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterStore {
-    client: ClusterClient,
-    connection: std::sync::Arc<OnceCell<ClusterConnection>>,
+    connect: Connect,
+    groups: Arc<OnceCell<Arc<Groups>>>,
     seeds: Vec<String>,
     server: String,
     options: ConnectionOptions,
@@ -75,6 +84,20 @@ impl fmt::Debug for ClusterStore {
 /// command timeout.
 const CLUSTER_RETRIES: u32 = 3;
 
+/// The pause before a command that met a redirection or a `TRYAGAIN` /
+/// `CLUSTERDOWN` / `MASTERDOWN` reply after redis-rs's retries is sent again.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+/// Server replies that mean "not executed, try again shortly": a redirection
+/// redis-rs's retries did not get through, a slot being migrated, a shard
+/// without a primary.
+fn retry_later(e: &RedisError) -> bool {
+    matches!(
+        e.code(),
+        Some("MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN")
+    )
+}
+
 impl ClusterStore {
     /// A store for the cluster reachable through `seeds` (one or more node
     /// URLs, `redis://[user:password@]host:port`). Connects lazily, on first
@@ -91,19 +114,28 @@ impl ClusterStore {
         }
         let names: Vec<String> = seeds.iter().map(|s| redact(s)).collect();
         let server = format!("cluster({})", names.join(", "));
-        let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
-            .connection_timeout(options.connect_timeout)
-            .response_timeout(options.command_timeout)
-            .overall_response_timeout(Some(options.command_timeout))
-            .tcp_settings(super::tls::tcp_settings())
-            .retries(CLUSTER_RETRIES)
-            .min_retry_wait(5)
-            .max_retry_wait(options.command_timeout.as_millis().min(200) as u64)
-            .build()
-            .map_err(|e| Error::InvalidConfig(format!("redis cluster {server}: {e}")))?;
+        let builder = move |seeds: &[String]| {
+            ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                .connection_timeout(options.connect_timeout)
+                // redis-rs's default is none: a hung node would hold a
+                // request (and a slot refresh) forever.
+                .response_timeout(options.command_timeout)
+                .overall_response_timeout(Some(options.command_timeout))
+                .tcp_settings(super::tls::tcp_settings())
+                .retries(CLUSTER_RETRIES)
+                .min_retry_wait(5)
+                .max_retry_wait(options.command_timeout.as_millis().min(200) as u64)
+                .build()
+        };
+        // Checked now, so that a bad seed is a configuration error.
+        builder(seeds).map_err(|e| Error::InvalidConfig(format!("redis cluster {server}: {e}")))?;
+        let connect: Connect = Arc::new(move |seeds: Vec<String>| {
+            let client = builder(&seeds);
+            async move { connect_with(client?, &scripts::ALL).await }.boxed()
+        });
         Ok(ClusterStore {
-            client,
-            connection: Default::default(),
+            connect,
+            groups: Default::default(),
             seeds: seeds.to_vec(),
             server,
             options,
@@ -118,56 +150,107 @@ impl ClusterStore {
         }
     }
 
-    /// The cluster connection, made on first use (slots discovered, scripts
-    /// loaded on every primary), within the connect timeout.
-    async fn connection(&self) -> Result<ClusterConnection> {
+    /// The shard groups, connected on first use (slots discovered, one
+    /// cluster connection per primary, scripts loaded on every primary),
+    /// within the connect timeout plus the command timeout.
+    async fn groups(&self) -> Result<Arc<Groups>> {
+        let bound = self.options.connect_timeout + self.options.command_timeout;
         let connect = async {
-            let mut conn = self
-                .client
-                .get_async_connection()
+            let mut first = (self.connect)(self.seeds.clone())
                 .await
                 .map_err(|e| self.redis_error(e))?;
-            // SCRIPT LOAD goes to every primary; NOSCRIPT still falls back.
-            for source in scripts::ALL {
-                let _: std::result::Result<String, _> = redis::cmd("SCRIPT")
-                    .arg("LOAD")
-                    .arg(source)
-                    .query_async(&mut conn)
-                    .await;
-            }
-            Ok::<_, Error>(conn)
+            let reply: Value = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut first)
+                .await
+                .map_err(|e| self.redis_error(e))?;
+            let slots = parse_slots(&reply);
+            let groups = Groups::connect(
+                first,
+                &slots,
+                self.seeds.clone(),
+                Arc::clone(&self.connect),
+                bound,
+            )
+            .await
+            .map_err(|e| self.redis_error(e))?;
+            Ok::<_, Error>(Arc::new(groups))
         };
-        let timeout = self.options.connect_timeout + self.options.command_timeout;
-        let conn = tokio::time::timeout(timeout, self.connection.get_or_try_init(|| connect))
+        let groups = tokio::time::timeout(bound, self.groups.get_or_try_init(|| connect))
             .await
             .map_err(|_| Error::PoolTimeout {
                 server: self.server.clone(),
-                timeout,
+                timeout: bound,
             })??;
-        Ok(conn.clone())
+        Ok(Arc::clone(groups))
     }
 
-    /// Runs one command on the cluster connection, bounded by the command
-    /// timeout (redis-rs retries within it: redirections, reconnects).
-    async fn run<T, F, Fut>(&self, command: &'static str, f: F) -> Result<T>
+    /// Runs one command on the connection of the group that serves `slot`,
+    /// bounded by the command timeout (redis-rs retries within it:
+    /// redirections, reconnects; and so does this, after a redirection or a
+    /// busy cluster). A timeout or a connection error makes the group's
+    /// primary suspect (checked off the request path).
+    async fn run<T, F, Fut>(&self, command: &'static str, slot: u16, f: F) -> Result<T>
     where
-        F: FnOnce(ClusterConnection) -> Fut,
+        F: Fn(ClusterConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let conn = self.connection().await?;
-        // A little over the command timeout: redis-rs's own overall timeout
-        // ends it first, with its own error.
-        let bound = self.options.command_timeout + Duration::from_millis(50);
+        let groups = self.groups().await?;
+        let g = groups.of_slot(slot);
+        let timeout = self.options.command_timeout;
+        let deadline = Instant::now() + timeout;
         let timed_out = || Error::CommandTimeout {
             command,
             server: self.server.clone(),
-            timeout: self.options.command_timeout,
+            timeout,
         };
-        match tokio::time::timeout(bound, f(conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) if e.is_timeout() => Err(timed_out()),
-            Ok(Err(e)) => Err(self.redis_error(e)),
-            Err(_) => Err(timed_out()),
+        loop {
+            let group = groups.group(g);
+            let replaced = group.replaced();
+            let conn = group.connection();
+            // A little over what is left: redis-rs's own overall timeout
+            // ends it first, with its own error.
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = tokio::select! {
+                result = tokio::time::timeout(left + Duration::from_millis(50), f(conn)) => result,
+                // The group's primary failed over while this waited on it
+                // (hung): the command goes to the new connection. What the
+                // old primary may still run is discarded when it rejoins as
+                // a replica of the new one, and the cache's scripts are
+                // idempotent for one token should both have run.
+                () = replaced => continue,
+            };
+            match result {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) if retry_later(&e) => {
+                    if deadline.saturating_duration_since(Instant::now()) > RETRY_PAUSE {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue;
+                    }
+                    groups.suspect(g);
+                    // A redirection still unfollowed at the deadline: the
+                    // slot was moving for the whole command timeout.
+                    return Err(if e.redirect_node().is_some() {
+                        timed_out()
+                    } else {
+                        self.redis_error(e)
+                    });
+                }
+                Ok(Err(e)) if e.is_timeout() => {
+                    groups.suspect(g);
+                    return Err(timed_out());
+                }
+                Ok(Err(e)) => {
+                    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+                        groups.suspect(g);
+                    }
+                    return Err(self.redis_error(e));
+                }
+                Err(_) => {
+                    groups.suspect(g);
+                    return Err(timed_out());
+                }
+            }
         }
     }
 
@@ -181,9 +264,7 @@ impl ClusterStore {
     ) -> Result<u32, RedisError> {
         let mut wait = redis::cmd("WAIT");
         wait.arg(replicas).arg(commands::millis(timeout));
-        let route = Route::new(slot(key.as_bytes()), SlotAddr::Master);
-        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-        match conn.route_command(wait, routing).await? {
+        match conn.route_command(wait, primary_of(slot_of(key))).await? {
             Value::Int(n) => Ok(n.max(0) as u32),
             other => Err(RedisError::from((
                 redis::ErrorKind::UnexpectedReturnType,
@@ -198,7 +279,7 @@ impl ClusterStore {
     /// a failover).
     async fn topology_nodes(&self) -> Vec<String> {
         let Ok(nodes) = self
-            .run("CLUSTER NODES", |mut c| async move {
+            .run("CLUSTER NODES", 0, |mut c| async move {
                 redis::cmd("CLUSTER")
                     .arg("NODES")
                     .query_async::<String>(&mut c)
@@ -243,41 +324,52 @@ impl ClusterStore {
     }
 }
 
+/// The slot of a key (or channel), as bytes go.
+fn slot_of(key: &str) -> u16 {
+    slot(key.as_bytes())
+}
+
+/// Routing to the primary of `slot`.
+fn primary_of(slot: u16) -> RoutingInfo {
+    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
+        slot,
+        SlotAddr::Master,
+    )))
+}
+
 #[async_trait]
 impl Store for ClusterStore {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.run(
-            "GET",
-            |mut c| async move { commands::get(&mut c, key).await },
-        )
+        self.run("GET", slot_of(key), |mut c| async move {
+            commands::get(&mut c, key).await
+        })
         .await
     }
 
     async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>> {
-        self.run("GET+PTTL", |mut c| async move {
+        self.run("GET+PTTL", slot_of(key), |mut c| async move {
             commands::get_with_ttl(&mut c, key).await
         })
         .await
     }
 
     async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Result<()> {
-        self.run("SET", |mut c| async move {
+        self.run("SET", slot_of(key), |mut c| async move {
             commands::set(&mut c, key, value, ttl).await
         })
         .await
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.run(
-            "DEL",
-            |mut c| async move { commands::delete(&mut c, key).await },
-        )
+        self.run("DEL", slot_of(key), |mut c| async move {
+            commands::delete(&mut c, key).await
+        })
         .await
     }
 
     async fn set_nx(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
         let acks = self.cluster.replica_acks;
-        self.run("EVALSHA acquire", |mut c| async move {
+        self.run("EVALSHA acquire", slot_of(key), |mut c| async move {
             let granted = commands::acquire(&mut c, key, token, expiry).await?;
             let Some((replicas, timeout)) = acks.filter(|_| granted) else {
                 return Ok(granted);
@@ -301,14 +393,14 @@ impl Store for ClusterStore {
     async fn release(&self, key: &str, token: &[u8], channel: Option<&str>) -> Result<bool> {
         // `channel` publishes on the key's shard; a classic PUBLISH reaches
         // every node of the cluster.
-        self.run("EVALSHA release", |mut c| async move {
+        self.run("EVALSHA release", slot_of(key), |mut c| async move {
             commands::release(&mut c, key, token, channel, false).await
         })
         .await
     }
 
     async fn extend(&self, key: &str, token: &[u8], expiry: Duration) -> Result<bool> {
-        self.run("EVALSHA extend", |mut c| async move {
+        self.run("EVALSHA extend", slot_of(key), |mut c| async move {
             commands::extend(&mut c, key, token, expiry).await
         })
         .await
@@ -321,7 +413,7 @@ impl Store for ClusterStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Option<Stored>> {
-        self.run("EVALSHA get_or_fence", |mut c| async move {
+        self.run("EVALSHA get_or_fence", slot_of(key), |mut c| async move {
             commands::get_or_fence(&mut c, key, fence_key, token, fence_expiry).await
         })
         .await
@@ -337,7 +429,7 @@ impl Store for ClusterStore {
         publish: Option<Publish<'_>>,
     ) -> Result<bool> {
         let publish = publish.map_or(("", ""), |p| (p.channel, p.payload));
-        self.run("EVALSHA set_fenced", |mut c| async move {
+        self.run("EVALSHA set_fenced", slot_of(key), |mut c| async move {
             commands::set_fenced(&mut c, key, value, ttl, fence_key, token, publish).await
         })
         .await
@@ -363,8 +455,13 @@ impl Store for ClusterStore {
     }
 
     async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
-        self.run("PUBLISH", |mut c| async move {
-            commands::publish(&mut c, channel, payload).await
+        // On the channel's shard (a cluster delivers it to every node), not
+        // a random node that may be the one down.
+        let slot = slot_of(channel);
+        self.run("PUBLISH", slot, |mut c| async move {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(channel).arg(payload);
+            c.route_command(publish, primary_of(slot)).await.map(drop)
         })
         .await
     }
@@ -378,12 +475,13 @@ impl Store for ClusterStore {
     ) -> Result<Option<Vec<u64>>> {
         let acks = self.cluster.replica_acks;
         let key = claim.names()[0].to_owned();
-        self.run("EVALSHA claim", |mut c| async move {
+        let key = key.as_str();
+        self.run("EVALSHA claim", slot_of(key), |mut c| async move {
             let granted = commands::claim(&mut c, claim, token, expiry, owner).await?;
             let Some((replicas, timeout)) = acks.filter(|_| granted.is_some()) else {
                 return Ok(granted);
             };
-            let acked = Self::replica_acks(&mut c, &key, replicas, timeout).await?;
+            let acked = Self::replica_acks(&mut c, key, replicas, timeout).await?;
             if acked >= replicas {
                 return Ok(granted);
             }
@@ -400,36 +498,53 @@ impl Store for ClusterStore {
     }
 
     async fn renew(&self, claim: Claim<'_>, token: &[u8], expiry: Duration) -> Result<bool> {
-        self.run("EVALSHA renew", |mut c| async move {
-            commands::renew(&mut c, claim, token, expiry).await
-        })
+        self.run(
+            "EVALSHA renew",
+            slot_of(claim.names()[0]),
+            |mut c| async move { commands::renew(&mut c, claim, token, expiry).await },
+        )
         .await
     }
 
     async fn unclaim(&self, claim: Claim<'_>, token: &[u8], channel: Option<&str>) -> Result<bool> {
-        self.run("EVALSHA unclaim", |mut c| async move {
-            commands::unclaim(&mut c, claim, token, channel, false).await
-        })
+        self.run(
+            "EVALSHA unclaim",
+            slot_of(claim.names()[0]),
+            |mut c| async move { commands::unclaim(&mut c, claim, token, channel, false).await },
+        )
         .await
     }
 
     async fn raise_fence(&self, claim: Claim<'_>, fences: &[u64]) -> Result<()> {
-        self.run("EVALSHA raise_fence", |mut c| async move {
-            commands::raise_fence(&mut c, claim, fences).await
-        })
+        self.run(
+            "EVALSHA raise_fence",
+            slot_of(claim.names()[0]),
+            |mut c| async move { commands::raise_fence(&mut c, claim, fences).await },
+        )
         .await
     }
 
     async fn holders(&self, claim: Claim<'_>) -> Result<Holdings> {
-        self.run("EVALSHA holders", |mut c| async move {
-            commands::holders(&mut c, claim).await
-        })
+        self.run(
+            "EVALSHA holders",
+            slot_of(claim.names()[0]),
+            |mut c| async move { commands::holders(&mut c, claim).await },
+        )
         .await
     }
 
     async fn ping(&self) -> Result<()> {
-        self.run("PING", |mut c| async move { commands::ping(&mut c).await })
-            .await
+        // Every group's primary, at once.
+        let groups = self.groups().await?;
+        let pings = (0..groups.len()).map(|g| {
+            let slot = groups.group(g).slot;
+            self.run("PING", slot, move |mut c| async move {
+                c.route_command(redis::cmd("PING"), primary_of(slot))
+                    .await
+                    .map(drop)
+            })
+        });
+        futures_util::future::try_join_all(pings).await.map(drop)
     }
 
     fn server(&self) -> &str {
