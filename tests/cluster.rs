@@ -445,8 +445,10 @@ struct Repetition {
     failed_recovered_after: Duration,
     failed_last_error: Option<String>,
     redirections: usize,
-    rate_before: f64,
-    rate_after: f64,
+    /// Calls a second, healthy shards and failed shard: the second before
+    /// the fault, and from one to two seconds after the promotion.
+    rate_before: (f64, f64),
+    rate_after: (f64, f64),
 }
 
 /// One repetition: callers stampede 60 keys over the three shards; after a
@@ -535,11 +537,14 @@ async fn fail_one_primary(
     let healthy: Vec<&Call> = calls.iter().filter(|c| c.shard != shard).collect();
     let failed: Vec<&Call> = calls.iter().filter(|c| c.shard == shard).collect();
     let rate = |from: Duration, to: Duration| {
-        let n = calls
-            .iter()
-            .filter(|c| c.ended >= from && c.ended < to)
-            .count();
-        n as f64 / (to - from).as_secs_f64()
+        let per_second = |calls: &[&Call]| {
+            let n = calls
+                .iter()
+                .filter(|c| c.ended >= from && c.ended < to)
+                .count();
+            n as f64 / (to - from).as_secs_f64()
+        };
+        (per_second(&healthy), per_second(&failed))
     };
     let second = Duration::from_secs(1);
     Repetition {
@@ -600,8 +605,8 @@ async fn failover_repetitions(fault: Fault) {
         eprintln!(
             "cluster {fault:?} #{rep} (shard {shard}): healthy shards {healthy_failed} of {} calls \
              failed ({:.3} %), slowest {:?}; failed shard {} of {} calls failed, the last {:?} \
-             after the promotion; failover {:?}; calls/s {:.0} before, {:.0} from 1 to 2 s after \
-             the promotion; first healthy failures: {:?}; the failed shard's last failure: {:?}",
+             after the promotion; failover {:?}; calls/s (healthy, failed shard) {:.0?} before, \
+             {:.0?} from 1 to 2 s after the promotion; first healthy failures: {:?}; the failed shard's last failure: {:?}",
             r.healthy_calls,
             100.0 * healthy_failed as f64 / r.healthy_calls.max(1) as f64,
             r.healthy_slowest,

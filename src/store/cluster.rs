@@ -39,7 +39,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{RedisError, Value};
 use tokio::sync::{OnceCell, mpsc};
 
-use super::cluster_shards::{Connect, Groups, connect_with, parse_slots};
+use super::cluster_shards::{Connect, Groups, parse_slots};
 use super::redis::{ConnectionOptions, RedisStore, redact};
 use super::slot::slot;
 use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
@@ -131,7 +131,7 @@ impl ClusterStore {
         builder(seeds).map_err(|e| Error::InvalidConfig(format!("redis cluster {server}: {e}")))?;
         let connect: Connect = Arc::new(move |seeds: Vec<String>| {
             let client = builder(&seeds);
-            async move { connect_with(client?, &scripts::ALL).await }.boxed()
+            async move { client?.get_async_connection().await }.boxed()
         });
         Ok(ClusterStore {
             connect,
@@ -159,6 +159,14 @@ impl ClusterStore {
             let mut first = (self.connect)(self.seeds.clone())
                 .await
                 .map_err(|e| self.redis_error(e))?;
+            // SCRIPT LOAD goes to every primary; NOSCRIPT still falls back.
+            for source in scripts::ALL {
+                let _: std::result::Result<String, _> = redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(source)
+                    .query_async(&mut first)
+                    .await;
+            }
             let reply: Value = redis::cmd("CLUSTER")
                 .arg("SLOTS")
                 .query_async(&mut first)

@@ -37,12 +37,11 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::Value;
-use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 
 /// How often a suspect group's primary is checked at most.
-pub(super) const CHECK_EVERY: Duration = Duration::from_millis(100);
+pub(super) const CHECK_EVERY: Duration = Duration::from_millis(50);
 
 /// Slots of a Redis Cluster.
 const SLOTS: usize = 16384;
@@ -54,6 +53,8 @@ pub(super) struct SlotRange {
     pub first: u16,
     pub last: u16,
     pub primary: String,
+    /// The primary's node id, when the reply has it.
+    pub primary_id: Option<String>,
     pub nodes: Vec<String>,
 }
 
@@ -87,10 +88,15 @@ pub(super) fn parse_slots(reply: &Value) -> Vec<SlotRange> {
                 return None;
             };
             let nodes: Vec<String> = parts[2..].iter().filter_map(node).collect();
+            let primary_id = match parts.get(2) {
+                Some(Value::Array(primary)) => primary.get(2).and_then(text),
+                _ => None,
+            };
             Some(SlotRange {
                 first: u16::try_from(*first).ok()?,
                 last: u16::try_from(*last).ok()?,
                 primary: nodes.first()?.clone(),
+                primary_id,
                 nodes,
             })
         })
@@ -294,9 +300,12 @@ impl Groups {
         if now.primary == old {
             return;
         }
-        // Seeds without the old primary (it may hang: a seed that does not
-        // answer costs the new connection a whole connect timeout), then the
-        // nodes of the topology not among them.
+        // The new primary alone first: it knows that it is one, where a
+        // seed that has not heard of the failover yet would give the new
+        // connection the old slot map (and a hung seed would cost it a whole
+        // connect timeout). Else the seeds and the topology's nodes, without
+        // the old primary. No SCRIPT LOAD: the scripts' first EVALSHA on the
+        // new primary falls back on NOSCRIPT.
         let prefix = self.seeds[0]
             .rsplit_once('@')
             .map(|(head, _)| format!("{head}@"))
@@ -325,35 +334,36 @@ impl Groups {
             new_primary = %now.primary,
             "a cluster shard failed over: its calls move to a new cluster connection"
         );
-        match (self.connect)(seeds).await {
-            Ok(connection) => {
-                *group.connection.write().unwrap_or_else(|e| e.into_inner()) = connection;
-                *group.primary.lock().unwrap_or_else(|e| e.into_inner()) = now.primary.clone();
-                group.replaced.notify_waiters();
-            }
+        let connection = match (self.connect)(vec![format!("{prefix}{}", now.primary)]).await {
+            Ok(connection) => Ok(connection),
+            Err(_) => (self.connect)(seeds).await,
+        };
+        let mut connection = match connection {
+            Ok(connection) => connection,
             Err(e) => {
-                tracing::warn!(error = %e, "no new cluster connection for a failed-over shard")
+                tracing::warn!(error = %e, "no new cluster connection for a failed-over shard");
+                return;
+            }
+        };
+        // Swapped in only if it routes the group's slots to the new primary
+        // (else the next check tries again).
+        if let Some(id) = &now.primary_id {
+            let route = Route::new(group.slot, SlotAddr::Master);
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+            let mut myid = redis::cmd("CLUSTER");
+            myid.arg("MYID");
+            match connection.route_command(myid, routing).await {
+                Ok(Value::BulkString(answer)) if answer == id.as_bytes() => {}
+                other => {
+                    tracing::warn!(?other, "the new cluster connection has the old slot map");
+                    return;
+                }
             }
         }
+        *group.connection.write().unwrap_or_else(|e| e.into_inner()) = connection;
+        *group.primary.lock().unwrap_or_else(|e| e.into_inner()) = now.primary.clone();
+        group.replaced.notify_waiters();
     }
-}
-
-/// The client builder's product, for [`Connect`]: a cluster connection from
-/// `client`, scripts loaded on its primaries.
-pub(super) async fn connect_with(
-    client: ClusterClient,
-    scripts: &'static [&'static str],
-) -> redis::RedisResult<ClusterConnection> {
-    let mut conn = client.get_async_connection().await?;
-    // SCRIPT LOAD goes to every primary; NOSCRIPT still falls back.
-    for source in scripts {
-        let _: Result<String, _> = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(*source)
-            .query_async(&mut conn)
-            .await;
-    }
-    Ok(conn)
 }
 
 #[cfg(test)]
@@ -385,6 +395,7 @@ mod tests {
                 first: 0,
                 last: 5460,
                 primary: "127.0.0.1:7000".into(),
+                primary_id: Some("id0".into()),
                 nodes: vec!["127.0.0.1:7000".into(), "127.0.0.1:7003".into()],
             }]
         );
