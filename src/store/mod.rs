@@ -8,8 +8,6 @@
 pub(crate) mod claims;
 #[cfg(feature = "cluster")]
 mod cluster;
-#[cfg(feature = "cluster")]
-mod cluster_shards;
 mod commands;
 mod eviction;
 mod memory;

@@ -22,7 +22,7 @@
 //! gives `RetryImmediately`; `request.rs`, `choose_response`), so its calls
 //! time out even after its replica is promoted. Here a timeout or a
 //! connection error on a group makes its primary [suspect](Groups::suspect):
-//! off the request path, at most every [`CHECK_EVERY`], `CLUSTER SLOTS` is
+//! off the request path, every [`CHECK_EVERY`] while it stays suspect, `CLUSTER SLOTS` is
 //! asked through another group, and when the group's slots have a new
 //! primary the group gets a new cluster connection (seeded without the old
 //! primary), swapped in when it is ready.
@@ -119,7 +119,8 @@ pub(super) struct Group {
     /// A slot of the group, to ask for its primary and to route through it.
     pub slot: u16,
     checking: AtomicBool,
-    last_check: Mutex<Option<Instant>>,
+    /// When a call on the group last timed out or lost its connection.
+    suspected: Mutex<Instant>,
     /// Told when the connection is replaced: calls waiting on the old one
     /// (on a hung primary) go to the new one.
     replaced: tokio::sync::Notify,
@@ -204,7 +205,7 @@ impl Groups {
                 primary: Mutex::new(primaries.get(g).cloned().unwrap_or_default()),
                 slot: slot_of(g) as u16,
                 checking: AtomicBool::new(false),
-                last_check: Mutex::new(None),
+                suspected: Mutex::new(Instant::now()),
                 replaced: tokio::sync::Notify::new(),
             })
             .collect();
@@ -230,18 +231,14 @@ impl Groups {
         self.groups.len()
     }
 
-    /// Group `g` timed out or lost a connection: unless a check is running
-    /// or ran less than [`CHECK_EVERY`] ago, check its primary off the
-    /// request path (and give it a new connection if its slots have a new
-    /// primary).
+    /// Group `g` timed out or lost a connection: check its primary off the
+    /// request path, every [`CHECK_EVERY`] for as long as the group was
+    /// suspected within the last `bound` (calls stuck on a
+    /// hung primary time out all at once, a command timeout apart), and give
+    /// it a new connection once its slots have a new primary.
     pub fn suspect(self: &Arc<Self>, g: usize) {
         let group = &self.groups[g];
-        {
-            let last = group.last_check.lock().unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
-                return;
-            }
-        }
+        *group.suspected.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         if group.checking.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -251,9 +248,15 @@ impl Groups {
         };
         let groups = Arc::clone(self);
         runtime.spawn(async move {
-            let _ = tokio::time::timeout(groups.bound, groups.check(g)).await;
             let group = &groups.groups[g];
-            *group.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            loop {
+                let checked = tokio::time::timeout(groups.bound, groups.check(g)).await;
+                let suspected = *group.suspected.lock().unwrap_or_else(|e| e.into_inner());
+                if checked == Ok(true) || suspected.elapsed() > groups.bound {
+                    break;
+                }
+                tokio::time::sleep(CHECK_EVERY).await;
+            }
             group.checking.store(false, Ordering::Release);
         });
     }
@@ -281,16 +284,17 @@ impl Groups {
         None
     }
 
-    async fn check(&self, g: usize) {
+    /// Whether group `g` got a new connection.
+    async fn check(&self, g: usize) -> bool {
         let Some(slots) = self.topology(g).await else {
-            return;
+            return false;
         };
         let group = &self.groups[g];
         let Some(now) = slots
             .iter()
             .find(|r| (r.first..=r.last).contains(&group.slot))
         else {
-            return;
+            return false;
         };
         let old = group
             .primary
@@ -298,7 +302,7 @@ impl Groups {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if now.primary == old {
-            return;
+            return false;
         }
         // The new primary alone first: it knows that it is one, where a
         // seed that has not heard of the failover yet would give the new
@@ -342,7 +346,7 @@ impl Groups {
             Ok(connection) => connection,
             Err(e) => {
                 tracing::warn!(error = %e, "no new cluster connection for a failed-over shard");
-                return;
+                return false;
             }
         };
         // Swapped in only if it routes the group's slots to the new primary
@@ -356,13 +360,14 @@ impl Groups {
                 Ok(Value::BulkString(answer)) if answer == id.as_bytes() => {}
                 other => {
                     tracing::warn!(?other, "the new cluster connection has the old slot map");
-                    return;
+                    return false;
                 }
             }
         }
         *group.connection.write().unwrap_or_else(|e| e.into_inner()) = connection;
         *group.primary.lock().unwrap_or_else(|e| e.into_inner()) = now.primary.clone();
         group.replaced.notify_waiters();
+        true
     }
 }
 

@@ -1,7 +1,7 @@
 //! [`ClusterStore`]: the [`Store`] operations on a Redis Cluster (feature
 //! `cluster`), over redis-rs's async cluster connection.
 //!
-//! One redis-rs cluster connection per shard group (`cluster_shards.rs`): the
+//! One redis-rs cluster connection per shard group (`shards.rs`): the
 //! slots of each primary found at connect time have a connection of their
 //! own, so a primary down, hung or failing over delays only the calls on its
 //! slots, and a hung primary's slots move to its promoted replica. Within a
@@ -39,11 +39,14 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{RedisError, Value};
 use tokio::sync::{OnceCell, mpsc};
 
-use super::cluster_shards::{Connect, Groups, parse_slots};
-use super::redis::{ConnectionOptions, RedisStore, redact};
+use super::redis::{ConnectionOptions, redact};
 use super::slot::slot;
 use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
 use crate::error::{Error, Result};
+use shards::{Connect, Groups, parse_slots};
+
+mod shards;
+mod subscribe;
 
 /// How a [`ClusterStore`] acquires locks beyond the plain `SET NX`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -281,55 +284,6 @@ impl ClusterStore {
             ))),
         }
     }
-
-    /// URLs of the nodes of the current topology that are not failing (asked
-    /// only when no seed would take the subscription: a seed may be gone after
-    /// a failover).
-    async fn topology_nodes(&self) -> Vec<String> {
-        let Ok(nodes) = self
-            .run("CLUSTER NODES", 0, |mut c| async move {
-                redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async::<String>(&mut c)
-                    .await
-            })
-            .await
-        else {
-            return Vec::new();
-        };
-        let scheme_and_auth = self.seeds[0]
-            .rsplit_once('@')
-            .map(|(head, _)| format!("{head}@"))
-            .unwrap_or_else(|| "redis://".to_owned());
-        nodes
-            .lines()
-            .filter(|line| !line.contains("fail"))
-            .filter_map(|line| line.split_whitespace().nth(1))
-            .map(|addr| addr.split('@').next().unwrap_or(addr))
-            .filter(|host_port| !host_port.starts_with(':'))
-            .map(|host_port| format!("{scheme_and_auth}{host_port}"))
-            .collect()
-    }
-
-    /// Subscribes on the first of `urls` that takes it.
-    async fn subscribe_on(
-        &self,
-        urls: &[String],
-        channel: &str,
-        last: &mut Option<Error>,
-    ) -> Option<mpsc::Receiver<Vec<u8>>> {
-        for url in urls {
-            let subscribed = match RedisStore::open(url, self.options) {
-                Ok(node) => node.subscribe(channel).await,
-                Err(e) => Err(e),
-            };
-            match subscribed {
-                Ok(messages) => return Some(messages),
-                Err(e) => *last = Some(e),
-            }
-        }
-        None
-    }
 }
 
 /// The slot of a key (or channel), as bytes go.
@@ -444,22 +398,7 @@ impl Store for ClusterStore {
     }
 
     async fn subscribe(&self, channel: &str) -> Result<mpsc::Receiver<Vec<u8>>> {
-        // The seeds first; the topology (one more command, and one that waits
-        // while the cluster fails over) only when none of them answers.
-        let mut last = None;
-        if let Some(messages) = self.subscribe_on(&self.seeds, channel, &mut last).await {
-            return Ok(messages);
-        }
-        let others: Vec<String> = self
-            .topology_nodes()
-            .await
-            .into_iter()
-            .filter(|url| !self.seeds.contains(url))
-            .collect();
-        if let Some(messages) = self.subscribe_on(&others, channel, &mut last).await {
-            return Ok(messages);
-        }
-        Err(last.unwrap_or_else(|| Error::InvalidConfig("no cluster node to subscribe on".into())))
+        self.subscribe_anywhere(channel).await
     }
 
     async fn publish(&self, channel: &str, payload: &str) -> Result<()> {
