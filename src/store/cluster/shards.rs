@@ -11,7 +11,8 @@
 //! (`cluster_handling/async_connection/mod.rs`: `poll_flush` polls
 //! `poll_recover` before `poll_complete`; `refresh_slots` holds
 //! `conn_lock.write()` through `query_slots` and
-//! `refresh_connections_locked`; upstream redis-rs#2092, #2277). A node that
+//! `refresh_connections_locked`; upstream redis-rs#2092, "a bad node can block
+//! the world"; on timeouts not honoured, #1528). A node that
 //! hangs or is gone makes that refresh as long as a response or connect
 //! timeout, for every slot behind the same connection. Here the refresh of a
 //! failing shard's connection delays that shard's calls only.
