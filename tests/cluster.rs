@@ -1,7 +1,9 @@
 //! The cache on a Redis Cluster (feature `cluster`): 3 primaries + 3 replicas
 //! started by the test. A stampede of three caches on keys spread over every
-//! shard; a primary killed mid-load and its replica promoted; a slot migrated
-//! while calls run.
+//! shard; a primary killed mid-load and its replica promoted; a primary killed,
+//! and one hung, five times each under a stampede, the calls on the healthy
+//! shards counted apart from those on the failed one; a slot migrated while
+//! calls run.
 #![cfg(feature = "cluster")]
 
 mod support;
@@ -266,7 +268,7 @@ async fn a_primary_killed_mid_load_fails_typed_then_recovers_and_never_writes_st
 }
 
 fn cluster_not_ok(cluster: &Cluster) -> bool {
-    cluster.nodes.iter().filter(|n| n.is_running()).any(|n| {
+    cluster.answering().any(|n| {
         let info: String = n.query(&["CLUSTER", "INFO"]);
         !info.contains("cluster_state:ok")
     })
@@ -372,4 +374,299 @@ async fn calls_succeed_while_a_slot_is_migrated() {
     assert!(failures.is_empty(), "{failures:#?}");
     // 20 keys were loaded before; the other 20 load once each.
     assert_eq!(runs.load(Ordering::SeqCst), 20);
+}
+
+/// The fault a failover test puts on one primary.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    /// SIGKILL: its connections close, its port refuses.
+    Kill,
+    /// SIGSTOP: its connections stay open and nothing answers (a hung host);
+    /// its replica is promoted while it hangs, then it gets SIGCONT.
+    Stop,
+}
+
+/// The command timeout of the failover tests' caches.
+const FAILOVER_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+/// What a round trip may add to it on this shared 2-core host with six
+/// servers and 60 busy callers (a healthy call is a few round trips).
+const ROUND_TRIP: Duration = Duration::from_millis(250);
+/// Repetitions of each fault.
+const REPETITIONS: usize = 5;
+/// Callers per cache; three caches.
+const CALLERS: usize = 20;
+
+async fn failover_cache(cluster: &Cluster, prefix: &str) -> LockedCache {
+    LockedCache::builder()
+        .cluster(cluster.urls())
+        .key_prefix(prefix)
+        // Keys expire during the outage, so loads (lock, load, fenced store)
+        // run through it and not only hits.
+        .ttl(Duration::from_secs(1))
+        .lock_expiry(Duration::from_millis(800))
+        .wait_time(Duration::from_secs(3))
+        .retry_time(Duration::from_millis(50))
+        .command_timeout(FAILOVER_COMMAND_TIMEOUT)
+        .connect_timeout(FAILOVER_COMMAND_TIMEOUT)
+        .build()
+        .await
+        .expect("build")
+}
+
+/// The first slot of each shard (`Cluster::start`'s ranges; a failover
+/// moves no slot).
+const SHARD_FIRST_SLOTS: [u16; 3] = [0, 5461, 10923];
+
+fn shard_of(slot: u16) -> usize {
+    SHARD_FIRST_SLOTS
+        .iter()
+        .rposition(|&first| slot >= first)
+        .unwrap()
+}
+
+/// One finished call: its key's shard, when it ended (since the repetition
+/// began), how long it took, and its error if any.
+struct Call {
+    shard: usize,
+    ended: Duration,
+    took: Duration,
+    error: Option<String>,
+    /// A raw `MOVED` or `ASK` reached the caller.
+    redirected: bool,
+}
+
+/// What one repetition measured.
+struct Repetition {
+    healthy_calls: usize,
+    healthy_failures: Vec<String>,
+    healthy_slowest: Duration,
+    failed_calls: usize,
+    failed_failures: usize,
+    failover: Duration,
+    /// The last failed-shard failure, after the promotion (zero if none).
+    failed_recovered_after: Duration,
+    failed_last_error: Option<String>,
+    redirections: usize,
+    /// Calls a second, healthy shards and failed shard: the second before
+    /// the fault, and from one to two seconds after the promotion.
+    rate_before: (f64, f64),
+    rate_after: (f64, f64),
+}
+
+/// One repetition: callers stampede 60 keys over the three shards; after two
+/// seconds the primary of shard `shard` gets `fault`; the callers go on until
+/// two seconds after its replica is promoted; then the node comes back (a
+/// restart, or SIGCONT) and rejoins as a replica.
+async fn fail_one_primary(
+    cluster: &mut Cluster,
+    caches: &[LockedCache],
+    keys: &[(String, usize)],
+    shard: usize,
+    fault: Fault,
+) -> Repetition {
+    let shard_slot = SHARD_FIRST_SLOTS[shard];
+    let victim = cluster.primary_of(shard_slot);
+    let began = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let loads: Arc<Vec<AtomicU32>> = Arc::new(keys.iter().map(|_| AtomicU32::new(0)).collect());
+    let keys: Arc<Vec<(String, usize)>> = Arc::new(keys.to_vec());
+    let mut workers = Vec::new();
+    for (c, cache) in caches.iter().enumerate() {
+        for w in 0..CALLERS {
+            let (cache, keys, loads, stop) = (
+                cache.clone(),
+                Arc::clone(&keys),
+                Arc::clone(&loads),
+                Arc::clone(&stop),
+            );
+            workers.push(tokio::spawn(async move {
+                let mut calls = Vec::new();
+                let mut i = c * CALLERS + w;
+                while !stop.load(Ordering::Relaxed) {
+                    let k = i % keys.len();
+                    let (key, shard) = &keys[k];
+                    let loads = Arc::clone(&loads);
+                    let start = Instant::now();
+                    let r = cache
+                        .get_or_load(key, || async move {
+                            loads[k].fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            Ok::<_, String>(k as u32)
+                        })
+                        .await;
+                    let redirected = matches!(&r, Err(LoadError::Cache(e))
+                        if matches!(e.redis_code(), Some("MOVED" | "ASK")));
+                    calls.push(Call {
+                        shard: *shard,
+                        ended: began.elapsed(),
+                        took: start.elapsed(),
+                        error: r.err().map(|e| e.to_string()),
+                        redirected,
+                    });
+                    i += 7;
+                }
+                calls
+            }));
+        }
+    }
+    // Two seconds before the fault: the rate is measured over the second
+    // one, when the keys' 1 s expiries have spread out (over the first, every
+    // key loads at once and then hits until they all expire together).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let faulted = began.elapsed();
+    tokio::task::block_in_place(|| match fault {
+        Fault::Kill => cluster.nodes[victim].kill(),
+        Fault::Stop => cluster.pause(victim),
+    });
+    let promoted = tokio::task::block_in_place(|| {
+        cluster.wait_until("the replica took over", |c| {
+            c.primary_of(shard_slot) != victim && !cluster_not_ok(c)
+        });
+        began.elapsed()
+    });
+    // The victim stays down (or hung) for two seconds after the promotion.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let calls: Vec<Call> = join_all_checked(workers)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    tokio::task::block_in_place(|| {
+        match fault {
+            Fault::Kill => cluster.nodes[victim].restart(),
+            Fault::Stop => cluster.resume(victim),
+        }
+        cluster.wait_healed();
+    });
+    let healthy: Vec<&Call> = calls.iter().filter(|c| c.shard != shard).collect();
+    let failed: Vec<&Call> = calls.iter().filter(|c| c.shard == shard).collect();
+    let rate = |from: Duration, to: Duration| {
+        let per_second = |calls: &[&Call]| {
+            let n = calls
+                .iter()
+                .filter(|c| c.ended >= from && c.ended < to)
+                .count();
+            n as f64 / (to - from).as_secs_f64()
+        };
+        (per_second(&healthy), per_second(&failed))
+    };
+    let second = Duration::from_secs(1);
+    Repetition {
+        healthy_calls: healthy.len(),
+        healthy_failures: healthy.iter().filter_map(|c| c.error.clone()).collect(),
+        healthy_slowest: healthy.iter().map(|c| c.took).max().unwrap_or_default(),
+        failed_calls: failed.len(),
+        failed_failures: failed.iter().filter(|c| c.error.is_some()).count(),
+        failover: promoted - faulted,
+        failed_recovered_after: failed
+            .iter()
+            .filter(|c| c.error.is_some() && c.ended > promoted)
+            .map(|c| c.ended - promoted)
+            .max()
+            .unwrap_or_default(),
+        failed_last_error: failed
+            .iter()
+            .filter(|c| c.error.is_some())
+            .max_by_key(|c| c.ended)
+            .and_then(|c| c.error.clone()),
+        redirections: calls.iter().filter(|c| c.redirected).count(),
+        rate_before: rate(faulted - second, faulted),
+        rate_after: rate(promoted + second, promoted + 2 * second),
+    }
+}
+
+/// Five times, a primary (of each shard in turn) gets `fault` under a
+/// stampede of 3 caches × 20 callers on 60 keys over the three shards; the
+/// calls on the two healthy shards are counted apart from those on the
+/// failed one.
+async fn failover_repetitions(fault: Fault) {
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_millis(1000)));
+    let prefix = unique_prefix(&format!("c{fault:?}").to_lowercase());
+    let mut caches = Vec::new();
+    for _ in 0..3 {
+        let cache = failover_cache(&cluster, &prefix).await;
+        cache.ping().await.unwrap();
+        caches.push(cache);
+    }
+    let keys: Vec<(String, usize)> = (0..60)
+        .map(|i| {
+            let key = format!("k{i}");
+            let shard = shard_of(key_slot(&cluster, &caches[0].value_key(&key)));
+            (key, shard)
+        })
+        .collect();
+    for s in 0..3 {
+        assert!(
+            keys.iter().any(|(_, shard)| *shard == s),
+            "no key on shard {s}"
+        );
+    }
+    let mut broken = Vec::new();
+    for rep in 0..REPETITIONS {
+        let shard = rep % 3;
+        let r = fail_one_primary(&mut cluster, &caches, &keys, shard, fault).await;
+        let healthy_failed = r.healthy_failures.len();
+        eprintln!(
+            "cluster {fault:?} #{rep} (shard {shard}): healthy shards {healthy_failed} of {} calls \
+             failed ({:.3} %), slowest {:?}; failed shard {} of {} calls failed, the last {:?} \
+             after the promotion; failover {:?}; calls/s (healthy, failed shard) {:.0?} before, \
+             {:.0?} from 1 to 2 s after the promotion; first healthy failures: {:?}; the failed shard's last failure: {:?}",
+            r.healthy_calls,
+            100.0 * healthy_failed as f64 / r.healthy_calls.max(1) as f64,
+            r.healthy_slowest,
+            r.failed_failures,
+            r.failed_calls,
+            r.failed_recovered_after,
+            r.failover,
+            r.rate_before,
+            r.rate_after,
+            &r.healthy_failures[..healthy_failed.min(3)],
+            r.failed_last_error,
+        );
+        let bound = FAILOVER_COMMAND_TIMEOUT + ROUND_TRIP;
+        if healthy_failed * 1000 > r.healthy_calls {
+            broken.push(format!(
+                "#{rep}: {healthy_failed} healthy-shard failures of {}",
+                r.healthy_calls
+            ));
+        }
+        if r.redirections > 0 {
+            broken.push(format!(
+                "#{rep}: {} raw redirections returned",
+                r.redirections
+            ));
+        }
+        if r.healthy_slowest > bound {
+            broken.push(format!(
+                "#{rep}: a healthy-shard call took {:?}",
+                r.healthy_slowest
+            ));
+        }
+        if r.failed_recovered_after > bound {
+            broken.push(format!(
+                "#{rep}: failed-shard calls still failed {:?} after the promotion",
+                r.failed_recovered_after
+            ));
+        }
+    }
+    assert!(broken.is_empty(), "{broken:#?}");
+}
+
+/// A primary SIGKILLed, five times: the healthy shards do not notice
+/// (at most 0.1 % of their calls fail, none takes longer than the command
+/// timeout and a round trip), and the failed shard's calls are served by the
+/// promoted replica within a command timeout of its promotion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_fails_only_its_own_slots_five_times() {
+    failover_repetitions(Fault::Kill).await;
+}
+
+/// A primary SIGSTOPped (hung, its sockets open), five times; its replica is
+/// promoted while it hangs, then it gets SIGCONT. The same bounds as for a
+/// kill: nothing routes the hung node's slots to the promoted replica but
+/// this crate (redis-rs refreshes its slots on `MOVED`, never on a timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_primary_fails_only_its_own_slots_five_times() {
+    failover_repetitions(Fault::Stop).await;
 }

@@ -2,7 +2,8 @@
 //! `redis-server --cluster-enabled yes` on a free loopback port, joined with
 //! plain `CLUSTER` commands (no `redis-cli` needed), and killed on drop.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,9 @@ const CONVERGE_DEADLINE: Duration = Duration::from_secs(20);
 /// 5461–10922 and 10923–16383; `nodes[3..6]` as their replicas.
 pub struct Cluster {
     pub nodes: Vec<RedisServer>,
+    /// Nodes frozen by [`pause`](Cluster::pause): running, never answering,
+    /// so never asked.
+    paused: Mutex<BTreeSet<usize>>,
 }
 
 impl Cluster {
@@ -34,6 +38,12 @@ impl Cluster {
             // last heard from it.
             "--cluster-replica-validity-factor",
             "0",
+            // The healthy shards keep serving while one is down (with the
+            // default, `yes`, every node answers CLUSTERDOWN for every slot
+            // from the moment a primary is marked failing until its replica
+            // is promoted).
+            "--cluster-require-full-coverage",
+            "no",
         ];
         let nodes: Vec<RedisServer> = thread::scope(|s| {
             let handles: Vec<_> = (0..6)
@@ -44,7 +54,10 @@ impl Cluster {
                 .map(|h| h.join().expect("node"))
                 .collect()
         });
-        let cluster = Cluster { nodes };
+        let cluster = Cluster {
+            nodes,
+            paused: Mutex::default(),
+        };
         for node in &cluster.nodes[1..] {
             cluster.nodes[0].cmd(&["CLUSTER", "MEET", "127.0.0.1", &node.port().to_string()]);
         }
@@ -62,19 +75,52 @@ impl Cluster {
             let primary: String = cluster.nodes[i].query(&["CLUSTER", "MYID"]);
             cluster.nodes[i + 3].cmd(&["CLUSTER", "REPLICATE", &primary]);
         }
-        cluster.wait_until("the cluster is up with three replicas", |c| {
+        cluster.wait_healed();
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` and sees three
+    /// replicas and no failing node (after a killed node is restarted or a
+    /// paused one resumed: it rejoins as a replica).
+    pub fn wait_healed(&self) {
+        self.wait_until("the cluster is up with three replicas", |c| {
             c.nodes.iter().all(|n| {
                 let info: String = n.query(&["CLUSTER", "INFO"]);
                 let nodes: String = n.query(&["CLUSTER", "NODES"]);
-                let replicas = nodes
+                let flags: Vec<&str> = nodes
                     .lines()
                     .filter_map(|l| l.split_whitespace().nth(2))
+                    .collect();
+                let replicas = flags
+                    .iter()
                     .filter(|flags| flags.split(',').any(|f| f == "slave"))
                     .count();
-                info.contains("cluster_state:ok") && replicas == 3
+                let failing = flags.iter().any(|flags| flags.contains("fail"));
+                info.contains("cluster_state:ok") && replicas == 3 && !failing
             })
         });
-        cluster
+    }
+
+    /// Freezes node `i` (SIGSTOP): its sockets stay open and nothing answers.
+    pub fn pause(&self, i: usize) {
+        self.paused.lock().unwrap().insert(i);
+        self.nodes[i].pause();
+    }
+
+    /// Thaws node `i` (SIGCONT).
+    pub fn resume(&self, i: usize) {
+        self.nodes[i].resume();
+        self.paused.lock().unwrap().remove(&i);
+    }
+
+    /// The nodes that answer: running and not paused.
+    pub fn answering(&self) -> impl Iterator<Item = &RedisServer> {
+        let paused = self.paused.lock().unwrap().clone();
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(move |(i, n)| !paused.contains(i) && n.is_running())
+            .map(|(_, n)| n)
     }
 
     /// Seed URLs: every node.
@@ -112,12 +158,9 @@ impl Cluster {
         panic!("no primary serves slot {slot}");
     }
 
-    /// A node that is running.
+    /// A node that answers (running, not paused).
     pub fn live_node(&self) -> &RedisServer {
-        self.nodes
-            .iter()
-            .find(|n| n.is_running())
-            .expect("a live node")
+        self.answering().next().expect("a live node")
     }
 
     /// Waits until `ready` holds (polling), or panics naming `what`.
@@ -126,9 +169,7 @@ impl Cluster {
         while !ready(self) {
             if Instant::now() >= deadline {
                 let states: Vec<String> = self
-                    .nodes
-                    .iter()
-                    .filter(|n| n.is_running())
+                    .answering()
                     .map(|n| n.query::<String>(&["CLUSTER", "NODES"]))
                     .collect();
                 panic!(
