@@ -352,17 +352,7 @@ pub async fn unclaim<C: ConnectionLike + Send>(
             for key in keys {
                 inv.key(key);
             }
-            // A load's claim takes its meta key with it.
-            let drop_meta = if matches!(claim, Claim::Load(_)) {
-                "1"
-            } else {
-                ""
-            };
-            inv.arg(token)
-                .arg(channel)
-                .arg(drop_meta)
-                .invoke_async(conn)
-                .await?
+            inv.arg(token).arg(channel).invoke_async(conn).await?
         }
         Shape::Member([members, meta]) => {
             scripts::UNCLAIM_MEMBER

@@ -287,9 +287,9 @@ return 1"
 );
 
 /// Releases keyed claims. KEYS: n lock keys, then n meta keys; ARGV[1] token,
-/// ARGV[2] channel (or empty), ARGV[3] `1` to delete the meta key of each name
-/// released too (a load's claim). Each name held by the token is deleted and
-/// published (its owner entry stays, naming a token that no longer holds).
+/// ARGV[2] channel (or empty). Each name held by the token is deleted and
+/// published (its owner entry stays, naming a token that no longer holds; a
+/// load's claim has no meta key).
 /// 1: at least one was ours; 0: none was, and
 /// another token holds one; -1: none was there.
 pub static UNCLAIM_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(UNCLAIM_ALL_LUA));
@@ -299,9 +299,6 @@ for i = 1, n do
     local held = redis.call('GET', KEYS[i])
     if held == ARGV[1] then
         redis.call('DEL', KEYS[i])
-        if ARGV[3] == '1' then
-            redis.call('DEL', KEYS[n + i])
-        end
         if ARGV[2] ~= '' then
             redis.call('PUBLISH', ARGV[2], KEYS[i])
         end
