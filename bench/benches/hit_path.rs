@@ -71,7 +71,8 @@ USAGE: cargo bench --bench hit_path -- [FLAGS]
   --sides LIST        besides the raw GET on the bb8 pool: get,
                       get_or_load, manager (raw GET on one
                       ConnectionManager), single (raw GET on one
-                      MultiplexedConnection)                       [get,get_or_load]
+                      MultiplexedConnection), tagged (get_or_load
+                      of a tagged String, tags on)                 [get,get_or_load]
   --rounds N          rounds per configuration (each side once)    [16]
   --round-ms T        duration of one round of one side, ms         [150]
   --threads N         tokio worker threads                          [2]
@@ -352,6 +353,9 @@ enum Side {
     Get(Shape),
     /// `LockedCache::get_or_load` on a cached key.
     GetOrLoad(Shape),
+    /// `get_or_load` of a `String` on a cache with tags on whose entries carry
+    /// a tag (`Builder::tags`): each hit checks the entry's marks.
+    Tagged,
 }
 
 impl std::str::FromStr for Side {
@@ -364,6 +368,7 @@ impl std::str::FromStr for Side {
             "single" => Side::RawSingle,
             "get" => Side::Get(Shape::Str),
             "get_or_load" => Side::GetOrLoad(Shape::Str),
+            "tagged" => Side::Tagged,
             _ => return Err(format!("unknown side {s:?}")),
         })
     }
@@ -389,6 +394,7 @@ impl Side {
             Side::RawSingle => "raw `GET` (one `MultiplexedConnection`)".into(),
             Side::Get(shape) => format!("`get`, {}", shape.label()),
             Side::GetOrLoad(shape) => format!("`get_or_load`, {}", shape.label()),
+            Side::Tagged => "`get_or_load`, `String`, tagged entry".into(),
         }
     }
 }
@@ -418,6 +424,8 @@ struct Bench {
     manager: ConnectionManager,
     single: MultiplexedConnection,
     cache: LockedCache,
+    /// Tags on, every entry tagged (the `tagged` side).
+    tagged: LockedCache,
 }
 
 /// A hit through `get_or_load`, decoded as `T`.
@@ -441,6 +449,7 @@ struct Caller {
     manager: ConnectionManager,
     single: MultiplexedConnection,
     cache: LockedCache,
+    tagged: LockedCache,
     key: String,
     raw_key: String,
 }
@@ -474,6 +483,7 @@ impl Caller {
                 Shape::RecordBytes => get::<RecordBytes>(cache, key).await,
                 Shape::Nested => get::<Nested>(cache, key).await,
             },
+            Side::Tagged => hit::<String>(&self.tagged, key).await,
             Side::GetOrLoad(shape) => match shape {
                 Shape::Str => hit::<String>(cache, key).await,
                 Shape::Vec => hit::<Vec<u8>>(cache, key).await,
@@ -502,6 +512,7 @@ impl Bench {
             manager: self.manager.clone(),
             single: self.single.clone(),
             cache: self.cache.clone(),
+            tagged: self.tagged.clone(),
             raw_key: self.cache.value_key(&key),
             key,
         }
@@ -717,6 +728,15 @@ fn throughput(o: &Options) -> String {
             .build()
             .await
             .expect("cache");
+        let tagged = LockedCache::builder()
+            .redis(url.as_str())
+            .key_prefix("hit-tagged:")
+            .ttl(Duration::from_secs(3600))
+            .tags(true)
+            .call_options(locked_cache::CallOptions::new().tag("bench"))
+            .build()
+            .await
+            .expect("tagged cache");
         let client = redis::Client::open(info).expect("client");
         let manager = ConnectionManager::new(client.clone())
             .await
@@ -732,6 +752,11 @@ fn throughput(o: &Options) -> String {
                     store(&cache, shape, size, &key(shape, size, caller)).await;
                 }
             }
+            if o.sides.contains(&Side::Tagged) {
+                for caller in 0..max_callers {
+                    store(&tagged, Shape::Str, size, &key(Shape::Str, size, caller)).await;
+                }
+            }
             // The raw sides read the string values (one per shape would do).
             if !o.shapes.contains(&Shape::Str) {
                 for caller in 0..max_callers {
@@ -745,6 +770,7 @@ fn throughput(o: &Options) -> String {
             manager,
             single,
             cache,
+            tagged,
         }
     });
 
