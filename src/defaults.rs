@@ -5,7 +5,8 @@ use std::time::Duration;
 
 /// How long a stored value lives: 60 s.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
-/// How long a lock lives unless extended or released: 800 ms. A live holder
+/// How long the lock of a cache's load lives unless extended or released
+/// ([`Builder::lock_expiry`](crate::Builder::lock_expiry)): 800 ms. A live holder
 /// extends it every third of it (267 ms) for as long as its load runs, so long
 /// loads are safe; a holder that died (SIGKILL, OOM kill, a lost host) blocks
 /// its key for at most this long, and waiters in other processes take over
@@ -17,6 +18,13 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
 /// holder's late write is refused by the fence (the value stays the newer
 /// one). Raise it where holders are often paused that long.
 pub const DEFAULT_LOCK_EXPIRY: Duration = Duration::from_millis(800);
+/// How long a lock of the lock toolkit lives unless extended or released
+/// ([`LockOptions::default`](crate::LockOptions), a [`Redlock`](crate::Redlock)
+/// built on its own): 5 s. Longer than a cache load's: such a lock guards
+/// work of the caller's whose loss is costlier than a second load, so it
+/// tolerates pauses of its holder up to about 3.3 s (its watchdog extends it
+/// every third), at the price of a crashed holder blocking the name that long.
+pub const DEFAULT_REDLOCK_EXPIRY: Duration = Duration::from_secs(5);
 /// How long a miss waits for someone else's load: 10 s. Well above the lock
 /// expiry, so a waiter outlives a crashed holder's lock and loads the value
 /// itself; and long enough for a slow load by a live holder.

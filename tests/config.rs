@@ -166,7 +166,7 @@ async fn keys_cannot_reach_the_lock_key_space() {
 #[test]
 fn defaults_are_the_documented_constants() {
     let options = LockOptions::default();
-    assert_eq!(options.expiry, locked_cache::DEFAULT_LOCK_EXPIRY);
+    assert_eq!(options.expiry, locked_cache::DEFAULT_REDLOCK_EXPIRY);
     assert_eq!(options.wait, locked_cache::DEFAULT_WAIT);
     assert_eq!(options.retry, locked_cache::DEFAULT_RETRY);
     assert!(

@@ -212,7 +212,8 @@ async fn the_watchdog_keeps_the_lock_and_the_lost_signal_says_why() {
 }
 
 /// The cache hands its loader the lock's fencing token; each load of a key
-/// gets a higher one.
+/// gets a higher one (the masters' clock at the grant), and none is left on
+/// the masters afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_context_carries_a_rising_fencing_token() {
     let fleet = Fleet::start(3);
@@ -237,11 +238,18 @@ async fn the_load_context_carries_a_rising_fencing_token() {
     }
     assert!(tokens.windows(2).all(|w| w[1] > w[0]), "{tokens:?}");
     let info = cache.lock().inspect(&cache.lock_key("k")).await.unwrap();
-    assert!(
-        info.fencing_token >= tokens[2],
-        "inspect reports the last token"
-    );
+    // A load's lock keeps no counter once released (nothing is left behind on
+    // the masters): its tokens are the masters' clocks, in microseconds.
+    assert_eq!(info.fencing_token, 0, "a load leaves no counter");
     assert!(info.holders.is_empty());
+    let now_micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    assert!(
+        tokens[2] <= now_micros + 1_000_000 && tokens[0] + 60_000_000 > now_micros,
+        "tokens are clock readings: {tokens:?} vs {now_micros}"
+    );
 }
 
 /// 150 tasks from 4 Redlocks each take two or three of the names a, b, c, in

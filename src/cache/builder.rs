@@ -111,7 +111,12 @@ impl Default for Builder<BincodeCodec> {
             tls: TlsOptions::default(),
             ttl: DEFAULT_TTL,
             call_options: CallOptions::new(),
-            lock: LockOptions::default(),
+            // The cache's loads: a shorter expiry than the lock toolkit's (a
+            // holder that died costs under a second; see DEFAULT_LOCK_EXPIRY).
+            lock: LockOptions {
+                expiry: DEFAULT_LOCK_EXPIRY,
+                ..LockOptions::default()
+            },
             key_prefix: DEFAULT_KEY_PREFIX.to_owned(),
             pool_size: DEFAULT_POOL_SIZE,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,

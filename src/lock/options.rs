@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::defaults::{
-    DEFAULT_CHANNEL, DEFAULT_LOCK_EXPIRY, DEFAULT_MASTER_TIMEOUT, DEFAULT_RETRY, DEFAULT_WAIT,
+    DEFAULT_CHANNEL, DEFAULT_MASTER_TIMEOUT, DEFAULT_REDLOCK_EXPIRY, DEFAULT_RETRY, DEFAULT_WAIT,
 };
 use crate::error::{Error, Result};
 
@@ -14,11 +14,14 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockOptions {
     /// How long a lock lives on the masters unless extended or released.
-    /// Defaults to [`DEFAULT_LOCK_EXPIRY`] (800 ms). Longer: a crashed holder
-    /// blocks others for longer. Shorter: more extension traffic, and a holder
-    /// paused (GC, swap, CPU starvation) for longer than about two thirds of
-    /// this loses the lock. The cache and every guard's watchdog extend the
-    /// lock every third of it, so this does not bound the load time.
+    /// Defaults to [`DEFAULT_REDLOCK_EXPIRY`] (5 s) here, and to
+    /// [`DEFAULT_LOCK_EXPIRY`](crate::DEFAULT_LOCK_EXPIRY) (800 ms) in a
+    /// cache's [`Builder`](crate::Builder) (its loads' locks, and
+    /// [`LockedCache::lock`](crate::LockedCache::lock)). Longer: a crashed
+    /// holder blocks others for longer. Shorter: more extension traffic, and a
+    /// holder paused (GC, swap, CPU starvation) for longer than about two
+    /// thirds of this loses the lock. The cache and every guard's watchdog
+    /// extend the lock every third of it, so this does not bound the load time.
     pub expiry: Duration,
     /// How long [`Redlock::acquire`](crate::Redlock::acquire) (and a cache
     /// miss) waits for the lock before giving up with [`Error::LockTimeout`].
@@ -64,7 +67,7 @@ pub struct LockOptions {
 impl Default for LockOptions {
     fn default() -> Self {
         LockOptions {
-            expiry: DEFAULT_LOCK_EXPIRY,
+            expiry: DEFAULT_REDLOCK_EXPIRY,
             wait: DEFAULT_WAIT,
             retry: DEFAULT_RETRY,
             master_timeout: DEFAULT_MASTER_TIMEOUT,
