@@ -31,9 +31,10 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{RedisError, Value};
 use tokio::sync::{OnceCell, mpsc};
 
+use super::many::{self, by_slot, chunked, scatter};
 use super::redis::{ConnectionOptions, RedisStore, redact};
 use super::slot::slot;
-use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
+use super::{Claim, FencedWrite, Holdings, Publish, Store, Stored, Write, commands, scripts};
 use crate::error::{Error, Result};
 
 /// How a [`ClusterStore`] acquires locks beyond the plain `SET NX`.
@@ -430,6 +431,185 @@ impl Store for ClusterStore {
     async fn ping(&self) -> Result<()> {
         self.run("PING", |mut c| async move { commands::ping(&mut c).await })
             .await
+    }
+
+    // Batched commands (`store/many.rs`): one per slot (a script's keys must
+    // share one), the slots at once, each chunked.
+
+    async fn get_many(&self, keys: &[&str], with_ttl: bool) -> Result<Vec<Option<Stored>>> {
+        let groups = by_slot(keys, |k| k);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("MGET", move |mut c| async move {
+                        many::get_many(&mut c, chunk, with_ttl).await
+                    })
+                },
+            )
+        });
+        let answers = futures_util::future::try_join_all(sends).await?;
+        Ok(scatter(keys.len(), &groups, answers))
+    }
+
+    async fn set_many(&self, writes: &[Write<'_>]) -> Result<()> {
+        let groups = by_slot(writes, |w| w.key);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |w| w.value.len(),
+                |chunk| {
+                    self.run("SET (pipelined)", move |mut c| async move {
+                        many::set_many(&mut c, chunk).await
+                    })
+                },
+            )
+        });
+        futures_util::future::try_join_all(sends).await.map(drop)
+    }
+
+    async fn delete_many(&self, keys: &[&str]) -> Result<()> {
+        let groups = by_slot(keys, |k| k);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("DEL", move |mut c| async move {
+                        many::delete_many(&mut c, chunk).await
+                    })
+                },
+            )
+        });
+        futures_util::future::try_join_all(sends).await.map(drop)
+    }
+
+    async fn claim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        let acks = self.cluster.replica_acks;
+        let groups = by_slot(names, |k| k);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("EVALSHA claim_loads", move |mut c| async move {
+                        let granted = many::claim_loads(&mut c, chunk, token, expiry).await?;
+                        let Some((replicas, timeout)) = acks.filter(|_| granted.contains(&true))
+                        else {
+                            return Ok(granted);
+                        };
+                        // As `claim`: too few replicas have the grants, undo them.
+                        let acked = Self::replica_acks(
+                            &mut c,
+                            chunk.first().copied().unwrap_or_default(),
+                            replicas,
+                            timeout,
+                        )
+                        .await?;
+                        if acked >= replicas {
+                            return Ok(granted);
+                        }
+                        many::unclaim_loads(&mut c, chunk, token, None).await?;
+                        Ok(vec![false; chunk.len()])
+                    })
+                },
+            )
+        });
+        let answers = futures_util::future::try_join_all(sends).await?;
+        Ok(scatter(names.len(), &groups, answers))
+    }
+
+    async fn renew_loads(
+        &self,
+        keys: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        let groups = by_slot(keys, |k| k);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("EVALSHA renew_loads", move |mut c| async move {
+                        many::renew_loads(&mut c, chunk, token, expiry).await
+                    })
+                },
+            )
+        });
+        let answers = futures_util::future::try_join_all(sends).await?;
+        Ok(scatter(keys.len(), &groups, answers))
+    }
+
+    async fn unclaim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<()> {
+        let groups = by_slot(names, |k| k);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("EVALSHA unclaim_loads", move |mut c| async move {
+                        many::unclaim_loads(&mut c, chunk, token, channel).await
+                    })
+                },
+            )
+        });
+        futures_util::future::try_join_all(sends).await.map(drop)
+    }
+
+    async fn get_or_fence_many(
+        &self,
+        entries: &[(&str, &str)],
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Stored>>> {
+        let groups = by_slot(entries, |e| e.0);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("EVALSHA get_or_fence_many", move |mut c| async move {
+                        many::get_or_fence_many(&mut c, chunk, token, fence_expiry).await
+                    })
+                },
+            )
+        });
+        let answers = futures_util::future::try_join_all(sends).await?;
+        Ok(scatter(entries.len(), &groups, answers))
+    }
+
+    async fn set_fenced_many(
+        &self,
+        writes: &[FencedWrite<'_>],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<Vec<bool>> {
+        let groups = by_slot(writes, |w| w.key);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |w| w.value.len(),
+                |chunk| {
+                    self.run("EVALSHA set_fenced_many", move |mut c| async move {
+                        many::set_fenced_many(&mut c, chunk, token, channel).await
+                    })
+                },
+            )
+        });
+        let answers = futures_util::future::try_join_all(sends).await?;
+        Ok(scatter(writes.len(), &groups, answers))
     }
 
     fn server(&self) -> &str {
