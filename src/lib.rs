@@ -144,8 +144,8 @@ pub use lock::{
 };
 pub use stats::StatsSnapshot;
 pub use store::{
-    Claim, ConnectionOptions, FencedWrite, Holding, Holdings, MemoryStore, Publish, RedisStore,
-    SharedStore, Store, Stored, Write,
+    Claim, ConnectionOptions, FencedWrite, Holding, Holdings, LoadClaim, MemoryStore, Publish,
+    RedisStore, SharedStore, Store, Stored, Write,
 };
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};

@@ -17,10 +17,12 @@
 //!    every free lock among them and reports the others (`lock/batch.rs`).
 //!    For the keys held, one `GET_OR_FENCE_MANY` takes their fences and reads
 //!    them again (another process may have stored them meanwhile: those are
-//!    not loaded), then the loader runs **once** with the keys still missing
+//!    not loaded; where the one lock master is also the value server, the
+//!    lock script does this too, `CLAIM_LOADS_FENCED`), then the loader runs **once** with the keys still missing
 //!    while a keep-alive task renews their locks and fences, then **one**
 //!    fenced store (`SET_FENCED_MANY`, which publishes each key's wake-up),
-//!    the flights are handed their values, and the locks are released.
+//!    the flights are handed their values, and the locks are released (from
+//!    a task: the waiters were already woken by the store).
 //! 5. Keys held elsewhere are waited for as single keys are: registered for
 //!    their release wake-ups before the attempt, woken by the store's publish
 //!    (or the retry time), read again (one `MGET`), and tried again if still
@@ -54,17 +56,17 @@ use super::freshness::{self, Freshness};
 use super::keys::{self, Keys, ValueKey};
 use super::options::Resolved;
 use super::shared::Shared;
-use super::{Found, Inner, LockedCache, Replacing, call};
+use super::{Found, Inner, LockedCache, Replacing, call, in_place};
 use crate::codec::{self, Codec, Meta};
 use crate::error::{Error, LoadError, Result};
-use crate::lock::{KeyVote, LoadLocks, jittered, split_vote_retry};
+use crate::lock::{Fenced, KeyVote, LoadLocks, jittered, split_vote_retry};
 use crate::stats::Stats;
 use crate::store::{FencedWrite, Stored, Write};
 
 /// A value (`None`: not found) with its stored bytes (header + payload),
-/// shared with a flight's followers and duplicate positions; empty when
-/// the value came from the near cache.
-type Got<V> = (Option<V>, Arc<Vec<u8>>);
+/// shared with a flight's followers and duplicate positions; `None` for a
+/// hit nobody else needs them for (a near cache hit, a key asked once).
+type Got<V> = (Option<V>, Option<Arc<Vec<u8>>>);
 
 /// The near cache's answer for a key, as the call's value kind.
 type NearLookup<'a, V> = dyn Fn(&str) -> Option<V> + Sync + 'a;
@@ -392,12 +394,118 @@ impl<C: Codec> Inner<C> {
             .collect())
     }
 
+    /// The first read of a batch: the values of `keys` judged for `options`
+    /// from their headers, then decoded; a fresh one that is not asked
+    /// twice (`dup`) is decoded in place where its type allows
+    /// (`in_place.rs`), and keeps no bytes.
+    async fn read_judged_many<V: DeserializeOwned + 'static>(
+        &self,
+        keys: &[&str],
+        with_ttl: bool,
+        options: &Resolved,
+        dup: &[bool],
+    ) -> Result<Vec<Option<(Found<Option<V>>, Freshness)>>> {
+        let refs: Vec<ValueKey<'_>> = keys
+            .iter()
+            .map(|k| ValueKey::new(&self.key_prefix, k))
+            .collect();
+        // The built-in Redis store writes the value keys straight into its
+        // `MGET` (as a hit's `GET` does); another store gets them built.
+        let stored = match self.value_store.as_redis() {
+            Some(redis) => redis.read_many(&refs, with_ttl).await?,
+            None => {
+                let built: Vec<String> = refs.iter().map(|k| k.build()).collect();
+                let built: Vec<&str> = built.iter().map(String::as_str).collect();
+                self.value_store.get_many(&built, with_ttl).await?
+            }
+        };
+        let mut out = Vec::with_capacity(stored.len());
+        let mut reread = Vec::new();
+        for (j, stored) in stored.into_iter().enumerate() {
+            let Some(stored) = stored else {
+                out.push(None);
+                continue;
+            };
+            let Ok((meta, _)) = codec::split_header(C::ID, &stored.bytes) else {
+                out.push(
+                    self.decode_entry::<V>(&refs[j], stored, true)
+                        .map(|f| (f, Freshness::TooStale)),
+                );
+                continue;
+            };
+            if !with_ttl && !meta.stale_for.is_zero() {
+                // Stored with a stale window: judged by its time left.
+                reread.push(j);
+                out.push(None);
+                continue;
+            }
+            let draw = if stored.ttl.is_some() && options.early_refresh_beta > 0.0 {
+                fastrand::f64()
+            } else {
+                0.0
+            };
+            let judged = freshness::judge(&meta, stored.ttl, options, draw);
+            if judged == Freshness::Fresh
+                && !meta.absent
+                && !dup.get(j).copied().unwrap_or(true)
+                && stored.bytes.len() <= self.max_value_size
+            {
+                let Stored { mut bytes, ttl } = stored;
+                let stored_len = bytes.len();
+                match in_place::decode::<C, V>(&mut bytes) {
+                    Some(Ok(value)) => {
+                        let found = Found {
+                            value: Some(value),
+                            bytes: Vec::new(),
+                            stored_len,
+                            meta,
+                            ttl_left: ttl,
+                        };
+                        out.push(Some((found, judged)));
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        self.report_corrupt(&refs[j], &e);
+                        out.push(None);
+                        continue;
+                    }
+                    None => {
+                        let found = self.decode_entry::<V>(&refs[j], Stored { bytes, ttl }, true);
+                        out.push(found.map(|mut f| {
+                            f.bytes = Vec::new();
+                            (f, judged)
+                        }));
+                        continue;
+                    }
+                }
+            }
+            out.push(
+                self.decode_entry::<V>(&refs[j], stored, true)
+                    .map(|f| (f, judged)),
+            );
+        }
+        if !reread.is_empty() {
+            let again: Vec<String> = reread.iter().map(|&j| refs[j].build()).collect();
+            let again: Vec<&str> = again.iter().map(String::as_str).collect();
+            let stored = self.value_store.get_many(&again, true).await?;
+            for (&j, stored) in reread.iter().zip(stored) {
+                out[j] = stored
+                    .and_then(|s| self.decode_entry::<V>(&refs[j], s, true))
+                    .map(|f| {
+                        let judged = freshness::judge(&f.meta, f.ttl_left, options, 0.0);
+                        (f, judged)
+                    });
+            }
+        }
+        Ok(out)
+    }
+
     /// Decodes a stored value: a cached "not found" (its header says so) as
     /// `None` without decoding, anything else as a `V`; undecodable: `None`
     /// (reported when `report`).
     fn decode_entry<V: DeserializeOwned>(
         &self,
-        value_key: &str,
+        value_key: &dyn std::fmt::Display,
         stored: Stored,
         report: bool,
     ) -> Option<Found<Option<V>>> {
@@ -410,7 +518,7 @@ impl<C: Codec> Inner<C> {
                 ttl_left: stored.ttl,
             }),
             _ => self
-                .decode_or_report::<V>(&value_key, stored, report)
+                .decode_or_report::<V>(value_key, stored, report)
                 .map(|f| Found {
                     value: Some(f.value),
                     bytes: f.bytes,
@@ -455,7 +563,9 @@ impl<C: Codec> Inner<C> {
         let started = Instant::now();
         let deadline = started + self.lock.options().wait;
         // Distinct keys, in the order first asked; each position's key.
-        let mut index: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
+        // foldhash: std's SipHash was a visible share of a 100-key hit.
+        let mut index: HashMap<&str, usize, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(keys.len(), Default::default());
         let mut distinct: Vec<&str> = Vec::with_capacity(keys.len());
         let positions: Vec<usize> = keys
             .iter()
@@ -472,7 +582,7 @@ impl<C: Codec> Inner<C> {
         if let Some(near) = near {
             for (i, key) in distinct.iter().enumerate() {
                 if let Some(value) = near(key) {
-                    answers[i] = Some(Ok((Some(value), Arc::default())));
+                    answers[i] = Some(Ok((Some(value), None)));
                 }
             }
         }
@@ -494,61 +604,62 @@ impl<C: Codec> Inner<C> {
                 None => Vec::new(),
             };
             tickets.reverse();
-            let found = self.read_many::<V>(&read_keys, with_ttl).await?;
+            let mut asked = vec![0u8; distinct.len()];
+            for &i in &positions {
+                asked[i] = asked[i].saturating_add(1);
+            }
+            let dup: Vec<bool> = unread.iter().map(|&i| asked[i] > 1).collect();
+            let found = self
+                .read_judged_many::<V>(&read_keys, with_ttl, options, &dup)
+                .await?;
             for (&i, found) in unread.iter().zip(found) {
                 let ticket = tickets.pop().flatten();
-                let Some(found) = found else {
+                let Some((found, judged)) = found else {
                     misses.push(i);
                     continue;
                 };
-                let draw = if options.early_refresh_beta > 0.0 {
-                    fastrand::f64()
-                } else {
-                    0.0
-                };
-                match freshness::judge(&found.meta, found.ttl_left, options, draw) {
-                    Freshness::TooStale => misses.push(i),
-                    judged => {
-                        Stats::add(&self.stats.hits);
-                        if found.meta.absent {
-                            Stats::add(&self.stats.negative_hits);
-                        }
-                        let Found {
-                            mut value,
-                            bytes,
-                            stored_len,
-                            meta,
-                            ttl_left,
-                        } = found;
-                        if judged == Freshness::Fresh
-                            && ticket.is_some()
-                            && let Some(kept) = value.take()
-                        {
-                            let kept = Found {
-                                value: kept,
-                                bytes: Vec::new(),
-                                stored_len,
-                                meta,
-                                ttl_left,
-                            };
-                            self.near_keep(&kept, ticket);
-                            value = Some(kept.value);
-                        }
-                        let replacing = Replacing {
-                            bytes: bytes.clone(),
-                            ttl_left,
-                        };
-                        let got = (value, Arc::new(bytes));
-                        if judged == Freshness::Fresh {
-                            answers[i] = Some(Ok(got));
-                        } else {
-                            if judged == Freshness::RefreshEarly {
-                                Stats::add(&self.stats.early_refreshes);
-                            }
-                            stale.push((i, replacing, got));
-                        }
-                    }
+                if judged == Freshness::TooStale {
+                    misses.push(i);
+                    continue;
                 }
+                Stats::add(&self.stats.hits);
+                if found.meta.absent {
+                    Stats::add(&self.stats.negative_hits);
+                }
+                let Found {
+                    mut value,
+                    bytes,
+                    stored_len,
+                    meta,
+                    ttl_left,
+                } = found;
+                if judged == Freshness::Fresh
+                    && ticket.is_some()
+                    && let Some(kept) = value.take()
+                {
+                    let kept = Found {
+                        value: kept,
+                        bytes: Vec::new(),
+                        stored_len,
+                        meta,
+                        ttl_left,
+                    };
+                    self.near_keep(&kept, ticket);
+                    value = Some(kept.value);
+                }
+                if judged == Freshness::Fresh {
+                    let bytes = (!bytes.is_empty()).then(|| Arc::new(bytes));
+                    answers[i] = Some(Ok((value, bytes)));
+                    continue;
+                }
+                if judged == Freshness::RefreshEarly {
+                    Stats::add(&self.stats.early_refreshes);
+                }
+                let replacing = Replacing {
+                    bytes: bytes.clone(),
+                    ttl_left,
+                };
+                stale.push((i, replacing, (value, Some(Arc::new(bytes)))));
             }
             add_n(&self.stats.misses, misses.len());
         }
@@ -650,15 +761,19 @@ impl<C: Codec> Inner<C> {
     ) -> Answer<V, E> {
         match answer {
             Err(e) => Err(e.clone()),
-            Ok((None, bytes)) => Ok((None, Arc::clone(bytes))),
+            Ok((None, bytes)) => Ok((None, bytes.clone())),
             Ok((Some(value), bytes)) => {
                 if let Some(sharing) = sharing
                     && let Some(copy) = (sharing.take)(&(sharing.share)(value))
                 {
-                    return Ok((Some(copy), Arc::clone(bytes)));
+                    return Ok((Some(copy), bytes.clone()));
                 }
+                // A key asked twice keeps its bytes (`read_judged_many`).
+                let Some(bytes) = bytes else {
+                    return Err(LoadError::Cache(Error::Abandoned));
+                };
                 self.decode_got(bytes)
-                    .map(|v| (v, Arc::clone(bytes)))
+                    .map(|v| (v, Some(Arc::clone(bytes))))
                     .map_err(LoadError::Cache)
             }
         }
@@ -686,10 +801,10 @@ impl<C: Codec> Inner<C> {
                 Ok(flight::Outcome::Value(bytes, shared)) => {
                     let taken = sharing.zip(shared).and_then(|(s, v)| (s.take)(&v));
                     Some(match taken {
-                        Some(value) => Ok((Some(value), bytes)),
+                        Some(value) => Ok((Some(value), Some(bytes))),
                         None => self
                             .decode_got(&bytes)
-                            .map(|v| (v, bytes))
+                            .map(|v| (v, Some(bytes)))
                             .map_err(LoadError::Cache),
                     })
                 }
@@ -739,7 +854,18 @@ impl<C: Codec> Inner<C> {
         let mut splits = 0u32;
         loop {
             let names: Vec<String> = led.iter().map(|l| l.keys.lock.clone()).collect();
-            let attempt = match self.lock.attempt_loads(&names, expiry).await {
+            // One master that is also the value server: the fences and the
+            // double check ride on the lock script (one round trip fewer).
+            let fenced =
+                (self.lock.masters() == 1 && !self.separate_value_server).then(|| Fenced {
+                    entries: Arc::new(
+                        led.iter()
+                            .map(|l| (l.keys.value.clone(), l.keys.fence.clone()))
+                            .collect(),
+                    ),
+                    fence_expiry: expiry * 2,
+                });
+            let attempt = match self.lock.attempt_loads(&names, expiry, fenced).await {
                 Ok(attempt) => attempt,
                 Err(e) => {
                     for l in led {
@@ -749,13 +875,21 @@ impl<C: Codec> Inner<C> {
                 }
             };
             let mut held = Vec::new();
+            let mut prefetched = attempt.found.as_ref().map(|_| Vec::new());
             let mut busy = Vec::new();
             let mut busy_waiters = Vec::new();
             let mut no_quorum = false;
             let mut split = false;
+            let mut found = attempt.found.map(Vec::into_iter);
             for ((l, vote), waiter) in led.into_iter().zip(&attempt.votes).zip(waiters) {
+                let value = found.as_mut().and_then(Iterator::next).flatten();
                 match vote {
-                    KeyVote::Held => held.push(l),
+                    KeyVote::Held => {
+                        if let Some(prefetched) = &mut prefetched {
+                            prefetched.push(value);
+                        }
+                        held.push(l);
+                    }
                     // A refresh someone else holds: they refresh it; serve the
                     // stale value.
                     _ if l.refresh.is_some() => {
@@ -773,7 +907,9 @@ impl<C: Codec> Inner<C> {
                 }
             }
             if let Some(locks) = attempt.locks {
-                let loaded = self.load_held(held, locks, loader, options, sharing).await;
+                let loaded = self
+                    .load_held(held, prefetched, locks, loader, options, sharing)
+                    .await;
                 done.extend(loaded);
             }
             if busy.is_empty() {
@@ -838,7 +974,7 @@ impl<C: Codec> Inner<C> {
                 match usable {
                     Some(found) => {
                         Stats::add(&self.stats.found_while_waiting);
-                        let got = (found.value, Arc::new(found.bytes));
+                        let got = (found.value, Some(Arc::new(found.bytes)));
                         done.push(self.finish_led(l, Ok(got), sharing));
                     }
                     None => {
@@ -856,9 +992,11 @@ impl<C: Codec> Inner<C> {
     /// Holding the locks of `held`: the double check and fence in one round
     /// trip, the loader once for what is still missing, one fenced store,
     /// the flights handed their values, the locks released.
+    #[allow(clippy::too_many_arguments)]
     async fn load_held<V, E, F, Fut, R>(
         &self,
         held: Vec<Led<'_, V>>,
+        prefetched: Option<Vec<Option<Stored>>>,
         locks: LoadLocks,
         loader: &mut F,
         options: &Resolved,
@@ -878,10 +1016,14 @@ impl<C: Codec> Inner<C> {
             .iter()
             .map(|l| (l.keys.value.as_str(), l.keys.fence.as_str()))
             .collect();
-        let found = self
-            .value_store
-            .get_or_fence_many(&entries, locks.token(), fence_expiry)
-            .await;
+        let found = match prefetched {
+            Some(found) => Ok(found),
+            None => {
+                self.value_store
+                    .get_or_fence_many(&entries, locks.token(), fence_expiry)
+                    .await
+            }
+        };
         let found = match found {
             Ok(found) => found,
             Err(e) => {
@@ -902,7 +1044,7 @@ impl<C: Codec> Inner<C> {
                 };
                 if skip {
                     Stats::add(&self.stats.found_while_waiting);
-                    let got = (found.value, Arc::new(found.bytes));
+                    let got = (found.value, Some(Arc::new(found.bytes)));
                     done.push(self.finish_led(l, Ok(got), sharing));
                     continue;
                 }
@@ -1049,12 +1191,14 @@ impl<C: Codec> Inner<C> {
         drop(writes);
         for (l, value, stored) in encoded {
             let answer = match stored {
-                Ok((_, bytes)) => Ok((value, Arc::new(bytes))),
+                Ok((_, bytes)) => Ok((value, Some(Arc::new(bytes)))),
                 Err(e) => Err(LoadError::Cache(e)),
             };
             done.push(self.finish_led(l, answer, sharing));
         }
-        locks.release().await;
+        // The waiters were woken by the store; the release needs no waiting
+        // for (and a dropped call would release from a task anyway).
+        tokio::spawn(locks.release());
         done
     }
 
@@ -1071,7 +1215,7 @@ impl<C: Codec> Inner<C> {
         if let Some(leader) = l.leader {
             leader.finish_with(|| match &answer {
                 Ok((value, bytes)) => flight::Outcome::Value(
-                    Arc::clone(bytes),
+                    bytes.clone().unwrap_or_default(),
                     sharing.zip(value.as_ref()).map(|(s, v)| (s.share)(v)),
                 ),
                 Err(LoadError::Loader(e)) => {

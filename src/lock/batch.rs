@@ -23,7 +23,7 @@ use super::redlock::Inner;
 use super::token::Token;
 use crate::error::{Error, Result};
 use crate::stats::Stats;
-use crate::store::SharedStore;
+use crate::store::{LoadClaim, SharedStore, Stored};
 
 /// What one batched attempt found for one key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,17 @@ pub(crate) enum KeyVote {
 pub(crate) struct BatchAttempt {
     pub votes: Vec<KeyVote>,
     pub locks: Option<LoadLocks>,
+    /// With [`Fenced`]: per key, its value as read under its fence (for the
+    /// keys held).
+    pub found: Option<Vec<Option<Stored>>>,
+}
+
+/// With one master that is also the value server, the attempt also takes
+/// the fences of the keys it gets and reads their values, in the same script
+/// (`CLAIM_LOADS_FENCED`): per key, its (value key, fence key).
+pub(crate) struct Fenced {
+    pub entries: Arc<Vec<(String, String)>>,
+    pub fence_expiry: Duration,
 }
 
 /// The load locks one batched attempt took, under one token. Released
@@ -59,7 +70,10 @@ impl Redlock {
         &self,
         names: &[String],
         expiry: Duration,
+        fenced: Option<Fenced>,
     ) -> Result<BatchAttempt> {
+        let fenced =
+            fenced.filter(|f| self.inner.masters.len() == 1 && f.entries.len() == names.len());
         let inner = &self.inner;
         let token = Token::new().map_err(|e| {
             Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
@@ -77,12 +91,37 @@ impl Redlock {
             let (tx, mut decided, health) =
                 (tx.clone(), decided.clone(), Arc::clone(&inner.health));
             let channel = channel.clone();
+            let fenced = fenced
+                .as_ref()
+                .map(|f| (Arc::clone(&f.entries), f.fence_expiry));
             tokio::spawn(async move {
                 let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-                let answer = master.claim_loads(&refs, token.as_bytes(), expiry).await;
+                let answer = match &fenced {
+                    None => master
+                        .claim_loads(&refs, token.as_bytes(), expiry)
+                        .await
+                        .map(|granted| (granted, None)),
+                    Some((entries, fence_expiry)) => {
+                        let claims: Vec<LoadClaim<'_>> = refs
+                            .iter()
+                            .zip(entries.iter())
+                            .map(|(lock, (value, fence))| LoadClaim { lock, value, fence })
+                            .collect();
+                        master
+                            .claim_loads_fenced(&claims, token.as_bytes(), expiry, *fence_expiry)
+                            .await
+                            .map(|found| {
+                                let granted = found.iter().map(Option::is_some).collect();
+                                (
+                                    granted,
+                                    Some(found.into_iter().map(Option::flatten).collect()),
+                                )
+                            })
+                    }
+                };
                 health.note(i, &answer.as_ref().map(|_| true).map_err(Error::clone));
                 // `None`: unknown (the answer was lost), so any may be granted.
-                let granted = answer.as_ref().ok().cloned();
+                let granted = answer.as_ref().ok().map(|(granted, _)| granted.clone());
                 let _ = tx.send((i, answer));
                 if granted.as_ref().is_some_and(|g| !g.contains(&true)) {
                     return;
@@ -122,6 +161,7 @@ impl Redlock {
         let mut answered_by = vec![false; masters];
         let (mut ok, mut error_replies, mut answered) = (0usize, 0usize, 0usize);
         let mut first_error_reply = None;
+        let mut found: Option<Vec<Option<Stored>>> = None;
         let pending_alive = |answered_by: &[bool]| {
             (0..masters)
                 .filter(|&i| !answered_by[i] && !inner.health.is_down(i))
@@ -145,8 +185,9 @@ impl Redlock {
                     answered += 1;
                     answered_by[i] = true;
                     match answer {
-                        Ok(granted) => {
+                        Ok((granted, values)) => {
                             ok += 1;
+                            found = found.or(values);
                             for (count, granted) in yes.iter_mut().zip(granted) {
                                 *count += usize::from(granted);
                             }
@@ -203,7 +244,11 @@ impl Redlock {
             token,
             released: false,
         });
-        Ok(BatchAttempt { votes, locks })
+        Ok(BatchAttempt {
+            votes,
+            locks,
+            found,
+        })
     }
 }
 

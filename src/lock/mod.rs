@@ -45,7 +45,7 @@ mod wakeups;
 mod watchdog;
 
 pub(crate) use acquire::{Attempt, Splits};
-pub(crate) use batch::{KeyVote, LoadLocks};
+pub(crate) use batch::{Fenced, KeyVote, LoadLocks};
 pub use guard::LockGuard;
 pub use inspect::{HolderInfo, LockInfo, Owner};
 pub use options::LockOptions;

@@ -34,7 +34,9 @@ use tokio::sync::{OnceCell, mpsc};
 use super::many::{self, by_slot, chunked, scatter};
 use super::redis::{ConnectionOptions, RedisStore, redact};
 use super::slot::slot;
-use super::{Claim, FencedWrite, Holdings, Publish, Store, Stored, Write, commands, scripts};
+use super::{
+    Claim, FencedWrite, Holdings, LoadClaim, Publish, Store, Stored, Write, commands, scripts,
+};
 use crate::error::{Error, Result};
 
 /// How a [`ClusterStore`] acquires locks beyond the plain `SET NX`.
@@ -523,6 +525,54 @@ impl Store for ClusterStore {
         });
         let answers = futures_util::future::try_join_all(sends).await?;
         Ok(scatter(names.len(), &groups, answers))
+    }
+
+    async fn claim_loads_fenced(
+        &self,
+        entries: &[LoadClaim<'_>],
+        token: &[u8],
+        expiry: Duration,
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Option<Stored>>>> {
+        if self.cluster.replica_acks.is_some() {
+            // The replicas' acknowledgement comes between the two.
+            let locks: Vec<&str> = entries.iter().map(|e| e.lock).collect();
+            let granted = self.claim_loads(&locks, token, expiry).await?;
+            let held: Vec<(&str, &str)> = entries
+                .iter()
+                .zip(&granted)
+                .filter(|(_, g)| **g)
+                .map(|(e, _)| (e.value, e.fence))
+                .collect();
+            let mut found = self
+                .get_or_fence_many(&held, token, fence_expiry)
+                .await?
+                .into_iter();
+            return Ok(granted
+                .into_iter()
+                .map(|g| {
+                    if g {
+                        Some(found.next().flatten())
+                    } else {
+                        None
+                    }
+                })
+                .collect());
+        }
+        let groups = by_slot(entries, |e| e.lock);
+        let sends = groups.iter().map(|(_, group)| {
+            chunked(
+                group,
+                |_| 0,
+                |chunk| {
+                    self.run("EVALSHA claim_loads_fenced", move |mut c| async move {
+                        many::claim_loads_fenced(&mut c, chunk, token, expiry, fence_expiry).await
+                    })
+                },
+            )
+        });
+        let answers = futures_util::future::try_join_all(sends).await?;
+        Ok(scatter(entries.len(), &groups, answers))
     }
 
     async fn renew_loads(

@@ -16,7 +16,7 @@ use redis::aio::ConnectionLike;
 use redis::{RedisError, RedisResult, Value};
 
 use super::commands::millis;
-use super::{FencedWrite, Stored, Write, scripts};
+use super::{FencedWrite, LoadClaim, Stored, Write, scripts};
 use crate::defaults::MAX_KEYS_PER_COMMAND;
 
 /// The most value bytes one fenced-store script carries (a longer batch is
@@ -108,14 +108,15 @@ pub fn scatter<T, R: Default>(
 
 /// `MGET` (and, with `with_ttl`, a `PTTL` per key, pipelined in the same
 /// round trip). A key of another type reads as missing (`MGET` answers nil).
-pub async fn get_many<C: ConnectionLike + Send>(
+pub async fn get_many<C: ConnectionLike + Send, K: redis::ToSingleRedisArg>(
     conn: &mut C,
-    keys: &[&str],
+    keys: &[K],
     with_ttl: bool,
 ) -> RedisResult<Vec<Option<Stored>>> {
-    let mut mget = redis::cmd("MGET");
+    let mut mget = redis::Cmd::with_capacity(keys.len() + 1, 8 + keys.len() * 32);
+    mget.arg("MGET");
     for key in keys {
-        mget.arg(*key);
+        mget.arg(key);
     }
     if !with_ttl {
         let values: Vec<Option<Vec<u8>>> = mget.query_async(conn).await?;
@@ -130,7 +131,7 @@ pub async fn get_many<C: ConnectionLike + Send>(
     let mut pipe = redis::Pipeline::with_capacity(keys.len() + 1);
     pipe.add_command(mget);
     for key in keys {
-        pipe.cmd("PTTL").arg(*key);
+        pipe.cmd("PTTL").arg(key);
     }
     let replies = conn.req_packed_commands(&pipe, 0, keys.len() + 1).await?;
     let mut replies = replies.into_iter();
@@ -212,6 +213,43 @@ pub async fn claim_loads<C: ConnectionLike + Send>(
         names.len(),
         "CLAIM_LOADS answered another number of flags",
     )
+}
+
+/// `CLAIM_LOADS_FENCED`: per entry, `None` when another token holds its
+/// lock, else its value under the fence just taken.
+pub async fn claim_loads_fenced<C: ConnectionLike + Send>(
+    conn: &mut C,
+    entries: &[LoadClaim<'_>],
+    token: &[u8],
+    expiry: Duration,
+    fence_expiry: Duration,
+) -> RedisResult<Vec<Option<Option<Stored>>>> {
+    let mut inv = scripts::CLAIM_LOADS_FENCED.prepare_invoke();
+    for e in entries {
+        inv.key(e.lock).key(e.value).key(e.fence);
+    }
+    let answer: Vec<Value> = inv
+        .arg(token)
+        .arg(millis(expiry))
+        .arg(millis(fence_expiry))
+        .invoke_async(conn)
+        .await?;
+    if answer.len() != entries.len() * 3 {
+        return Err(bad_reply(
+            "CLAIM_LOADS_FENCED answered another number of values",
+        ));
+    }
+    let mut answer = answer.into_iter();
+    let mut out = Vec::with_capacity(entries.len());
+    while let (Some(granted), Some(value), Some(pttl)) =
+        (answer.next(), answer.next(), answer.next())
+    {
+        let granted: i64 = redis::from_redis_value(granted)?;
+        let value: Option<Vec<u8>> = redis::from_redis_value(value)?;
+        let pttl: i64 = redis::from_redis_value(pttl)?;
+        out.push((granted != 0).then(|| value.map(|bytes| Stored::from_pttl(bytes, pttl))));
+    }
+    Ok(out)
 }
 
 /// `RENEW_LOADS`: per key, whether it still held `token` (and was extended).

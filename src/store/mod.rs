@@ -95,6 +95,17 @@ pub struct FencedWrite<'a> {
     pub message: &'a str,
 }
 
+/// One key of [`Store::claim_loads_fenced`]: its lock, value and fence keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadClaim<'a> {
+    /// The lock key.
+    pub lock: &'a str,
+    /// The value key.
+    pub value: &'a str,
+    /// The fence key.
+    pub fence: &'a str,
+}
+
 /// A store shared by the lock, the cache and their background tasks.
 pub type SharedStore = Arc<dyn Store>;
 
@@ -290,6 +301,43 @@ pub trait Store: Send + Sync + Debug + 'static {
             out.push(granted.is_some());
         }
         Ok(out)
+    }
+
+    /// [`claim_loads`](Store::claim_loads) and, for each lock granted,
+    /// [`get_or_fence`](Store::get_or_fence) of its value, in one round trip
+    /// on Redis: the batch's path where the one lock master is also the value
+    /// server. Per entry, `None` when another token holds its lock (its fence
+    /// untouched), else its value (`Some(None)`: missing). Default: the two,
+    /// one after the other.
+    async fn claim_loads_fenced(
+        &self,
+        entries: &[LoadClaim<'_>],
+        token: &[u8],
+        expiry: Duration,
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Option<Stored>>>> {
+        let locks: Vec<&str> = entries.iter().map(|e| e.lock).collect();
+        let granted = self.claim_loads(&locks, token, expiry).await?;
+        let held: Vec<(&str, &str)> = entries
+            .iter()
+            .zip(&granted)
+            .filter(|(_, g)| **g)
+            .map(|(e, _)| (e.value, e.fence))
+            .collect();
+        let mut found = self
+            .get_or_fence_many(&held, token, fence_expiry)
+            .await?
+            .into_iter();
+        Ok(granted
+            .into_iter()
+            .map(|g| {
+                if g {
+                    Some(found.next().flatten())
+                } else {
+                    None
+                }
+            })
+            .collect())
     }
 
     /// Compare-and-pexpire on each key (load locks, fences): per key, true

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::many::{self, chunked};
 use super::pool::{Connection, Health, Pool};
 use super::tls::{self, TlsOptions};
-use super::{Claim, FencedWrite, Holdings, Publish, Store, Stored, Write, commands};
+use super::{Claim, FencedWrite, Holdings, LoadClaim, Publish, Store, Stored, Write, commands};
 use crate::error::{Error, Result};
 
 /// How often an idle wake-up subscription is checked with a PING.
@@ -251,6 +251,25 @@ impl RedisStore {
                 reply
             },
             |mut c, _| async move { commands::get(&mut c, key).await },
+        )
+        .await
+    }
+
+    /// `MGET` (with `PTTL`s): [`Store::get_many`] with keys that write
+    /// themselves into the command (no `String` built for each).
+    pub(crate) async fn read_many<K: KeyArg>(
+        &self,
+        keys: &[K],
+        with_ttl: bool,
+    ) -> Result<Vec<Option<Stored>>> {
+        super::many::chunked(
+            keys,
+            |_| 0,
+            |chunk| {
+                self.run("MGET", move |mut c, _| async move {
+                    super::many::get_many(&mut c, chunk, with_ttl).await
+                })
+            },
         )
         .await
     }
@@ -524,6 +543,25 @@ impl Store for RedisStore {
             |chunk| {
                 self.run("EVALSHA claim_loads", move |mut c, _| async move {
                     many::claim_loads(&mut c, chunk, token, expiry).await
+                })
+            },
+        )
+        .await
+    }
+
+    async fn claim_loads_fenced(
+        &self,
+        entries: &[LoadClaim<'_>],
+        token: &[u8],
+        expiry: Duration,
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Option<Stored>>>> {
+        chunked(
+            entries,
+            |_| 0,
+            |chunk| {
+                self.run("EVALSHA claim_loads_fenced", move |mut c, _| async move {
+                    many::claim_loads_fenced(&mut c, chunk, token, expiry, fence_expiry).await
                 })
             },
         )

@@ -395,6 +395,35 @@ for i = 1, #KEYS do
 end
 return out";
 
+/// `CLAIM_LOADS` and `GET_OR_FENCE_MANY` in one script, where the one lock
+/// master is also the value server. KEYS: lock 1, value 1, fence 1, lock 2...;
+/// ARGV[1] token, ARGV[2] lock expiry ms, ARGV[3] fence expiry ms. Per key,
+/// three answers: 1 and the value (false when missing or not a string) and
+/// its `PTTL` when the lock was granted (its fence then taken), 0, false, -2
+/// when another token holds it (its fence untouched).
+pub static CLAIM_LOADS_FENCED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(CLAIM_LOADS_FENCED_LUA));
+const CLAIM_LOADS_FENCED_LUA: &str = r"local out = {}
+for i = 1, #KEYS, 3 do
+    if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2])
+        or redis.call('GET', KEYS[i]) == ARGV[1] then
+        redis.call('SET', KEYS[i + 2], ARGV[1], 'PX', ARGV[3])
+        table.insert(out, 1)
+        if redis.call('TYPE', KEYS[i + 1]).ok == 'string' then
+            table.insert(out, redis.call('GET', KEYS[i + 1]))
+            table.insert(out, redis.call('PTTL', KEYS[i + 1]))
+        else
+            table.insert(out, false)
+            table.insert(out, -2)
+        end
+    else
+        table.insert(out, 0)
+        table.insert(out, false)
+        table.insert(out, -2)
+    end
+end
+return out";
+
 /// Compare-and-pexpire on each of KEYS (locks or fences) for ARGV[1]
 /// (token), to ARGV[2] ms: 1 per key still held by the token, else 0.
 pub static RENEW_LOADS: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LOADS_LUA));
@@ -473,7 +502,7 @@ end
 return out";
 
 /// The source of every script, for loading them on a new connection.
-pub const ALL: [&str; 21] = [
+pub const ALL: [&str; 22] = [
     RELEASE_LUA,
     EXTEND_LUA,
     GET_OR_FENCE_LUA,
@@ -495,4 +524,5 @@ pub const ALL: [&str; 21] = [
     UNCLAIM_LOADS_LUA,
     GET_OR_FENCE_MANY_LUA,
     SET_FENCED_MANY_LUA,
+    CLAIM_LOADS_FENCED_LUA,
 ];
