@@ -580,3 +580,89 @@ async fn a_holder_killed_mid_load_is_taken_over() {
         .await
     );
 }
+
+/// The `_shared` form answers from the near cache first: after a load and a
+/// read that keeps the values there, a batch costs no round trip at all.
+#[cfg(feature = "near-cache")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_form_answers_from_the_near_cache() {
+    let server = RedisServer::start();
+    let cache = LockedCache::builder()
+        .redis(server.url())
+        .key_prefix(unique_prefix("near"))
+        .ttl(MINUTE)
+        .near_cache(1 << 20)
+        .build()
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || async { cache.near_is_live() }).await);
+    let keys: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+    let loads = Loads::default();
+    for _ in 0..3 {
+        let l = loads.clone();
+        let got: Vec<Option<Arc<u32>>> = cache
+            .get_or_load_many_shared(&keys, move |missing| {
+                l.record(&missing);
+                async move {
+                    Ok::<_, String>(
+                        missing
+                            .iter()
+                            .map(|k| (k.clone(), 1u32))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            })
+            .await
+            .unwrap();
+        assert!(got.iter().all(|v| v.as_deref() == Some(&1)));
+    }
+    assert_eq!(loads.calls(), 1);
+    // Loaded, then read once from Redis (and kept), then served in process.
+    assert_eq!(cache.stats().near_hits, 20, "{:?}", cache.stats());
+    server.reset_stats();
+    let _: Vec<Option<Arc<u32>>> = cache
+        .get_or_load_many_shared(&keys, |_| async { Err::<Vec<(String, u32)>, _>("no load") })
+        .await
+        .unwrap();
+    assert_eq!(server.command_calls("mget"), 0);
+}
+
+/// A stale window: a stale key someone else refreshes is served stale; one
+/// whose refresh fails is served stale too (fail-safe), with the error kept
+/// from the caller.
+#[tokio::test]
+async fn stale_keys_are_refreshed_or_served_fail_safe() {
+    let cache = LockedCache::builder().build().await.unwrap();
+    let swr = CallOptions::new()
+        .ttl(Duration::from_millis(30))
+        .stale_for(Duration::from_secs(30));
+    let load = |value: u32| {
+        move |missing: Vec<String>| async move {
+            Ok::<_, String>(missing.into_iter().map(|k| (k, value)).collect::<Vec<_>>())
+        }
+    };
+    let got = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2"], load(1))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(1), Some(1)]);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Stale: the refresh fails, fail-safe serves the stale values.
+    let got: Vec<Option<u32>> = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2"], |_| async {
+            Err::<Vec<(String, u32)>, _>("db down".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(1), Some(1)]);
+    // Stale, refresh succeeds: the new values.
+    let got = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2"], load(2))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(2), Some(2)]);
+    assert_eq!(cache.stats().fail_safe_served, 2);
+}

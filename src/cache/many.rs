@@ -895,6 +895,7 @@ impl<C: Codec> Inner<C> {
                     _ if l.refresh.is_some() => {
                         let mut l = l;
                         if let Some((_, got)) = l.refresh.take() {
+                            Stats::add(&self.stats.stale_served);
                             done.push(self.finish_led(l, Ok(got), sharing));
                         }
                     }
@@ -1104,7 +1105,10 @@ impl<C: Codec> Inner<C> {
                 for mut l in to_load {
                     let answer = match l.refresh.take() {
                         // Fail-safe: the stale value rather than the error.
-                        Some((_, got)) if options.fail_safe => Ok(got),
+                        Some((_, got)) if options.fail_safe => {
+                            Stats::add(&self.stats.fail_safe_served);
+                            Ok(got)
+                        }
                         _ => Err(LoadError::Loader(Arc::clone(&e))),
                     };
                     done.push(self.finish_led(l, answer, sharing));
