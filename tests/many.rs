@@ -666,3 +666,36 @@ async fn stale_keys_are_refreshed_or_served_fail_safe() {
     assert_eq!(got, [Some(2), Some(2)]);
     assert_eq!(cache.stats().fail_safe_served, 2);
 }
+
+/// The hard timeout bounds the whole call; the keys it locked are released
+/// (the next call loads them at once).
+#[tokio::test]
+async fn the_hard_timeout_bounds_a_batch_and_releases_its_locks() {
+    let cache = LockedCache::builder().build().await.unwrap();
+    let hard = CallOptions::new().hard_timeout(Duration::from_millis(50));
+    let started = Instant::now();
+    let timed_out = cache
+        .with(hard)
+        .get_or_load_many(&["h1", "h2"], |_| {
+            std::future::pending::<Result<Vec<(String, u8)>, String>>()
+        })
+        .await;
+    assert!(matches!(
+        timed_out,
+        Err(LoadError::Cache(Error::LoadTimeout { .. }))
+    ));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let started = Instant::now();
+    let got: Vec<Option<u8>> = cache
+        .get_or_load_many(&["h1", "h2"], |missing| async move {
+            Ok::<_, String>(missing.into_iter().map(|k| (k, 4u8)).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(4), Some(4)]);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}

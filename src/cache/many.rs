@@ -539,10 +539,14 @@ impl<C: Codec> Inner<C> {
 
     /// The whole call: see the module docs. Each key's answer, in the order
     /// of `keys`; `Err` only for what fails the whole call.
+    ///
+    /// In a `get_or_load_many` span (DEBUG, with the number of keys) when a
+    /// subscriber wants it, and bounded by the call's hard timeout, if any
+    /// ([`Error::LoadTimeout`] for the whole call).
     pub(super) async fn many<V, E, F, Fut, R>(
         self: &Arc<Self>,
         keys: &[&str],
-        mut loader: F,
+        loader: F,
         options: &Resolved,
         sharing: Option<Sharing<V>>,
         near: Option<&NearLookup<'_, V>>,
@@ -557,6 +561,40 @@ impl<C: Codec> Inner<C> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let span = tracing::debug_span!(
+            "get_or_load_many",
+            db.system = self.telemetry.db_system,
+            locked_cache.keys = keys.len(),
+        );
+        let call = self.many_untraced(keys, loader, options, sharing, near);
+        let call = tracing::Instrument::instrument(call, span);
+        match options.hard_timeout {
+            None => call.await,
+            Some(timeout) => match tokio::time::timeout(timeout, call).await {
+                Ok(answers) => answers,
+                Err(_) => Err(Error::LoadTimeout {
+                    key: format!("{} keys of a batch", keys.len()),
+                    timeout,
+                }),
+            },
+        }
+    }
+
+    async fn many_untraced<V, E, F, Fut, R>(
+        self: &Arc<Self>,
+        keys: &[&str],
+        mut loader: F,
+        options: &Resolved,
+        sharing: Option<Sharing<V>>,
+        near: Option<&NearLookup<'_, V>>,
+    ) -> Result<Vec<std::result::Result<Option<V>, LoadError<E>>>>
+    where
+        V: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<R, E>>,
+        R: IntoIterator<Item = (String, V)>,
+    {
         for key in keys {
             keys::check_key(&self.key_prefix, key, self.max_key_len)?;
         }

@@ -243,17 +243,7 @@ impl<'a, C: Codec> With<'a, C> {
         let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_owned()).collect();
         let call = async move {
             let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-            let call = inner.many(&refs, loader, &options, None, None);
-            match options.hard_timeout {
-                None => call.await,
-                Some(timeout) => match tokio::time::timeout(timeout, call).await {
-                    Ok(answers) => answers,
-                    Err(_) => Err(Error::LoadTimeout {
-                        key: format!("{} keys of a batch", refs.len()),
-                        timeout,
-                    }),
-                },
-            }
+            inner.many(&refs, loader, &options, None, None).await
         };
         if !options.detached {
             let call: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(call);
