@@ -91,3 +91,11 @@ pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// process may serve a value another process replaced when the invalidation
 /// message is lost.
 pub const DEFAULT_NEAR_CACHE_TTL: Duration = Duration::from_secs(1);
+/// The most keys one Redis command or script of a batch call
+/// ([`get_or_load_many`](crate::LockedCache::get_or_load_many),
+/// [`get_many`](crate::LockedCache::get_many),
+/// [`set_many`](crate::LockedCache::set_many)) carries: 500. A longer batch
+/// is sent as several, one after another, so that no command holds the
+/// server for long and no reply is unbounded. (The fenced store also keeps
+/// each script under 4 MiB of values.)
+pub const MAX_KEYS_PER_COMMAND: usize = 500;

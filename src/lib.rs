@@ -32,6 +32,7 @@
 //! | a value; the loader may borrow from the caller | [`cache.get_or_load(key, \|\| async { .. })`](LockedCache::get_or_load) → [`Result<T, LoadError<E>>`](LoadError) |
 //! | a loader that cannot fail (no `Ok::<_, E>` to spell) | [`get_or_compute`](LockedCache::get_or_compute) → [`Result<T, Error>`](Error) |
 //! | the value as `Arc<T>`, answered from the near cache without a round trip | [`get_or_load_shared`](LockedCache::get_or_load_shared) |
+//! | many keys in one call (a page of products, a list of ids): one round trip for the hits, **one** loader call for the misses | [`get_or_load_many`](LockedCache::get_or_load_many) → `Vec<Option<T>>` in the keys' order, [`get_many`](LockedCache::get_many), [`set_many`](LockedCache::set_many); guide: [many keys](guide::many_keys) |
 //! | a blob (HTML, protobuf, an image): stored as bytes, read with one copy | [`get_or_load_bytes`](LockedCache::get_or_load_bytes) |
 //! | how the call was served (`X-Cache`), or the loader's [`LoadContext`] as an argument | the same name + `_with_outcome`: [`get_or_load_with_outcome`](LockedCache::get_or_load_with_outcome), [`get_or_load_shared_with_outcome`](LockedCache::get_or_load_shared_with_outcome), [`get_or_load_bytes_with_outcome`](LockedCache::get_or_load_bytes_with_outcome) |
 //! | per-call options (TTL, stale window, fail-safe, early refresh, negative TTL, timeouts) or a load that finishes for the others when its caller goes away | [`cache.with(CallOptions)`](LockedCache::with) then the same names ([`With`], [`CallOptions`]); the loader must be `Send + 'static` |
@@ -144,8 +145,8 @@ pub use lock::{
 };
 pub use stats::StatsSnapshot;
 pub use store::{
-    Claim, ConnectionOptions, Holding, Holdings, MemoryStore, Publish, RedisStore, SharedStore,
-    Store, Stored,
+    Claim, ConnectionOptions, FencedWrite, Holding, Holdings, LoadClaim, MemoryStore, Publish,
+    RedisStore, SharedStore, Store, Stored, Write,
 };
 #[cfg(feature = "cluster")]
 pub use store::{ClusterOptions, ClusterStore};

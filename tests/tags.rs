@@ -413,3 +413,52 @@ async fn tags_and_clear_work_across_cluster_shards() {
     }
     assert_eq!(loads.load(Ordering::SeqCst), 90);
 }
+
+/// Batches honour tags: `get_or_load_many` stores its values with the call's
+/// tags, `invalidate_tag` makes them misses for the next batch (and for single
+/// calls), and `get_many` does not return invalidated entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_store_and_honour_tags() {
+    let server = RedisServer::start();
+    let cache = tagged_cache(&server, &unique_prefix("batch_tags"), false).await;
+    let tagged = cache.with(CallOptions::new().tag("page"));
+    let keys = ["p1", "p2", "p3"];
+    let loads = Arc::new(AtomicU32::new(0));
+    let batch = |round: u32| {
+        let loads = Arc::clone(&loads);
+        move |missing: Vec<String>| {
+            let loads = Arc::clone(&loads);
+            async move {
+                loads.fetch_add(missing.len() as u32, Ordering::SeqCst);
+                Ok::<_, String>(
+                    missing
+                        .into_iter()
+                        .map(|k| (k.clone(), format!("{k}@{round}")))
+                        .collect::<std::collections::HashMap<_, _>>(),
+                )
+            }
+        }
+    };
+    let first: Vec<Option<String>> = tagged.get_or_load_many(&keys, batch(1)).await.unwrap();
+    assert_eq!(first[0].as_deref(), Some("p1@1"));
+    let again: Vec<Option<String>> = tagged.get_or_load_many(&keys, batch(2)).await.unwrap();
+    assert_eq!(again[2].as_deref(), Some("p3@1"), "hits");
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+    cache.invalidate_tag("page").await.unwrap();
+    let got: Vec<Option<String>> = cache.get_many(&keys).await.unwrap();
+    assert!(
+        got.iter().all(Option::is_none),
+        "get_many: invalidated is absent: {got:?}"
+    );
+    let after: Vec<Option<String>> = tagged.get_or_load_many(&keys, batch(3)).await.unwrap();
+    assert_eq!(after[1].as_deref(), Some("p2@3"), "reloaded");
+    assert_eq!(loads.load(Ordering::SeqCst), 6);
+    let single: String = tagged
+        .get_or_compute("p1", || async { "single".to_owned() })
+        .await
+        .unwrap();
+    assert_eq!(
+        single, "p1@3",
+        "a single call hits the batch's tagged value"
+    );
+}

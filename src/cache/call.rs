@@ -508,7 +508,7 @@ impl<C: Codec> Inner<C> {
 /// accepts, so that a call never gets, from a leader that accepts staler
 /// values, a value staler than it accepts. `\0<window ms>\0<key>` when there
 /// is a window (or the key itself starts with `\0`), else the key.
-fn flight_key<'k>(key: &'k str, options: &Resolved) -> std::borrow::Cow<'k, str> {
+pub(super) fn flight_key<'k>(key: &'k str, options: &Resolved) -> std::borrow::Cow<'k, str> {
     if options.stale_for.is_zero() && !key.starts_with('\0') {
         std::borrow::Cow::Borrowed(key)
     } else {

@@ -30,6 +30,7 @@ mod keys;
 mod load;
 #[cfg(feature = "near-cache")]
 mod local;
+mod many;
 mod options;
 mod refresh;
 mod shared;

@@ -320,6 +320,21 @@ impl<C: Codec> Inner<C> {
         }
     }
 
+    /// [`screen`](Self::screen) for each of a batch's values.
+    pub(super) async fn screen_many(
+        &self,
+        stored: Vec<Option<Stored>>,
+    ) -> Result<Vec<Option<Stored>>> {
+        if self.tags.is_none() {
+            return Ok(stored);
+        }
+        let mut screened = Vec::with_capacity(stored.len());
+        for one in stored {
+            screened.push(self.screen(one).await?);
+        }
+        Ok(screened)
+    }
+
     /// Whether a value with `marks` is current, fetching the versions this
     /// process does not trust, and those a mismatch is judged by that were
     /// fetched before the call began (the value may be newer than they are).

@@ -212,6 +212,74 @@ impl<'a, C: Codec> With<'a, C> {
         self.set(key, &super::bytes::BlobRef(value)).await
     }
 
+    /// As [`LockedCache::get_or_load_many`], with these options (TTL, negative
+    /// TTL, stale window, fail-safe, early refresh, jitter, hard timeout).
+    /// With [`detached`](CallOptions::detached) loads (the default) the call
+    /// runs on a task of its own: dropping its future does not stop it, so
+    /// the keys it locked are loaded, stored and released for the callers
+    /// waiting on them.
+    pub async fn get_or_load_many<K, T, E, F, Fut, R>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Option<T>>, LoadError<E>>
+    where
+        K: AsRef<str>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        R: IntoIterator<Item = (String, T)> + Send + 'static,
+    {
+        self.get_or_load_many_each(keys, loader)
+            .await?
+            .into_iter()
+            .collect()
+    }
+
+    /// As [`LockedCache::get_or_load_many_each`], with these options: each
+    /// key's own result.
+    pub async fn get_or_load_many_each<K, T, E, F, Fut, R>(
+        &self,
+        keys: &[K],
+        loader: F,
+    ) -> Result<Vec<Result<Option<T>, LoadError<E>>>, Error>
+    where
+        K: AsRef<str>,
+        T: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<String>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R, E>> + Send + 'static,
+        R: IntoIterator<Item = (String, T)> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.cache.inner);
+        let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
+        let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_owned()).collect();
+        let call = async move {
+            let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+            inner.many(&refs, loader, &options, None, None).await
+        };
+        if !options.detached {
+            let call: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(call);
+            return call.await;
+        }
+        match tokio::spawn(call).await {
+            Ok(answers) => answers,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::Abandoned),
+        }
+    }
+
+    /// As [`LockedCache::set_many`], with these options' TTL.
+    pub async fn set_many<K: AsRef<str>, T: Serialize>(
+        &self,
+        entries: &[(K, T)],
+    ) -> Result<(), Error> {
+        let inner = &self.cache.inner;
+        let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
+        inner.set_many(entries, options.ttl).await
+    }
+
     /// The one path of every call above: these options resolved against the
     /// cache's, then the cache's own call.
     async fn call<T, E, F, Fut>(

@@ -54,6 +54,9 @@ pub mod around_an_expiry {}
 #[doc = include_str!("caching_bytes.md")]
 pub mod caching_bytes {}
 
+#[doc = include_str!("many_keys.md")]
+pub mod many_keys {}
+
 #[doc = include_str!("near_cache.md")]
 pub mod near_cache {}
 

@@ -25,6 +25,7 @@
 //! ```
 
 mod acquire;
+mod batch;
 mod claim;
 mod fencing;
 mod guard;
@@ -44,10 +45,11 @@ mod wakeups;
 mod watchdog;
 
 pub(crate) use acquire::{Attempt, Splits};
+pub(crate) use batch::{Fenced, KeyVote, LoadLocks};
 pub use guard::LockGuard;
 pub use inspect::{HolderInfo, LockInfo, Owner};
 pub use options::LockOptions;
-pub(crate) use quorum::validity;
+pub(crate) use quorum::{jittered, split_vote_retry, validity};
 pub use redlock::Redlock;
 pub use run_once::RunOnce;
 pub use rwlock::RwLock;

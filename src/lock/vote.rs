@@ -59,13 +59,13 @@ impl Health {
         })
     }
 
-    fn is_down(&self, master: usize) -> bool {
+    pub(super) fn is_down(&self, master: usize) -> bool {
         self.down[master].load(Ordering::Relaxed)
     }
 
     /// Records what master `master` answered: an answer or an error reply means
     /// it is up; a connection failure or timeout, down.
-    fn note(&self, master: usize, answer: &Result<bool>) {
+    pub(super) fn note(&self, master: usize, answer: &Result<bool>) {
         let down = match answer {
             Ok(_) => false,
             Err(e) if e.is_error_reply() => false,

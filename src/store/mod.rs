@@ -10,6 +10,7 @@ pub(crate) mod claims;
 mod cluster;
 mod commands;
 mod eviction;
+mod many;
 mod memory;
 mod memory_claims;
 mod pool;
@@ -65,6 +66,44 @@ impl Stored {
         };
         Stored { bytes, ttl }
     }
+}
+
+/// One write of [`Store::set_many`]: `SET key value PX ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Write<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// The bytes to store.
+    pub value: &'a [u8],
+    /// Its time to live.
+    pub ttl: Duration,
+}
+
+/// One write of [`Store::set_fenced_many`]: as [`Store::set_fenced`], with
+/// `message` published on the batch's channel once it is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FencedWrite<'a> {
+    /// The value's key.
+    pub key: &'a str,
+    /// Its fence's key.
+    pub fence: &'a str,
+    /// The bytes to store.
+    pub value: &'a [u8],
+    /// Its time to live.
+    pub ttl: Duration,
+    /// What to publish once stored (for load wake-ups: the lock key).
+    pub message: &'a str,
+}
+
+/// One key of [`Store::claim_loads_fenced`]: its lock, value and fence keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadClaim<'a> {
+    /// The lock key.
+    pub lock: &'a str,
+    /// The value key.
+    pub value: &'a str,
+    /// The fence key.
+    pub fence: &'a str,
 }
 
 /// A store shared by the lock, the cache and their background tasks.
@@ -201,6 +240,174 @@ pub trait Store: Send + Sync + Debug + 'static {
     async fn holders(&self, claim: Claim<'_>) -> Result<Holdings> {
         let _ = claim;
         Err(unsupported(self, "holders"))
+    }
+
+    /// The values of `keys`, in order (with their time left when `with_ttl`,
+    /// else `ttl: None`); a missing key, or one of another type, is `None`.
+    /// Redis: one `MGET` per [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND)
+    /// keys (with a `PTTL` per key pipelined behind it when `with_ttl`); a
+    /// cluster sends one per slot. Default: [`get`](Store::get) or
+    /// [`get_with_ttl`](Store::get_with_ttl) for each key.
+    async fn get_many(&self, keys: &[&str], with_ttl: bool) -> Result<Vec<Option<Stored>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let stored = if with_ttl {
+                self.get_with_ttl(key).await
+            } else {
+                self.get(key)
+                    .await
+                    .map(|v| v.map(|bytes| Stored { bytes, ttl: None }))
+            };
+            // As `MGET`: a key of another type is missing.
+            out.push(match stored {
+                Err(Error::Redis { source, .. }) if source.code() == Some("WRONGTYPE") => None,
+                stored => stored?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// [`set`](Store::set) for each write (Redis: pipelined). Default: one
+    /// `set` after another.
+    async fn set_many(&self, writes: &[Write<'_>]) -> Result<()> {
+        for w in writes {
+            self.set(w.key, w.value, w.ttl).await?;
+        }
+        Ok(())
+    }
+
+    /// [`delete`](Store::delete) of each key (Redis: one `DEL`).
+    async fn delete_many(&self, keys: &[&str]) -> Result<()> {
+        for key in keys {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes every free lock among `names` (as [`Claim::Load`] claims) for
+    /// `token`, and reports the others: per name, true when it is now
+    /// `token`'s (or already was). Never waits. Redis: one script per
+    /// [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND) names (a
+    /// cluster: per slot). Default: [`claim`](Store::claim) of each name.
+    async fn claim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let granted = self.claim(Claim::Load(name), token, expiry, "").await?;
+            out.push(granted.is_some());
+        }
+        Ok(out)
+    }
+
+    /// [`claim_loads`](Store::claim_loads) and, for each lock granted,
+    /// [`get_or_fence`](Store::get_or_fence) of its value, in one round trip
+    /// on Redis: the batch's path where the one lock master is also the value
+    /// server. Per entry, `None` when another token holds its lock (its fence
+    /// untouched), else its value (`Some(None)`: missing). Default: the two,
+    /// one after the other.
+    async fn claim_loads_fenced(
+        &self,
+        entries: &[LoadClaim<'_>],
+        token: &[u8],
+        expiry: Duration,
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Option<Stored>>>> {
+        let locks: Vec<&str> = entries.iter().map(|e| e.lock).collect();
+        let granted = self.claim_loads(&locks, token, expiry).await?;
+        let held: Vec<(&str, &str)> = entries
+            .iter()
+            .zip(&granted)
+            .filter(|(_, g)| **g)
+            .map(|(e, _)| (e.value, e.fence))
+            .collect();
+        let mut found = self
+            .get_or_fence_many(&held, token, fence_expiry)
+            .await?
+            .into_iter();
+        Ok(granted
+            .into_iter()
+            .map(|g| {
+                if g {
+                    Some(found.next().flatten())
+                } else {
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Compare-and-pexpire on each key (load locks, fences): per key, true
+    /// when it still held `token` and now expires after `expiry`. Default:
+    /// [`extend`](Store::extend) of each key.
+    async fn renew_loads(
+        &self,
+        keys: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            out.push(self.extend(key, token, expiry).await?);
+        }
+        Ok(out)
+    }
+
+    /// Releases each of `names` that `token` holds and, given a `channel`,
+    /// publishes each name released there. Default: [`unclaim`](Store::unclaim)
+    /// of each name.
+    async fn unclaim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<()> {
+        for name in names {
+            self.unclaim(Claim::Load(name), token, channel).await?;
+        }
+        Ok(())
+    }
+
+    /// [`get_or_fence`](Store::get_or_fence) on each `(key, fence_key)`, in one
+    /// round trip on Redis. Default: one after another.
+    async fn get_or_fence_many(
+        &self,
+        entries: &[(&str, &str)],
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Stored>>> {
+        let mut out = Vec::with_capacity(entries.len());
+        for (key, fence) in entries {
+            out.push(self.get_or_fence(key, fence, token, fence_expiry).await?);
+        }
+        Ok(out)
+    }
+
+    /// [`set_fenced`](Store::set_fenced) on each write (each on its own: one
+    /// refused does not stop the others), publishing each stored write's
+    /// message on `channel`; per write, whether it was stored. Redis: one
+    /// script per chunk. Default: one after another.
+    async fn set_fenced_many(
+        &self,
+        writes: &[FencedWrite<'_>],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<Vec<bool>> {
+        let mut out = Vec::with_capacity(writes.len());
+        for w in writes {
+            let publish = channel.map(|channel| Publish {
+                channel,
+                payload: w.message,
+            });
+            out.push(
+                self.set_fenced(w.key, w.value, w.ttl, w.fence, token, publish)
+                    .await?,
+            );
+        }
+        Ok(out)
     }
 
     /// Checks that the server answers (Redis: `PING`). The embedded store always

@@ -11,9 +11,10 @@ use redis::aio::MultiplexedConnection;
 use redis::{Client, RedisError, ToSingleRedisArg};
 use tokio::sync::mpsc;
 
+use super::many::{self, chunked};
 use super::pool::{Connection, Health, Pool};
 use super::tls::{self, TlsOptions};
-use super::{Claim, Holdings, Publish, Store, Stored, commands};
+use super::{Claim, FencedWrite, Holdings, LoadClaim, Publish, Store, Stored, Write, commands};
 use crate::error::{Error, Result};
 
 /// How often an idle wake-up subscription is checked with a PING.
@@ -254,6 +255,25 @@ impl RedisStore {
         .await
     }
 
+    /// `MGET` (with `PTTL`s): [`Store::get_many`] with keys that write
+    /// themselves into the command (no `String` built for each).
+    pub(crate) async fn read_many<K: KeyArg>(
+        &self,
+        keys: &[K],
+        with_ttl: bool,
+    ) -> Result<Vec<Option<Stored>>> {
+        super::many::chunked(
+            keys,
+            |_| 0,
+            |chunk| {
+                self.run("MGET", move |mut c, _| async move {
+                    super::many::get_many(&mut c, chunk, with_ttl).await
+                })
+            },
+        )
+        .await
+    }
+
     /// `GET` + `PTTL`: [`Store::get_with_ttl`], as [`read`](Self::read)
     /// sends `GET`.
     pub(crate) async fn read_with_ttl<K: ToSingleRedisArg + Copy + Send + Sync>(
@@ -467,6 +487,157 @@ impl Store for RedisStore {
         self.run("EVALSHA holders", |mut c, _| async move {
             commands::holders(&mut c, claim).await
         })
+        .await
+    }
+
+    async fn get_many(&self, keys: &[&str], with_ttl: bool) -> Result<Vec<Option<Stored>>> {
+        chunked(
+            keys,
+            |_| 0,
+            |chunk| {
+                self.run("MGET", move |mut c, _| async move {
+                    many::get_many(&mut c, chunk, with_ttl).await
+                })
+            },
+        )
+        .await
+    }
+
+    async fn set_many(&self, writes: &[Write<'_>]) -> Result<()> {
+        chunked(
+            writes,
+            |w| w.value.len(),
+            |chunk| {
+                self.run("SET (pipelined)", move |mut c, _| async move {
+                    many::set_many(&mut c, chunk).await
+                })
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn delete_many(&self, keys: &[&str]) -> Result<()> {
+        chunked(
+            keys,
+            |_| 0,
+            |chunk| {
+                self.run("DEL", move |mut c, _| async move {
+                    many::delete_many(&mut c, chunk).await
+                })
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn claim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        chunked(
+            names,
+            |_| 0,
+            |chunk| {
+                self.run("EVALSHA claim_loads", move |mut c, _| async move {
+                    many::claim_loads(&mut c, chunk, token, expiry).await
+                })
+            },
+        )
+        .await
+    }
+
+    async fn claim_loads_fenced(
+        &self,
+        entries: &[LoadClaim<'_>],
+        token: &[u8],
+        expiry: Duration,
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Option<Stored>>>> {
+        chunked(
+            entries,
+            |_| 0,
+            |chunk| {
+                self.run("EVALSHA claim_loads_fenced", move |mut c, _| async move {
+                    many::claim_loads_fenced(&mut c, chunk, token, expiry, fence_expiry).await
+                })
+            },
+        )
+        .await
+    }
+
+    async fn renew_loads(
+        &self,
+        keys: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        chunked(
+            keys,
+            |_| 0,
+            |chunk| {
+                self.run("EVALSHA renew_loads", move |mut c, _| async move {
+                    many::renew_loads(&mut c, chunk, token, expiry).await
+                })
+            },
+        )
+        .await
+    }
+
+    async fn unclaim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<()> {
+        chunked(
+            names,
+            |_| 0,
+            |chunk| {
+                self.run("EVALSHA unclaim_loads", move |mut c, _| async move {
+                    many::unclaim_loads(&mut c, chunk, token, channel).await
+                })
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn get_or_fence_many(
+        &self,
+        entries: &[(&str, &str)],
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Stored>>> {
+        chunked(
+            entries,
+            |_| 0,
+            |chunk| {
+                self.run("EVALSHA get_or_fence_many", move |mut c, _| async move {
+                    many::get_or_fence_many(&mut c, chunk, token, fence_expiry).await
+                })
+            },
+        )
+        .await
+    }
+
+    async fn set_fenced_many(
+        &self,
+        writes: &[FencedWrite<'_>],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<Vec<bool>> {
+        chunked(
+            writes,
+            |w| w.value.len(),
+            |chunk| {
+                self.run("EVALSHA set_fenced_many", move |mut c, _| async move {
+                    many::set_fenced_many(&mut c, chunk, token, channel).await
+                })
+            },
+        )
         .await
     }
 

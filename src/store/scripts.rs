@@ -371,8 +371,135 @@ end
 return out"
 );
 
+// Batched scripts (`store/many.rs`): many keys of one cache call in one
+// round trip, each key taken on its own (no all-or-none: one busy key does
+// not hold up the others). Sent in chunks of at most
+// `MAX_KEYS_PER_COMMAND` keys.
+
+/// Takes every free load lock among KEYS (the lock keys) for ARGV[1] (token)
+/// with ARGV[2] (expiry ms), and reports the others: an array of 1 (granted,
+/// or already held by the token: a re-send answers the same) or 0 (held by
+/// another token), one per key. Never waits; keeps no meta key.
+pub static CLAIM_LOADS: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_LOADS_LUA));
+const CLAIM_LOADS_LUA: &str = r"local out = {}
+for i = 1, #KEYS do
+    if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2])
+        or redis.call('GET', KEYS[i]) == ARGV[1] then
+        out[i] = 1
+    else
+        out[i] = 0
+    end
+end
+return out";
+
+/// `CLAIM_LOADS` and `GET_OR_FENCE_MANY` in one script, where the one lock
+/// master is also the value server. KEYS: lock 1, value 1, fence 1, lock 2...;
+/// ARGV[1] token, ARGV[2] lock expiry ms, ARGV[3] fence expiry ms. Per key,
+/// three answers: 1 and the value (false when missing or not a string) and
+/// its `PTTL` when the lock was granted (its fence then taken), 0, false, -2
+/// when another token holds it (its fence untouched).
+pub static CLAIM_LOADS_FENCED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(CLAIM_LOADS_FENCED_LUA));
+const CLAIM_LOADS_FENCED_LUA: &str = r"local out = {}
+for i = 1, #KEYS, 3 do
+    if redis.call('SET', KEYS[i], ARGV[1], 'NX', 'PX', ARGV[2])
+        or redis.call('GET', KEYS[i]) == ARGV[1] then
+        redis.call('SET', KEYS[i + 2], ARGV[1], 'PX', ARGV[3])
+        table.insert(out, 1)
+        if redis.call('TYPE', KEYS[i + 1]).ok == 'string' then
+            table.insert(out, redis.call('GET', KEYS[i + 1]))
+            table.insert(out, redis.call('PTTL', KEYS[i + 1]))
+        else
+            table.insert(out, false)
+            table.insert(out, -2)
+        end
+    else
+        table.insert(out, 0)
+        table.insert(out, false)
+        table.insert(out, -2)
+    end
+end
+return out";
+
+/// Compare-and-pexpire on each of KEYS (locks or fences) for ARGV[1]
+/// (token), to ARGV[2] ms: 1 per key still held by the token, else 0.
+pub static RENEW_LOADS: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LOADS_LUA));
+const RENEW_LOADS_LUA: &str = r"local out = {}
+for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[1] then
+        out[i] = redis.call('PEXPIRE', KEYS[i], ARGV[2])
+    else
+        out[i] = 0
+    end
+end
+return out";
+
+/// Compare-and-delete on each of KEYS for ARGV[1] (token), publishing each
+/// released key on ARGV[2] (or not, when empty). Answers how many were
+/// released.
+pub static UNCLAIM_LOADS: LazyLock<Script> = LazyLock::new(|| Script::new(UNCLAIM_LOADS_LUA));
+const UNCLAIM_LOADS_LUA: &str = r"local released = 0
+for i = 1, #KEYS do
+    if redis.call('GET', KEYS[i]) == ARGV[1] then
+        redis.call('DEL', KEYS[i])
+        if ARGV[2] ~= '' then
+            redis.call('PUBLISH', ARGV[2], KEYS[i])
+        end
+        released = released + 1
+    end
+end
+return released";
+
+/// `GET_OR_FENCE` on many entries. KEYS: value 1, fence 1, value 2, fence
+/// 2...; ARGV[1] token, ARGV[2] fence expiry ms. Answers, per entry, the value
+/// (false when missing or not a string) and its `PTTL` (-2 when missing).
+pub static GET_OR_FENCE_MANY: LazyLock<Script> =
+    LazyLock::new(|| Script::new(GET_OR_FENCE_MANY_LUA));
+const GET_OR_FENCE_MANY_LUA: &str = r"local out = {}
+for i = 1, #KEYS, 2 do
+    redis.call('SET', KEYS[i + 1], ARGV[1], 'PX', ARGV[2])
+    if redis.call('TYPE', KEYS[i]).ok == 'string' then
+        table.insert(out, redis.call('GET', KEYS[i]))
+        table.insert(out, redis.call('PTTL', KEYS[i]))
+    else
+        table.insert(out, false)
+        table.insert(out, -2)
+    end
+end
+return out";
+
+/// `SET_FENCED` on many entries, each on its own. KEYS: value 1, fence 1,
+/// value 2, fence 2...; ARGV[1] token, ARGV[2] channel (or empty), then per
+/// entry its value, ttl ms and message. Answers 1 (stored, or stored by a
+/// first send) or 0 (the fence was taken) per entry.
+pub static SET_FENCED_MANY: LazyLock<Script> = LazyLock::new(|| Script::new(SET_FENCED_MANY_LUA));
+const SET_FENCED_MANY_LUA: &str = r"local out = {}
+for j = 1, #KEYS / 2 do
+    local value, fence_key = KEYS[2 * j - 1], KEYS[2 * j]
+    local a = 3 + (j - 1) * 3
+    local fence = redis.call('GET', fence_key)
+    if fence == ARGV[1] then
+        redis.call('SET', value, ARGV[a], 'PX', ARGV[a + 1])
+        local left = redis.call('PTTL', fence_key)
+        if left > 0 then
+            redis.call('SET', fence_key, ARGV[1] .. ':stored', 'PX', left)
+        else
+            redis.call('DEL', fence_key)
+        end
+        if ARGV[2] ~= '' then
+            redis.call('PUBLISH', ARGV[2], ARGV[a + 2])
+        end
+        out[j] = 1
+    elseif fence == ARGV[1] .. ':stored' then
+        out[j] = 1
+    else
+        out[j] = 0
+    end
+end
+return out";
+
 /// The source of every script, for loading them on a new connection.
-pub const ALL: [&str; 16] = [
+pub const ALL: [&str; 22] = [
     RELEASE_LUA,
     EXTEND_LUA,
     GET_OR_FENCE_LUA,
@@ -389,4 +516,10 @@ pub const ALL: [&str; 16] = [
     UNCLAIM_MEMBER_LUA,
     RAISE_FENCE_LUA,
     HOLDERS_LUA,
+    CLAIM_LOADS_LUA,
+    RENEW_LOADS_LUA,
+    UNCLAIM_LOADS_LUA,
+    GET_OR_FENCE_MANY_LUA,
+    SET_FENCED_MANY_LUA,
+    CLAIM_LOADS_FENCED_LUA,
 ];

@@ -41,10 +41,13 @@ use tokio::sync::{OnceCell, mpsc};
 
 use super::redis::{ConnectionOptions, redact};
 use super::slot::slot;
-use super::{Claim, Holdings, Publish, Store, Stored, commands, scripts};
+use super::{
+    Claim, FencedWrite, Holdings, LoadClaim, Publish, Store, Stored, Write, commands, scripts,
+};
 use crate::error::{Error, Result};
 use shards::{Connect, Groups, parse_slots};
 
+mod batch;
 mod shards;
 mod subscribe;
 
@@ -496,5 +499,76 @@ impl Store for ClusterStore {
 
     fn server(&self) -> &str {
         &self.server
+    }
+
+    // Batched commands: `batch.rs`.
+
+    async fn get_many(&self, keys: &[&str], with_ttl: bool) -> Result<Vec<Option<Stored>>> {
+        self.batch_get_many(keys, with_ttl).await
+    }
+
+    async fn set_many(&self, writes: &[Write<'_>]) -> Result<()> {
+        self.batch_set_many(writes).await
+    }
+
+    async fn delete_many(&self, keys: &[&str]) -> Result<()> {
+        self.batch_delete_many(keys).await
+    }
+
+    async fn claim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        self.batch_claim_loads(names, token, expiry).await
+    }
+
+    async fn claim_loads_fenced(
+        &self,
+        entries: &[LoadClaim<'_>],
+        token: &[u8],
+        expiry: Duration,
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Option<Stored>>>> {
+        self.batch_claim_loads_fenced(entries, token, expiry, fence_expiry)
+            .await
+    }
+
+    async fn renew_loads(
+        &self,
+        keys: &[&str],
+        token: &[u8],
+        expiry: Duration,
+    ) -> Result<Vec<bool>> {
+        self.batch_renew_loads(keys, token, expiry).await
+    }
+
+    async fn unclaim_loads(
+        &self,
+        names: &[&str],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<()> {
+        self.batch_unclaim_loads(names, token, channel).await
+    }
+
+    async fn get_or_fence_many(
+        &self,
+        entries: &[(&str, &str)],
+        token: &[u8],
+        fence_expiry: Duration,
+    ) -> Result<Vec<Option<Stored>>> {
+        self.batch_get_or_fence_many(entries, token, fence_expiry)
+            .await
+    }
+
+    async fn set_fenced_many(
+        &self,
+        writes: &[FencedWrite<'_>],
+        token: &[u8],
+        channel: Option<&str>,
+    ) -> Result<Vec<bool>> {
+        self.batch_set_fenced_many(writes, token, channel).await
     }
 }

@@ -1,0 +1,701 @@
+//! Many keys in one call (`get_or_load_many`, `get_many`, `set_many`): on the
+//! embedded store, on 1 and 3 real masters and on the cluster fixture. A
+//! stampede of 4 caches x 50 tasks over random overlapping 50-key subsets of
+//! 500 cold keys loads every key exactly once; a master killed mid-batch, a
+//! panicking loader, a caller cancelled while waiting and while loading, and a
+//! holder process SIGKILLed mid-load (this binary, re-executed) leave no lock
+//! behind and no key loaded twice.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use locked_cache::{CallOptions, Error, LoadError, LockedCache};
+use support::server::{Fleet, RedisServer};
+use support::{eventually, join_all_checked, unique_prefix};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// Every key each loader call was asked for, across the caches of a test.
+#[derive(Clone, Default)]
+struct Loads(Arc<Mutex<(HashMap<String, u32>, u32)>>);
+
+impl Loads {
+    fn record(&self, keys: &[String]) {
+        let mut loads = self.0.lock().unwrap();
+        loads.1 += 1;
+        for key in keys {
+            *loads.0.entry(key.clone()).or_default() += 1;
+        }
+    }
+
+    fn per_key(&self) -> HashMap<String, u32> {
+        self.0.lock().unwrap().0.clone()
+    }
+
+    fn calls(&self) -> u32 {
+        self.0.lock().unwrap().1
+    }
+}
+
+/// A lock expiry of 3 s: the stampede asserts that no key is loaded twice,
+/// which a holder stalled past its expiry (this machine's 2 cores are shared)
+/// would rightly break; the holder-kill test sets its own.
+async fn cache_on(urls: &[String], prefix: &str) -> LockedCache {
+    LockedCache::builder()
+        .masters(urls.iter().map(String::as_str))
+        .key_prefix(prefix)
+        .ttl(MINUTE)
+        .lock_expiry(Duration::from_secs(3))
+        .wait_time(Duration::from_secs(10))
+        .command_timeout(Duration::from_secs(1))
+        .connect_timeout(Duration::from_secs(1))
+        .build()
+        .await
+        .expect("build")
+}
+
+/// Lock keys of `prefix` left on a server.
+fn locks_left(server: &RedisServer, prefix: &str) -> usize {
+    let keys: Vec<String> = server.query(&["KEYS", &format!("lock.{prefix}*")]);
+    keys.len()
+}
+
+#[tokio::test]
+async fn the_embedded_store_answers_in_order_with_one_loader_call() {
+    let cache = LockedCache::builder().build().await.unwrap();
+    let loads = Loads::default();
+    // Empty: no loader call.
+    let none: Vec<Option<u32>> = cache
+        .get_or_load_many(&[] as &[&str], |_| async { Ok::<_, String>(Vec::new()) })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    cache.set("a", &1u32).await.unwrap();
+    let l = loads.clone();
+    let got: Vec<Option<u32>> = cache
+        .get_or_load_many(&["a", "b", "c", "b", "a"], move |missing| {
+            l.record(&missing);
+            async move {
+                assert_eq!(missing, ["b", "c"]);
+                // `c` not found; `zz` was not asked for (ignored).
+                Ok::<_, String>(vec![("b".to_owned(), 2u32), ("zz".to_owned(), 9)])
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(1), Some(2), None, Some(2), Some(1)]);
+    assert_eq!(loads.calls(), 1);
+    // Stored as `T` (b) and as a cached "not found" (c): no second load.
+    let again: Vec<Option<u32>> = cache
+        .get_or_load_many(&["b", "c"], |_| async {
+            Err::<Vec<(String, u32)>, _>("loaded again")
+        })
+        .await
+        .unwrap();
+    assert_eq!(again, [Some(2), None]);
+    assert_eq!(cache.get::<u32>("b").await.unwrap(), Some(2));
+    assert!(cache.get::<u32>("zz").await.unwrap().is_none());
+    // A loader error goes to every key it was asked for, shared.
+    let each = cache
+        .get_or_load_many_each(&["a", "x", "y"], |_| async {
+            Err::<Vec<(String, u32)>, _>("db down")
+        })
+        .await
+        .unwrap();
+    assert_eq!(*each[0].as_ref().unwrap(), Some(1));
+    let (Err(LoadError::Loader(x)), Err(LoadError::Loader(y))) = (&each[1], &each[2]) else {
+        panic!("loader errors expected: {each:?}");
+    };
+    assert!(Arc::ptr_eq(x, y));
+    // Bad input: the single key's typed error.
+    let long = "k".repeat(2000);
+    let bad = cache
+        .get_or_load_many(&["ok", ""], |_| async {
+            Ok::<_, String>(Vec::<(String, u32)>::new())
+        })
+        .await;
+    assert!(matches!(bad, Err(LoadError::Cache(Error::InvalidKey(_)))));
+    let bad = cache.get_many::<_, u32>(&[long.as_str()]).await;
+    assert!(matches!(bad, Err(Error::InvalidKey(_))));
+    // set_many / get_many, and with(CallOptions): TTL and negative TTL.
+    cache
+        .set_many(&[("s1", 10u32), ("s2", 20u32)])
+        .await
+        .unwrap();
+    assert_eq!(
+        cache
+            .get_many::<_, u32>(&["s1", "nope", "s2"])
+            .await
+            .unwrap(),
+        [Some(10), None, Some(20)]
+    );
+    let short = CallOptions::new()
+        .ttl(Duration::from_millis(50))
+        .negative_ttl(Duration::ZERO);
+    let got: Vec<Option<u32>> = cache
+        .with(short)
+        .get_or_load_many(&["t1", "t2"], |_| async {
+            Ok::<_, String>(vec![("t1".to_owned(), 5u32)])
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(5), None]);
+    // t2 was not cached (negative TTL zero); t1 expires after 50 ms.
+    assert!(cache.get::<Option<u32>>("t2").await.unwrap().is_none());
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(cache.get::<u32>("t1").await.unwrap().is_none());
+    assert_eq!(cache.retained_entries(), 0);
+}
+
+/// 4 caches (each with its own connections) x 50 tasks, each asking for a
+/// random 50-key subset of 500 cold keys at once: every key is loaded exactly
+/// once across them, every caller gets every value.
+async fn stampede(urls: &[String], label: &str) {
+    let prefix = unique_prefix(label);
+    let mut caches = Vec::new();
+    for _ in 0..4 {
+        let cache = cache_on(urls, &prefix).await;
+        cache.ping().await.unwrap();
+        caches.push(cache);
+    }
+    let loads = Loads::default();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for cache in &caches {
+        for _ in 0..50 {
+            let (cache, loads) = (cache.clone(), loads.clone());
+            let keys: Vec<String> = {
+                let mut all: Vec<u32> = (0..500).collect();
+                fastrand::shuffle(&mut all);
+                all[..50].iter().map(|i| format!("k{i}")).collect()
+            };
+            tasks.push(tokio::spawn(async move {
+                let got: Vec<Option<String>> = cache
+                    .get_or_load_many(&keys, move |missing| {
+                        loads.record(&missing);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok::<_, String>(
+                                missing
+                                    .into_iter()
+                                    .map(|k| (k.clone(), format!("v-{k}")))
+                                    .collect::<Vec<_>>(),
+                            )
+                        }
+                    })
+                    .await
+                    .expect("batch");
+                for (key, value) in keys.iter().zip(got) {
+                    assert_eq!(value.as_deref(), Some(format!("v-{key}").as_str()));
+                }
+            }));
+        }
+    }
+    join_all_checked(tasks).await;
+    let per_key = loads.per_key();
+    for cache in &caches {
+        eprintln!("{label}: {:?}", cache.stats());
+    }
+    let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "keys loaded more than once: {twice:?}");
+    let retained: usize = caches.iter().map(LockedCache::retained_entries).sum();
+    eprintln!(
+        "{label}: {} distinct keys loaded once each by {} loader calls for 200 batches of 50, in {:?}",
+        per_key.len(),
+        loads.calls(),
+        started.elapsed()
+    );
+    assert!(per_key.len() <= 500);
+    assert_eq!(retained, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_on_one_master_loads_every_key_once() {
+    let server = RedisServer::start();
+    stampede(&[server.url()], "many1").await;
+    assert_eq!(locks_left(&server, "t:many1"), 0);
+    // All cached now: one batch of 100 is one MGET, no GET.
+    let prefix = unique_prefix("hits1");
+    let cache = cache_on(&[server.url()], &prefix).await;
+    let keys: Vec<String> = (0..100).map(|i| format!("h{i}")).collect();
+    let entries: Vec<(String, u32)> = keys.iter().cloned().zip(0..).collect();
+    cache.set_many(&entries).await.unwrap();
+    server.reset_stats();
+    let got: Vec<Option<u32>> = cache
+        .get_or_load_many(&keys, |_| async { Err::<Vec<(String, u32)>, _>("no load") })
+        .await
+        .unwrap();
+    assert_eq!(got, (0..100).map(Some).collect::<Vec<_>>());
+    assert_eq!(server.command_calls("mget"), 1);
+    assert_eq!(server.command_calls("get"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_on_three_masters_loads_every_key_once() {
+    let fleet = Fleet::start(3);
+    stampede(&fleet.urls(), "many3").await;
+}
+
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_on_a_cluster_loads_every_key_once() {
+    use support::cluster::Cluster;
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
+    let prefix = unique_prefix("manyc");
+    let loads = Loads::default();
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let cache = LockedCache::builder()
+            .cluster(cluster.urls())
+            .key_prefix(&prefix)
+            .ttl(MINUTE)
+            .lock_expiry(Duration::from_secs(3))
+            .wait_time(Duration::from_secs(10))
+            .command_timeout(Duration::from_secs(2))
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            let (cache, loads) = (cache.clone(), loads.clone());
+            let mut all: Vec<u32> = (0..200).collect();
+            fastrand::shuffle(&mut all);
+            let keys: Vec<String> = all[..50].iter().map(|i| format!("c{i}")).collect();
+            tasks.push(tokio::spawn(async move {
+                let got: Vec<Option<u32>> = cache
+                    .get_or_load_many(&keys, move |missing| {
+                        loads.record(&missing);
+                        async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok::<_, String>(
+                                missing
+                                    .iter()
+                                    .map(|k| (k.clone(), k[1..].parse::<u32>().unwrap()))
+                                    .collect::<Vec<_>>(),
+                            )
+                        }
+                    })
+                    .await
+                    .unwrap();
+                for (k, v) in keys.iter().zip(got) {
+                    assert_eq!(v, Some(k[1..].parse::<u32>().unwrap()));
+                }
+                // Hits across every shard: one read per slot.
+                assert_eq!(
+                    cache.get_many::<_, u32>(&keys).await.unwrap().len(),
+                    keys.len()
+                );
+            }));
+        }
+    }
+    join_all_checked(tasks).await;
+    let twice: Vec<_> = loads
+        .per_key()
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .collect();
+    assert!(twice.is_empty(), "{twice:?}");
+    eprintln!(
+        "cluster: {} keys, {} loader calls",
+        loads.per_key().len(),
+        loads.calls()
+    );
+}
+
+/// A master of three is killed while a batch loads: the batch still answers
+/// (the two others are a majority) and stores what it loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_mid_batch_does_not_fail_it() {
+    let mut fleet = Fleet::start(3);
+    let prefix = unique_prefix("kill");
+    let cache = cache_on(&fleet.urls(), &prefix).await;
+    cache.ping().await.unwrap();
+    let keys: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let batch = {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        tokio::spawn(async move {
+            let mut tx = Some(tx);
+            cache
+                .get_or_load_many(&keys, move |missing| {
+                    let started = tx.take();
+                    async move {
+                        if let Some(tx) = started {
+                            let _ = tx.send(());
+                        }
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                        Ok::<_, String>(missing.into_iter().map(|k| (k, 1u8)).collect::<Vec<_>>())
+                    }
+                })
+                .await
+        })
+    };
+    rx.await.unwrap();
+    // Master 2 is not the value server (master 0 is).
+    tokio::task::block_in_place(|| fleet.kill(2));
+    let got = join_all_checked(vec![batch]).await.remove(0).unwrap();
+    assert!(got.iter().all(|v| *v == Some(1)));
+    let again: Vec<Option<u8>> = cache
+        .get_or_load_many(&keys, |_| async {
+            Err::<Vec<(String, u8)>, _>("loaded twice")
+        })
+        .await
+        .unwrap();
+    assert!(again.iter().all(|v| *v == Some(1)));
+}
+
+/// A panicking loader panics its caller; its locks are released and the
+/// next call loads the keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_loader_releases_every_lock() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("panic");
+    let cache = cache_on(&[server.url()], &prefix).await;
+    let keys: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+    let panicked = {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        tokio::spawn(async move {
+            let _: Result<Vec<Option<u8>>, LoadError<String>> = cache
+                .get_or_load_many(&keys, |_| async {
+                    panic!("loader panicked");
+                    #[allow(unreachable_code)]
+                    Ok(Vec::<(String, u8)>::new())
+                })
+                .await;
+        })
+        .await
+    };
+    assert!(panicked.unwrap_err().is_panic());
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            locks_left(&server, &prefix) == 0
+        })
+        .await
+    );
+    let started = Instant::now();
+    let got: Vec<Option<u8>> = cache
+        .get_or_load_many(&keys, |missing| async move {
+            Ok::<_, String>(missing.into_iter().map(|k| (k, 7u8)).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+    assert!(got.iter().all(|v| *v == Some(7)));
+    // Released, not expired.
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(cache.retained_entries(), 0);
+}
+
+/// Cancelled while loading: every lock released at once; cancelled while
+/// waiting: nothing left registered, and the holder's load is not disturbed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_caller_leaves_nothing_behind() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("cancel");
+    let holder = cache_on(&[server.url()], &prefix).await;
+    let waiter = cache_on(&[server.url()], &prefix).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("c{i}")).collect();
+    // While loading.
+    let loading = {
+        let (cache, keys) = (holder.clone(), keys.clone());
+        tokio::spawn(async move {
+            let _: Result<Vec<Option<u8>>, LoadError<String>> = cache
+                .get_or_load_many(&keys, |_| {
+                    std::future::pending::<Result<Vec<(String, u8)>, String>>()
+                })
+                .await;
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            locks_left(&server, &prefix) == 30
+        })
+        .await
+    );
+    loading.abort();
+    assert!(loading.await.unwrap_err().is_cancelled());
+    assert!(
+        eventually(Duration::from_millis(300), || async {
+            locks_left(&server, &prefix) == 0
+        })
+        .await
+    );
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            holder.retained_entries() == 0
+        })
+        .await
+    );
+    // While waiting for another cache's load.
+    let load = {
+        let (cache, keys) = (holder.clone(), keys.clone());
+        tokio::spawn(async move {
+            let got: Vec<Option<u8>> = cache
+                .get_or_load_many(&keys, move |missing| async move {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    Ok::<_, String>(missing.into_iter().map(|k| (k, 3u8)).collect::<Vec<_>>())
+                })
+                .await
+                .unwrap();
+            got
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            locks_left(&server, &prefix) == 30
+        })
+        .await
+    );
+    let waiting = {
+        let (cache, keys) = (waiter.clone(), keys.clone());
+        tokio::spawn(async move {
+            let _: Result<Vec<Option<u8>>, LoadError<String>> = cache
+                .get_or_load_many(&keys, |_| async {
+                    Err::<Vec<(String, u8)>, _>("the waiter must not load".to_owned())
+                })
+                .await;
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    assert_eq!(waiter.retained_entries(), 0);
+    let got = join_all_checked(vec![load]).await.remove(0);
+    assert!(got.iter().all(|v| *v == Some(3)));
+    assert!(
+        eventually(Duration::from_millis(300), || async {
+            locks_left(&server, &prefix) == 0
+        })
+        .await
+    );
+}
+
+const URL_ENV: &str = "LC_MANY_HOLDER_URL";
+const PREFIX_ENV: &str = "LC_MANY_HOLDER_PREFIX";
+
+/// The holder process (re-executed by the test below): locks 20 keys in one
+/// batch and hangs in its loader until killed.
+#[test]
+fn many_holder_process_entry() {
+    let Ok(url) = std::env::var(URL_ENV) else {
+        return;
+    };
+    let prefix = std::env::var(PREFIX_ENV).expect("prefix");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cache = LockedCache::builder()
+            .redis(url)
+            .key_prefix(&prefix)
+            .lock_expiry(Duration::from_millis(500))
+            .build()
+            .await
+            .unwrap();
+        let keys: Vec<String> = (0..20).map(|i| format!("h{i}")).collect();
+        let _: Result<Vec<Option<u8>>, LoadError<String>> = cache
+            .get_or_load_many(&keys, |_| async {
+                println!("LOADING");
+                std::future::pending::<Result<Vec<(String, u8)>, String>>().await
+            })
+            .await;
+    });
+}
+
+/// A holder process SIGKILLed mid-load: the waiter in this process takes the
+/// keys over once the holder's locks expire, and loads each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_mid_load_is_taken_over() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("holder");
+    let mut child: Child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "many_holder_process_entry",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(URL_ENV, server.url())
+        .env(PREFIX_ENV, &prefix)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let loading = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line.contains("LOADING"))
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_secs(20), loading)
+            .await
+            .unwrap()
+            .unwrap(),
+        "the holder process did not start loading"
+    );
+    assert_eq!(locks_left(&server, &prefix), 20);
+    let cache = cache_on(&[server.url()], &prefix).await;
+    let loads = Loads::default();
+    let keys: Vec<String> = (0..25).map(|i| format!("h{i}")).collect();
+    let waiting = {
+        let (cache, keys, loads) = (cache.clone(), keys.clone(), loads.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load_many(&keys, move |missing| {
+                    loads.record(&missing);
+                    async move {
+                        Ok::<_, String>(missing.into_iter().map(|k| (k, 9u8)).collect::<Vec<_>>())
+                    }
+                })
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let killed = Instant::now();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let got = join_all_checked(vec![waiting]).await.remove(0);
+    assert!(got.iter().all(|v| *v == Some(9)));
+    // h20..h24 were free (the first call), h0..h19 taken over (the second).
+    assert_eq!(loads.calls(), 2);
+    assert!(loads.per_key().values().all(|n| *n == 1));
+    // The holder's locks expire 500 ms after its last extension.
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(
+        eventually(Duration::from_millis(300), || async {
+            locks_left(&server, &prefix) == 0
+        })
+        .await
+    );
+}
+
+/// The `_shared` form answers from the near cache first: after a load and a
+/// read that keeps the values there, a batch costs no round trip at all.
+#[cfg(feature = "near-cache")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_form_answers_from_the_near_cache() {
+    let server = RedisServer::start();
+    let cache = LockedCache::builder()
+        .redis(server.url())
+        .key_prefix(unique_prefix("near"))
+        .ttl(MINUTE)
+        .near_cache(1 << 20)
+        .build()
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(2), || async { cache.near_is_live() }).await);
+    let keys: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+    let loads = Loads::default();
+    for _ in 0..3 {
+        let l = loads.clone();
+        let got: Vec<Option<Arc<u32>>> = cache
+            .get_or_load_many_shared(&keys, move |missing| {
+                l.record(&missing);
+                async move {
+                    Ok::<_, String>(
+                        missing
+                            .iter()
+                            .map(|k| (k.clone(), 1u32))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            })
+            .await
+            .unwrap();
+        assert!(got.iter().all(|v| v.as_deref() == Some(&1)));
+    }
+    assert_eq!(loads.calls(), 1);
+    // Loaded, then read once from Redis (and kept), then served in process.
+    assert_eq!(cache.stats().near_hits, 20, "{:?}", cache.stats());
+    server.reset_stats();
+    let _: Vec<Option<Arc<u32>>> = cache
+        .get_or_load_many_shared(&keys, |_| async { Err::<Vec<(String, u32)>, _>("no load") })
+        .await
+        .unwrap();
+    assert_eq!(server.command_calls("mget"), 0);
+}
+
+/// A stale window: a stale key someone else refreshes is served stale; one
+/// whose refresh fails is served stale too (fail-safe), with the error kept
+/// from the caller.
+#[tokio::test]
+async fn stale_keys_are_refreshed_or_served_fail_safe() {
+    let cache = LockedCache::builder().build().await.unwrap();
+    let swr = CallOptions::new()
+        .ttl(Duration::from_millis(30))
+        .stale_for(Duration::from_secs(30));
+    let load = |value: u32| {
+        move |missing: Vec<String>| async move {
+            Ok::<_, String>(missing.into_iter().map(|k| (k, value)).collect::<Vec<_>>())
+        }
+    };
+    let got = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2"], load(1))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(1), Some(1)]);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // Stale: the refresh fails, fail-safe serves the stale values.
+    let got: Vec<Option<u32>> = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2"], |_| async {
+            Err::<Vec<(String, u32)>, _>("db down".to_owned())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(1), Some(1)]);
+    // Stale, refresh succeeds: the new values.
+    let got = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2"], load(2))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(2), Some(2)]);
+    assert_eq!(cache.stats().fail_safe_served, 2);
+}
+
+/// The hard timeout bounds the whole call; the keys it locked are released
+/// (the next call loads them at once).
+#[tokio::test]
+async fn the_hard_timeout_bounds_a_batch_and_releases_its_locks() {
+    let cache = LockedCache::builder().build().await.unwrap();
+    let hard = CallOptions::new().hard_timeout(Duration::from_millis(50));
+    let started = Instant::now();
+    let timed_out = cache
+        .with(hard)
+        .get_or_load_many(&["h1", "h2"], |_| {
+            std::future::pending::<Result<Vec<(String, u8)>, String>>()
+        })
+        .await;
+    assert!(matches!(
+        timed_out,
+        Err(LoadError::Cache(Error::LoadTimeout { .. }))
+    ));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let started = Instant::now();
+    let got: Vec<Option<u8>> = cache
+        .get_or_load_many(&["h1", "h2"], |missing| async move {
+            Ok::<_, String>(missing.into_iter().map(|k| (k, 4u8)).collect::<Vec<_>>())
+        })
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(4), Some(4)]);
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "{:?}",
+        started.elapsed()
+    );
+}
