@@ -31,6 +31,8 @@ mod load;
 #[cfg(feature = "near-cache")]
 mod local;
 mod many;
+mod many_call;
+mod many_load;
 mod options;
 mod refresh;
 mod shared;
