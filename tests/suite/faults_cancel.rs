@@ -10,14 +10,12 @@
 //! proxy (which makes each phase last long enough to be hit) runs on another,
 //! so that only the cache's tasks are counted.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{RedisServer, TcpProxy, eventually, join_all_checked, unique_prefix};
 use locked_cache::LockedCache;
-use support::{RedisServer, TcpProxy, eventually, join_all_checked, unique_prefix};
 
 const EXPIRY: Duration = Duration::from_secs(1);
 const LOAD: Duration = Duration::from_millis(100);

@@ -2,14 +2,12 @@
 //! readers or one writer on 1, 3 and 5 masters under contention from several
 //! Redlocks, and writers not starved by a steady stream of readers.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, join_all_checked, redlock_on, unique_prefix};
 use locked_cache::LockOptions;
-use support::{Fleet, join_all_checked, redlock_on, unique_prefix};
 
 /// 200 callers from 4 Redlocks (one writer in five) take the lock; a writer is
 /// never inside with anyone, readers share it (several at once are seen).

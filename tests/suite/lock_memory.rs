@@ -5,13 +5,13 @@
 //! flight, against the values' memory. A lock taken through the lock API
 //! keeps its fencing metadata for the documented hour.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::support::{Fleet, RedisServer, join_all_checked, unique_prefix};
 use locked_cache::LockedCache;
-use support::{Fleet, RedisServer, join_all_checked, unique_prefix};
 
 const VALUE: usize = 1024;
 

@@ -6,16 +6,14 @@
 //! calls run.
 #![cfg(feature = "cluster")]
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::cluster::Cluster;
+use crate::support::{join_all_checked, unique_prefix};
 use locked_cache::{LoadError, LockedCache};
-use support::cluster::Cluster;
-use support::{join_all_checked, unique_prefix};
 use tokio::sync::oneshot;
 
 const MINUTE: Duration = Duration::from_secs(60);

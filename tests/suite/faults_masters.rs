@@ -3,14 +3,14 @@
 //! two down (no majority) under both quorum-loss policies, and the value master
 //! itself down.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, join_all_checked, unique_prefix};
 use locked_cache::{Builder, Error, LoadError, LockedCache, QuorumLossPolicy};
-use support::{Fleet, join_all_checked, unique_prefix};
 use tokio::sync::Notify;
 
 const MINUTE: Duration = Duration::from_secs(60);

@@ -4,15 +4,13 @@
 //! "Another process" is a second `LockedCache` with its own connections and its
 //! own subscription; they share only the Redis server.
 
-mod support;
-
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::store::{Hook, Observed, Op};
+use crate::support::{RedisServer, eventually, join_all_checked, time_to_wake, unique_prefix};
 use locked_cache::{LockedCache, RedisStore};
-use support::store::{Hook, Observed, Op};
-use support::{RedisServer, eventually, join_all_checked, time_to_wake, unique_prefix};
 use tokio::sync::{mpsc, oneshot};
 
 const MINUTE: Duration = Duration::from_secs(60);

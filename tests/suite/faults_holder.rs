@@ -2,16 +2,14 @@
 //! re-executed) takes the lock on 3 real masters and is SIGKILLed in the middle
 //! of its load; the waiters in this process load once the lock expires.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, join_all_checked, unique_prefix};
 use locked_cache::{LoadError, LockedCache};
-use support::{Fleet, join_all_checked, unique_prefix};
 
 const URLS_ENV: &str = "LC_HOLDER_URLS";
 const PREFIX_ENV: &str = "LC_HOLDER_PREFIX";
@@ -111,7 +109,7 @@ impl Holder {
         command
             .args([
                 "--exact",
-                "holder_process_entry",
+                "faults_holder::holder_process_entry",
                 "--nocapture",
                 "--test-threads=1",
             ])

@@ -11,7 +11,7 @@
 //!   every shape with every codec; `attack-<shape>-*.bin` must be a decode error
 //!   for `<shape>` with the codec its header names.
 //!
-//! Run with `cargo test --all-features --test decode_fuzz`; the JSON parts need
+//! Run with `cargo test --all-features --test suite -- decode_fuzz::`; the JSON parts need
 //! the `json` feature.
 
 use std::collections::{BTreeSet, HashMap};
@@ -289,7 +289,7 @@ fn config(cases: u32) -> Config {
 // that decodes as a huge `Vec<()>` or `BTreeSet<()>` costs a million elements
 // (60-100 ms unoptimised) before the element bound stops it, and a fifth of the
 // varint-heavy and mutated bincode inputs do. `PROPTEST_CASES=20000` for a long
-// run (in release: `cargo test --release --all-features --test decode_fuzz`).
+// run (in release: `cargo test --release --all-features --test suite -- decode_fuzz::`).
 proptest! {
     #![proptest_config(config(512))]
 
@@ -407,8 +407,8 @@ fn corpus_dir() -> &'static Path {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/decode_corpus"))
 }
 
-/// Regenerates the attack files: `cargo test --all-features --test decode_fuzz
-/// -- --ignored write_attack_corpus`.
+/// Regenerates the attack files: `cargo test --all-features --test suite
+/// -- --ignored decode_fuzz::write_attack_corpus`.
 #[test]
 #[ignore = "rewrites tests/decode_corpus/attack-*.bin"]
 fn write_attack_corpus() {

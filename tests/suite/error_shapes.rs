@@ -5,13 +5,11 @@
 //! asserts on the error that comes out, and that the loader's message is in
 //! it once (not lost, not doubled by `{:#}`).
 
-mod support;
-
 use std::error::Error as StdError;
 use std::sync::{Arc, Mutex};
 
+use crate::support::{RedisServer, unique_prefix};
 use locked_cache::{LoadError, LockedCache};
-use support::{RedisServer, unique_prefix};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 

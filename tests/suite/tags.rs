@@ -4,14 +4,14 @@
 //! stops serving the entry within the refresh interval; stale windows do not
 //! serve invalidated entries; failures are typed.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{RedisServer, join_all_checked, unique_prefix};
 use locked_cache::{CallOptions, LockedCache, Outcome};
-use support::{RedisServer, join_all_checked, unique_prefix};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 

@@ -3,14 +3,14 @@
 //! of a holder that vanished, the server killed mid-hold, and the refusal to
 //! run on several masters.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, RedisServer, join_all_checked, redlock_on, unique_prefix};
 use locked_cache::{Error, LockLost, LockOptions};
-use support::{Fleet, RedisServer, join_all_checked, redlock_on, unique_prefix};
 
 /// 200 holders from 4 Redlocks take one of 3 permits: never more than 3
 /// inside, and 3 at once is reached.

@@ -3,14 +3,12 @@
 //! negative caching, per-call TTL and jitter, hard timeouts, detached loads, and
 //! values of the previous stored format.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{RedisServer, counting_loader, eventually, join_all_checked, unique_prefix};
 use locked_cache::{CallOptions, Error, LoadError, LockedCache, Outcome};
-use support::{RedisServer, counting_loader, eventually, join_all_checked, unique_prefix};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
 

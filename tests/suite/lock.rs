@@ -2,13 +2,13 @@
 //! exclusion on 1, 3 and 5 masters, ownership of release and extend, the wait
 //! timeout, and the quorum with masters down.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, join_all_checked, unique_prefix};
 use locked_cache::{Error, LockOptions, Redlock};
-use support::{Fleet, join_all_checked, unique_prefix};
 
 async fn redlock(fleet: &Fleet, options: LockOptions) -> Redlock {
     support::redlock_on(&fleet.urls(), options).await

@@ -4,14 +4,16 @@
 //! timeouts, never hang, and the same `LockedCache` works again once Redis is
 //! back.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{
+    RedisServer, TcpProxy, counting, eventually, join_all_checked, unique_prefix,
+};
 use locked_cache::{LoadError, LockedCache};
-use support::{RedisServer, TcpProxy, counting, eventually, join_all_checked, unique_prefix};
 use tokio::sync::Notify;
 
 const MINUTE: Duration = Duration::from_secs(60);

@@ -2,15 +2,15 @@
 //! against a real redis-server started for the test, and against the embedded
 //! in-memory store. Both must behave the same.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{RedisServer, counting_loader, join_all_checked, unique_prefix};
 use locked_cache::{Error, LoadError, LockedCache, MemoryStore, Outcome, RedisStore, SharedStore};
 use serde::{Deserialize, Serialize};
-use support::{RedisServer, counting_loader, join_all_checked, unique_prefix};
 
 /// Where the caches of one test keep their data.
 enum Backend {

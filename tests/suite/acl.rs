@@ -13,14 +13,12 @@
 //! check tolerates its refusal) and `CLIENT SETINFO` (redis-rs ignores its
 //! answer; Redis 7.0 does not have it).
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
+use crate::support::{RedisServer, counting, eventually, time_to_wake, unique_prefix};
 use locked_cache::{Error, LockedCache};
-use support::{RedisServer, counting, eventually, time_to_wake, unique_prefix};
 
 /// The commands of the README's ACL line, each of which the cache needs.
 const COMMANDS: &[&str] = &[

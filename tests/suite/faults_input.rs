@@ -8,18 +8,16 @@
 //! Tests that capture `tracing` events run on a current-thread runtime, so that
 //! the cache's own tasks log on the capturing thread too.
 
-mod support;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::capture::capture;
+use crate::support::{RedisServer, counting, join_all_checked, unique_prefix};
 use locked_cache::codec::{self, BincodeCodec};
 use locked_cache::{
     CallOptions, Error, LoadError, LockedCache, MemoryStore, RedisStore, SharedStore, Store,
 };
-use support::capture::capture;
-use support::{RedisServer, counting, join_all_checked, unique_prefix};
 use tracing::Level;
 
 const MINUTE: Duration = Duration::from_secs(60);

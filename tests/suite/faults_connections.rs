@@ -5,14 +5,14 @@
 //! and the command re-sent on a fresh one, and every command is safe to send
 //! twice. An error reply is its own typed outcome, never "unreachable".
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, RedisServer, counting_loader, join_all_checked, unique_prefix};
 use locked_cache::{LoadError, LockGuard, LockedCache, QuorumLossPolicy};
-use support::{Fleet, RedisServer, counting_loader, join_all_checked, unique_prefix};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const POOL_SIZES: [u32; 3] = [1, 4, 16];

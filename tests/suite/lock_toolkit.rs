@@ -4,7 +4,7 @@
 //! (no deadlock in any order), run-once windows, inspection, a holder process
 //! SIGKILLed mid-hold and a master killed mid-hold.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, join_all_checked, redlock_on, unique_prefix};
 use locked_cache::{LockLost, LockOptions, LockedCache, Redlock, RunOnce};
-use support::{Fleet, join_all_checked, redlock_on, unique_prefix};
 
 fn contended() -> LockOptions {
     LockOptions {
@@ -664,7 +664,7 @@ async fn a_holder_sigkilled_mid_hold_frees_every_lock_after_expiry() {
     let child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "toolkit_holder_process_entry",
+            "lock_toolkit::toolkit_holder_process_entry",
             "--nocapture",
             "--test-threads=1",
         ])

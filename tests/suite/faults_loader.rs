@@ -3,14 +3,14 @@
 //! loaders that panic. Against real redis-server processes; "processes" are
 //! separate `LockedCache` instances with their own connections.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::support::{Fleet, RedisServer, TcpProxy, eventually, join_all_checked, unique_prefix};
 use locked_cache::{Builder, LoadError, LockedCache};
-use support::{Fleet, RedisServer, TcpProxy, eventually, join_all_checked, unique_prefix};
 use tokio::sync::{Barrier, Notify};
 
 const MINUTE: Duration = Duration::from_secs(60);

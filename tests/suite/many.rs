@@ -6,7 +6,7 @@
 //! holder process SIGKILLed mid-load (this binary, re-executed) leave no lock
 //! behind and no key loaded twice.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -14,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::server::{Fleet, RedisServer};
+use crate::support::{eventually, join_all_checked, unique_prefix};
 use locked_cache::{CallOptions, Error, LoadError, LockedCache};
-use support::server::{Fleet, RedisServer};
-use support::{eventually, join_all_checked, unique_prefix};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -516,7 +516,7 @@ async fn a_holder_killed_mid_load_is_taken_over() {
     let mut child: Child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "many_holder_process_entry",
+            "many::many_holder_process_entry",
             "--nocapture",
             "--test-threads=1",
         ])
