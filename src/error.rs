@@ -151,6 +151,22 @@ impl Error {
         matches!(self, Error::Redis { source, .. } if source.code().is_some())
     }
 
+    /// True when a server refused to authenticate the connection (a wrong or
+    /// revoked password, an expired token: `WRONGPASS`, `NOAUTH`), or a
+    /// credentials provider ([`Builder::credentials_provider`](crate::Builder),
+    /// feature `credentials`) had no credentials to give. A retry helps once
+    /// the credentials are right; with a provider, the next good credentials
+    /// it gives are used without a rebuild.
+    pub fn is_auth_error(&self) -> bool {
+        match self {
+            Error::Redis { source, .. } => {
+                source.kind() == redis::ErrorKind::AuthenticationFailed
+                    || matches!(source.code(), Some("NOAUTH" | "WRONGPASS"))
+            }
+            _ => false,
+        }
+    }
+
     /// The Redis error code of an error reply (`"OOM"`, `"NOPERM"`...).
     pub fn redis_code(&self) -> Option<&str> {
         match self {

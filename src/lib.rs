@@ -144,6 +144,8 @@ pub use lock::{
     RwLock, Semaphore,
 };
 pub use stats::StatsSnapshot;
+#[cfg(feature = "credentials")]
+pub use store::{BasicAuth, RotatingCredentials, StreamingCredentialsProvider};
 pub use store::{
     Claim, ConnectionOptions, FencedWrite, Holding, Holdings, LoadClaim, MemoryStore, Publish,
     RedisStore, SharedStore, Store, Stored, Write,

@@ -12,6 +12,7 @@ use crate::defaults::*;
 use crate::error::{Error, Result};
 use crate::lock::{LockOptions, Redlock};
 use crate::stats::Stats;
+use crate::store::auth::{CredentialSource, Provider};
 use crate::store::redis::{ConnectionOptions, redact};
 use crate::store::tls::{Pem, TlsOptions};
 use crate::store::{MemoryStore, RedisStore, SharedStore};
@@ -73,6 +74,7 @@ pub struct Builder<C = BincodeCodec> {
     masters: Vec<Master>,
     cache_url: Option<String>,
     tls: TlsOptions,
+    credentials: Option<Provider>,
     ttl: Duration,
     call_options: CallOptions,
     lock: LockOptions,
@@ -109,6 +111,7 @@ impl Default for Builder<BincodeCodec> {
             masters: Vec::new(),
             cache_url: None,
             tls: TlsOptions::default(),
+            credentials: None,
             ttl: DEFAULT_TTL,
             call_options: CallOptions::new(),
             // The cache's loads: a shorter expiry than the lock toolkit's (a
@@ -280,6 +283,34 @@ impl<C: Codec> Builder<C> {
         key_path: impl Into<std::path::PathBuf>,
     ) -> Self {
         self.tls.client_cert = Some((Pem::File(cert_path.into()), Pem::File(key_path.into())));
+        self
+    }
+
+    /// Authenticates every connection the cache opens with `provider`'s latest
+    /// credentials (feature `credentials`): the pooled connections to every
+    /// master and to the [`cache_url`](Self::cache_url) server, the cluster's
+    /// node connections, and the pub/sub connections of wake-ups and near-cache
+    /// invalidations. Live pooled and cluster connections re-authenticate
+    /// (`AUTH`) when new credentials arrive; the others use the new ones when
+    /// they reconnect. Use [`RotatingCredentials`](crate::RotatingCredentials)
+    /// to rotate by hand, or any redis-rs
+    /// [`StreamingCredentialsProvider`](crate::StreamingCredentialsProvider)
+    /// (redis-rs's Entra ID provider for Azure). Credentials in the URLs are
+    /// replaced. Defaults to none: the URLs' credentials.
+    ///
+    /// A provider that fails: connections opened before go on with the last
+    /// good credentials; a connection opened with none fails with an error for
+    /// which [`Error::is_auth_error`] is true; the next good credentials
+    /// recover without a rebuild. Not with [`redis_pool`](Self::redis_pool)
+    /// (a bb8-redis pool takes no provider): [`build`](Self::build) refuses it
+    /// with [`Error::InvalidConfig`]. What is re-authenticated, and what is
+    /// not, is in the guide's deployments chapter.
+    #[cfg(feature = "credentials")]
+    pub fn credentials_provider(
+        mut self,
+        provider: impl crate::StreamingCredentialsProvider + 'static,
+    ) -> Self {
+        self.credentials = Some(Provider(Arc::new(provider)));
         self
     }
 
@@ -520,6 +551,7 @@ impl<C: Codec> Builder<C> {
             masters: self.masters,
             cache_url: self.cache_url,
             tls: self.tls,
+            credentials: self.credentials,
             ttl: self.ttl,
             call_options: self.call_options,
             lock: self.lock,
@@ -617,6 +649,15 @@ impl<C: Codec> Builder<C> {
             command_timeout: self.command_timeout,
         };
         let tls = self.tls.resolve()?;
+        if self.credentials.is_some() && self.masters.iter().any(|m| matches!(m, Master::Pool(..)))
+        {
+            return Err(Error::InvalidConfig(
+                "a credentials provider cannot reach a bb8-redis pool's connections (it passes no \
+                 connection config): give the master's URL instead of its pool"
+                    .into(),
+            ));
+        }
+        let credentials = self.credentials.as_ref().map(CredentialSource::start);
         let masters = if self.masters.is_empty() {
             vec![Arc::new(MemoryStore::new()) as SharedStore]
         } else {
@@ -624,18 +665,22 @@ impl<C: Codec> Builder<C> {
                 .into_iter()
                 .map(|m| -> Result<SharedStore> {
                     Ok(match m {
-                        Master::Url(url) => {
-                            Arc::new(RedisStore::open_with_tls(&url, options, &tls)?)
-                        }
+                        Master::Url(url) => Arc::new(RedisStore::open_with(
+                            &url,
+                            options,
+                            &tls,
+                            credentials.clone(),
+                        )?),
                         Master::Pool(url, pool) => Arc::new(
                             RedisStore::open_with_tls(&url, options, &tls)?.with_pool(pool),
                         ),
                         Master::Store(store) => store,
                         #[cfg(feature = "cluster")]
-                        Master::Cluster(seeds) => Arc::new(crate::store::ClusterStore::open(
+                        Master::Cluster(seeds) => Arc::new(crate::store::ClusterStore::open_with(
                             &seeds,
                             options,
                             self.cluster,
+                            credentials.clone(),
                         )?),
                     })
                 })
@@ -655,7 +700,12 @@ impl<C: Codec> Builder<C> {
             );
         }
         let value_store = match &self.cache_url {
-            Some(url) => Arc::new(RedisStore::open_with_tls(url, options, &tls)?) as SharedStore,
+            Some(url) => Arc::new(RedisStore::open_with(
+                url,
+                options,
+                &tls,
+                credentials.clone(),
+            )?) as SharedStore,
             None => Arc::clone(&masters[0]),
         };
         #[cfg(feature = "metrics")]

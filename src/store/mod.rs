@@ -5,6 +5,24 @@
 //! The lock and the cache only ever speak to a `Store`; every Redis command the
 //! library sends is in `redis.rs`, every Lua script in `scripts.rs`.
 
+#[cfg(feature = "credentials")]
+pub(crate) mod auth;
+/// Without the `credentials` feature there is never a credentials source.
+#[cfg(not(feature = "credentials"))]
+pub(crate) mod auth {
+    /// Uninhabited: no value of it exists without the feature.
+    #[derive(Clone, Debug)]
+    pub(crate) enum CredentialSource {}
+    /// Uninhabited: no value of it exists without the feature.
+    #[derive(Debug)]
+    pub(crate) enum Provider {}
+
+    impl CredentialSource {
+        pub(crate) fn start(provider: &Provider) -> CredentialSource {
+            match *provider {}
+        }
+    }
+}
 pub(crate) mod claims;
 #[cfg(feature = "cluster")]
 mod cluster;
@@ -20,6 +38,8 @@ mod scripts;
 pub(crate) mod slot;
 pub(crate) mod tls;
 
+#[cfg(feature = "credentials")]
+pub use auth::{BasicAuth, RotatingCredentials, StreamingCredentialsProvider};
 pub use claims::{Claim, Holding, Holdings};
 #[cfg(feature = "cluster")]
 pub use cluster::{ClusterOptions, ClusterStore};

@@ -37,6 +37,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio::sync::watch;
 
+use super::auth::CredentialSource;
 use crate::stripes::{self, STRIPES};
 
 /// A multiplexed connection that remembers it failed, and the generation it was
@@ -75,6 +76,8 @@ pub struct Manager {
     generations: Arc<Generations>,
     policy_checked: Arc<AtomicBool>,
     server: String,
+    /// Rotating credentials (feature `credentials`; see `auth.rs`).
+    credentials: Option<CredentialSource>,
 }
 
 impl bb8::ManageConnection for Manager {
@@ -86,6 +89,15 @@ impl bb8::ManageConnection for Manager {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(self.command_timeout));
+        // redis-rs authenticates the connection with the source's latest
+        // credentials and re-authenticates it when they change.
+        let config = match &self.credentials {
+            None => config,
+            #[cfg(feature = "credentials")]
+            Some(source) => config.set_credentials_provider(source.clone()),
+            #[cfg(not(feature = "credentials"))]
+            Some(source) => match *source {},
+        };
         let inner = self
             .client
             .get_multiplexed_async_connection_with_config(&config)
@@ -300,6 +312,7 @@ impl Pool {
         size: u32,
         connect_timeout: Duration,
         command_timeout: Duration,
+        credentials: Option<CredentialSource>,
     ) -> Pool {
         let generations = Arc::new(Generations::default());
         let errors = ConnectErrors(Arc::new(watch::channel(None).0));
@@ -316,6 +329,7 @@ impl Pool {
                 generations: Arc::clone(&generations),
                 policy_checked: Arc::default(),
                 server,
+                credentials,
             });
         Pool::Own(pool, errors, generations, Arc::default())
     }
@@ -462,8 +476,13 @@ impl Health<'_> {
     /// (I/O error, dropped) retires every connection opened up to it as well.
     /// Returns true when the connection was dead, so the command may be re-sent
     /// on a fresh one.
+    ///
+    /// A connection the server no longer takes as logged in (`NOAUTH`,
+    /// `WRONGPASS`: its credentials expired or were revoked, and its
+    /// re-authentication stopped) counts as dead too: the command was not run,
+    /// and a fresh connection logs in with the latest credentials.
     pub fn note_error(&self, err: &RedisError) -> bool {
-        let dead = is_dead(err);
+        let dead = is_dead(err) || is_logged_out(err);
         if let Some((flag, generation, generations)) = &self.own {
             if dead {
                 generations.retire_up_to(*generation);
@@ -474,6 +493,12 @@ impl Health<'_> {
         }
         dead
     }
+}
+
+/// True when the server refused a command because the connection is not (or
+/// no longer) authenticated.
+pub fn is_logged_out(err: &RedisError) -> bool {
+    matches!(err.code(), Some("NOAUTH" | "WRONGPASS"))
 }
 
 /// True when `err` means the connection is gone (not a stalled server, not an

@@ -11,6 +11,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{Client, RedisError, ToSingleRedisArg};
 use tokio::sync::mpsc;
 
+use super::auth::CredentialSource;
 use super::many::{self, chunked};
 use super::pool::{Connection, Health, Pool};
 use super::tls::{self, TlsOptions};
@@ -41,6 +42,11 @@ pub struct RedisStore {
     pool: Pool,
     server: String,
     options: ConnectionOptions,
+    /// For the pub/sub connections opened with rotating credentials (see
+    /// `auth.rs`): the TLS settings the client was built with, and the source.
+    #[cfg_attr(not(feature = "credentials"), allow(dead_code))]
+    tls: TlsOptions,
+    credentials: Option<CredentialSource>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -72,6 +78,17 @@ impl RedisStore {
         options: ConnectionOptions,
         tls: &TlsOptions,
     ) -> Result<RedisStore> {
+        RedisStore::open_with(url, options, tls, None)
+    }
+
+    /// [`open`](RedisStore::open) with TLS certificates and, when given,
+    /// rotating credentials for every connection it opens (see `auth.rs`).
+    pub(crate) fn open_with(
+        url: &str,
+        options: ConnectionOptions,
+        tls: &TlsOptions,
+        credentials: Option<CredentialSource>,
+    ) -> Result<RedisStore> {
         let server = redact(url);
         if options.pool_size == 0 {
             return Err(Error::InvalidConfig("pool size must be at least 1".into()));
@@ -94,12 +111,15 @@ impl RedisStore {
             options.pool_size,
             options.connect_timeout,
             options.command_timeout,
+            credentials.clone(),
         );
         Ok(RedisStore {
             client,
             pool,
             server,
             options,
+            tls: tls.clone(),
+            credentials,
         })
     }
 
@@ -408,7 +428,22 @@ impl Store for RedisStore {
             server: self.server.clone(),
             timeout,
         };
-        let mut pubsub = tokio::time::timeout(timeout, self.client.get_async_pubsub())
+        let client = match &self.credentials {
+            None => self.client.clone(),
+            // redis-rs does not authenticate a pub/sub connection from a
+            // provider: it gets the latest credentials in its connection info.
+            #[cfg(feature = "credentials")]
+            Some(source) => {
+                let info = source
+                    .apply(self.client.get_connection_info(), timeout)
+                    .await
+                    .map_err(|e| self.redis_error(e))?;
+                tls::client_for(info, &self.server, &self.tls)?
+            }
+            #[cfg(not(feature = "credentials"))]
+            Some(source) => match *source {},
+        };
+        let mut pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
             .await
             .map_err(|_| timed_out())?
             .map_err(|e| self.redis_error(e))?;

@@ -120,9 +120,22 @@ pub(crate) fn client(url: &str, server: &str, tls: &TlsOptions) -> Result<Client
         .into_connection_info()
         .map_err(|e| Error::InvalidConfig(format!("redis url {server}: {e}")))?
         .set_tcp_settings(tcp_settings());
+    client_for(info, server, tls)
+}
+
+/// A redis-rs client for `info` (parsed from a URL that [`client`] checked)
+/// with `tls` applied: also how a connection with rotated credentials is
+/// opened (`auth.rs`).
+pub(crate) fn client_for(
+    info: redis::ConnectionInfo,
+    server: &str,
+    tls: &TlsOptions,
+) -> Result<Client> {
     let invalid = |e: RedisError| Error::InvalidConfig(format!("redis url {server}: {e}"));
+    #[cfg(not(feature = "tls"))]
+    let _ = tls;
     #[cfg(feature = "tls")]
-    if tls_url {
+    if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
         install_crypto_provider();
         if !tls.is_empty() {
             let certificates = redis::TlsCertificates {

@@ -13,6 +13,7 @@ mod acl;
 mod behaviour;
 mod cluster;
 mod config;
+mod credentials;
 mod decode_fuzz;
 mod error_shapes;
 mod faults_cancel;

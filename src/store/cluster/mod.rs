@@ -39,6 +39,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr
 use redis::{RedisError, Value};
 use tokio::sync::{OnceCell, mpsc};
 
+use super::auth::CredentialSource;
 use super::redis::{ConnectionOptions, redact};
 use super::slot::slot;
 use super::{
@@ -74,6 +75,8 @@ pub struct ClusterStore {
     server: String,
     options: ConnectionOptions,
     cluster: ClusterOptions,
+    /// Rotating credentials for the node and pub/sub connections (`auth.rs`).
+    credentials: Option<CredentialSource>,
 }
 
 impl fmt::Debug for ClusterStore {
@@ -113,6 +116,17 @@ impl ClusterStore {
         options: ConnectionOptions,
         cluster: ClusterOptions,
     ) -> Result<ClusterStore> {
+        ClusterStore::open_with(seeds, options, cluster, None)
+    }
+
+    /// [`open`](ClusterStore::open) with rotating credentials on every node
+    /// connection (redis-rs re-authenticates them) and pub/sub connection.
+    pub(crate) fn open_with(
+        seeds: &[String],
+        options: ConnectionOptions,
+        cluster: ClusterOptions,
+        credentials: Option<CredentialSource>,
+    ) -> Result<ClusterStore> {
         if seeds.is_empty() {
             return Err(Error::InvalidConfig(
                 "a cluster needs at least one seed URL".into(),
@@ -120,8 +134,17 @@ impl ClusterStore {
         }
         let names: Vec<String> = seeds.iter().map(|s| redact(s)).collect();
         let server = format!("cluster({})", names.join(", "));
+        let provider = credentials.clone();
         let builder = move |seeds: &[String]| {
-            ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+            let builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str));
+            let builder = match &provider {
+                None => builder,
+                #[cfg(feature = "credentials")]
+                Some(source) => builder.set_credentials_provider(source.clone()),
+                #[cfg(not(feature = "credentials"))]
+                Some(source) => match *source {},
+            };
+            builder
                 .connection_timeout(options.connect_timeout)
                 // redis-rs's default is none: a hung node would hold a
                 // request (and a slot refresh) forever.
@@ -146,6 +169,7 @@ impl ClusterStore {
             server,
             options,
             cluster,
+            credentials,
         })
     }
 

@@ -6,6 +6,7 @@ use tokio::sync::mpsc;
 
 use super::ClusterStore;
 use crate::error::{Error, Result};
+use crate::store::tls::TlsOptions;
 use crate::store::{RedisStore, Store};
 
 impl ClusterStore {
@@ -70,7 +71,12 @@ impl ClusterStore {
         last: &mut Option<Error>,
     ) -> Option<mpsc::Receiver<Vec<u8>>> {
         for url in urls {
-            let subscribed = match RedisStore::open(url, self.options) {
+            let subscribed = match RedisStore::open_with(
+                url,
+                self.options,
+                &TlsOptions::default(),
+                self.credentials.clone(),
+            ) {
                 Ok(node) => node.subscribe(channel).await,
                 Err(e) => Err(e),
             };
