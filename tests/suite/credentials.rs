@@ -71,8 +71,23 @@ fn subscribed_clients(url: &str) -> usize {
 }
 
 async fn cache(urls: &[String], prefix: &str, credentials: &RotatingCredentials) -> LockedCache {
-    LockedCache::builder()
-        .masters(urls.iter().map(|u| as_user(u)))
+    cache_on(false, urls, prefix, credentials).await
+}
+
+/// A cache on `urls` as masters, or as the seeds of a cluster.
+async fn cache_on(
+    cluster: bool,
+    urls: &[String],
+    prefix: &str,
+    credentials: &RotatingCredentials,
+) -> LockedCache {
+    let urls = urls.iter().map(|u| as_user(u));
+    let builder = if cluster {
+        LockedCache::builder().cluster(urls)
+    } else {
+        LockedCache::builder().masters(urls)
+    };
+    builder
         .key_prefix(prefix)
         .credentials_provider(credentials.clone())
         .ttl(Duration::from_millis(150))
@@ -97,10 +112,20 @@ async fn traffic(
     credentials: RotatingCredentials,
     stop: Arc<AtomicBool>,
 ) -> Arc<Traffic> {
+    traffic_on(false, urls, credentials, stop).await
+}
+
+/// [`traffic`] on masters, or on a cluster seeded by `urls`.
+async fn traffic_on(
+    cluster: bool,
+    urls: Vec<String>,
+    credentials: RotatingCredentials,
+    stop: Arc<AtomicBool>,
+) -> Arc<Traffic> {
     let prefix = unique_prefix("rotate");
     let caches = [
-        cache(&urls, &prefix, &credentials).await,
-        cache(&urls, &prefix, &credentials).await,
+        cache_on(cluster, &urls, &prefix, &credentials).await,
+        cache_on(cluster, &urls, &prefix, &credentials).await,
     ];
     let counts = Arc::new(Traffic::default());
     let mut tasks = Vec::new();
@@ -254,6 +279,57 @@ async fn a_password_rotating_every_two_seconds_fails_no_call_on_one_and_three_ma
         );
     }
     drop((t1, t3));
+}
+
+/// The same on the 3 + 3 cluster for 12 s: the node connections redis-rs
+/// opens (and re-authenticates) and the per-node subscriptions.
+#[cfg(feature = "cluster")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotating_password_fails_no_call_on_a_cluster() {
+    use crate::support::cluster::Cluster;
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
+    let urls = cluster.urls();
+    create_user(&urls, "pw0");
+    let credentials = RotatingCredentials::new(USER, "pw0");
+    let stop = Arc::new(AtomicBool::new(false));
+    let run_for = Duration::from_secs(12);
+    let rotator = {
+        let (urls, credentials) = (urls.clone(), credentials.clone());
+        std::thread::spawn(move || rotate_and_kill(&urls, &credentials, run_for))
+    };
+    let stopper = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            tokio::time::sleep(run_for).await;
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let t = traffic_on(true, urls.clone(), credentials, stop).await;
+    stopper.await.unwrap();
+    let (rotations, killed) = rotator.join().expect("rotator");
+    let (ok, failed) = (
+        t.ok.load(Ordering::Relaxed),
+        t.failed.load(Ordering::Relaxed),
+    );
+    let refused: usize = urls.iter().map(|u| failed_logins(u)).sum();
+    eprintln!(
+        "cluster: {ok} calls ok, {failed} failed, {rotations} rotations, {killed} connections killed, {refused} logins refused"
+    );
+    assert_eq!(
+        failed,
+        0,
+        "first failure {:?}",
+        t.first_failure.lock().unwrap()
+    );
+    assert!(ok > 300, "only {ok} calls");
+    assert!(
+        rotations >= 5 && killed > 0,
+        "{rotations} rotations, {killed} killed"
+    );
+    assert_eq!(
+        refused, 0,
+        "a connection logged in with a password already removed"
+    );
 }
 
 /// The wake-up subscriptions log in again with the current password after a

@@ -93,6 +93,10 @@ impl fmt::Debug for ClusterStore {
 /// command timeout.
 const CLUSTER_RETRIES: u32 = 3;
 
+/// Sends of one command that may fail on a dead node connection before its
+/// error is returned.
+const DEAD_SENDS: u32 = 3;
+
 /// The pause before a command that met a redirection or a `TRYAGAIN` /
 /// `CLUSTERDOWN` / `MASTERDOWN` reply after redis-rs's retries is sent again.
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
@@ -242,6 +246,7 @@ impl ClusterStore {
             server: self.server.clone(),
             timeout,
         };
+        let mut dead_sends = 0;
         loop {
             let group = groups.group(g);
             let replaced = group.replaced();
@@ -273,6 +278,26 @@ impl ClusterStore {
                     } else {
                         self.redis_error(e)
                     });
+                }
+                Ok(Err(e))
+                    if e.kind() == redis::ErrorKind::ClusterConnectionNotFound
+                        || super::pool::is_dead(&e) =>
+                {
+                    // The node's connection died (killed clients, a proxy's
+                    // idle timeout, a restart) and redis-rs's retries came
+                    // before its reconnect. As on one server (`redis.rs`,
+                    // `run`): every command answers the same when sent twice,
+                    // so it is sent again, up to `DEAD_SENDS` times within the
+                    // command timeout.
+                    groups.suspect(g);
+                    dead_sends += 1;
+                    if dead_sends < DEAD_SENDS
+                        && deadline.saturating_duration_since(Instant::now()) > RETRY_PAUSE
+                    {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                        continue;
+                    }
+                    return Err(self.redis_error(e));
                 }
                 Ok(Err(e)) if e.is_timeout() => {
                     groups.suspect(g);
