@@ -49,6 +49,9 @@ enum Master {
     Store(SharedStore),
     #[cfg(feature = "cluster")]
     Cluster(Vec<String>),
+    /// The master's group name and the Sentinels' URLs.
+    #[cfg(feature = "sentinel")]
+    Sentinel(String, Vec<String>),
 }
 
 impl fmt::Debug for Master {
@@ -57,6 +60,11 @@ impl fmt::Debug for Master {
             Master::Url(url) => write!(f, "Url({})", redact(url)),
             Master::Pool(url, _) => write!(f, "Pool({})", redact(url)),
             Master::Store(store) => write!(f, "Store({})", store.server()),
+            #[cfg(feature = "sentinel")]
+            Master::Sentinel(name, urls) => {
+                let urls: Vec<String> = urls.iter().map(|s| redact(s)).collect();
+                write!(f, "Sentinel({name}: {})", urls.join(", "))
+            }
             #[cfg(feature = "cluster")]
             Master::Cluster(seeds) => {
                 let seeds: Vec<String> = seeds.iter().map(|s| redact(s)).collect();
@@ -186,6 +194,33 @@ impl<C: Codec> Builder<C> {
     /// by several caches in one process, or your own wrapper.
     pub fn store(mut self, store: SharedStore) -> Self {
         self.masters.push(Master::Store(store));
+        self
+    }
+
+    /// Adds the master of the Sentinel-monitored group `master_name` as one
+    /// master (feature `sentinel`), found through `sentinel_urls`
+    /// (`redis://host:26379`, with the Sentinels' own user and password if
+    /// they need one) whenever a connection is made. After a failover the
+    /// cache moves over as its connections fail: a dead master's connections
+    /// die, a demoted one's writes answer `READONLY`, a hung one's time out;
+    /// each is replaced by a connection to the master the Sentinels name
+    /// then, and so are the wake-up subscriptions. The master's login (if it
+    /// has `requirepass` or ACL users) comes from
+    /// [`credentials_provider`](Builder::credentials_provider) (feature
+    /// `credentials`; a fixed password is
+    /// `RotatingCredentials::new("default", password)`). Counts as **one**
+    /// Redlock master; what a failover does to the lock is in the guide's
+    /// deployments chapter. Defaults to none.
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel<I, S>(mut self, master_name: impl Into<String>, sentinel_urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.masters.push(Master::Sentinel(
+            master_name.into(),
+            sentinel_urls.into_iter().map(Into::into).collect(),
+        ));
         self
     }
 
@@ -626,6 +661,8 @@ impl<C: Codec> Builder<C> {
                 Master::Store(_) => None,
                 #[cfg(feature = "cluster")]
                 Master::Cluster(_) => None,
+                #[cfg(feature = "sentinel")]
+                Master::Sentinel(..) => None,
             })
             .collect();
         urls.sort_unstable();
@@ -675,6 +712,14 @@ impl<C: Codec> Builder<C> {
                             RedisStore::open_with_tls(&url, options, &tls)?.with_pool(pool),
                         ),
                         Master::Store(store) => store,
+                        #[cfg(feature = "sentinel")]
+                        Master::Sentinel(name, urls) => Arc::new(RedisStore::open_sentinel(
+                            &name,
+                            &urls,
+                            redis::RedisConnectionInfo::default(),
+                            options,
+                            credentials.clone(),
+                        )?),
                         #[cfg(feature = "cluster")]
                         Master::Cluster(seeds) => Arc::new(crate::store::ClusterStore::open_with(
                             &seeds,

@@ -27,6 +27,7 @@ pub(crate) mod claims;
 #[cfg(feature = "cluster")]
 mod cluster;
 mod commands;
+mod endpoint;
 mod eviction;
 mod many;
 mod memory;
@@ -34,6 +35,8 @@ mod memory_claims;
 mod pool;
 pub(crate) mod redis;
 mod scripts;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 #[cfg(any(feature = "cluster", test))]
 pub(crate) mod slot;
 pub(crate) mod tls;

@@ -34,10 +34,11 @@ use std::time::Duration;
 
 use bb8_redis::RedisConnectionManager;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError};
+use redis::{AsyncConnectionConfig, RedisError};
 use tokio::sync::watch;
 
 use super::auth::CredentialSource;
+use super::endpoint::Endpoint;
 use crate::stripes::{self, STRIPES};
 
 /// A multiplexed connection that remembers it failed, and the generation it was
@@ -54,6 +55,9 @@ pub struct Conn {
 #[derive(Debug, Default)]
 pub struct Generations {
     current: AtomicU64,
+    /// The pool's endpoint moves (Sentinel): a `READONLY` reply means its
+    /// connections are to a demoted master (see `endpoint.rs`).
+    moving: bool,
 }
 
 impl Generations {
@@ -70,7 +74,7 @@ impl Generations {
 /// bb8 manager for [`Conn`], with connect and response timeouts.
 #[derive(Debug, Clone)]
 pub struct Manager {
-    client: Client,
+    endpoint: Endpoint,
     connect_timeout: Duration,
     command_timeout: Duration,
     generations: Arc<Generations>,
@@ -98,8 +102,8 @@ impl bb8::ManageConnection for Manager {
             #[cfg(not(feature = "credentials"))]
             Some(source) => match *source {},
         };
-        let inner = self
-            .client
+        let client = self.endpoint.client(self.connect_timeout).await?;
+        let inner = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         // The first script alone, so that a refusal (NOAUTH: a password is
@@ -307,14 +311,17 @@ impl Conn {
 
 impl Pool {
     pub fn own(
-        client: Client,
+        endpoint: Endpoint,
         server: String,
         size: u32,
         connect_timeout: Duration,
         command_timeout: Duration,
         credentials: Option<CredentialSource>,
     ) -> Pool {
-        let generations = Arc::new(Generations::default());
+        let generations = Arc::new(Generations {
+            current: AtomicU64::new(0),
+            moving: endpoint.follows_failover(),
+        });
         let errors = ConnectErrors(Arc::new(watch::channel(None).0));
         let pool = bb8::Pool::builder()
             .max_size(size)
@@ -323,7 +330,7 @@ impl Pool {
             .test_on_check_out(false)
             .retry_connection(false)
             .build_unchecked(Manager {
-                client,
+                endpoint,
                 connect_timeout,
                 command_timeout,
                 generations: Arc::clone(&generations),
@@ -481,8 +488,13 @@ impl Health<'_> {
     /// `WRONGPASS`: its credentials expired or were revoked, and its
     /// re-authentication stopped) counts as dead too: the command was not run,
     /// and a fresh connection logs in with the latest credentials.
+    ///
+    /// On a Sentinel endpoint, so does a `READONLY` reply: the connection is
+    /// to a master that was demoted, and a fresh one goes to the new master.
     pub fn note_error(&self, err: &RedisError) -> bool {
-        let dead = is_dead(err) || is_logged_out(err);
+        let demoted = matches!(&self.own, Some((_, _, g)) if g.moving)
+            && err.code() == Some("READONLY");
+        let dead = is_dead(err) || is_logged_out(err) || demoted;
         if let Some((flag, generation, generations)) = &self.own {
             if dead {
                 generations.retire_up_to(*generation);

@@ -8,10 +8,11 @@ use async_trait::async_trait;
 use bb8_redis::RedisConnectionManager;
 use futures_util::StreamExt;
 use redis::aio::MultiplexedConnection;
-use redis::{Client, RedisError, ToSingleRedisArg};
+use redis::{RedisError, ToSingleRedisArg};
 use tokio::sync::mpsc;
 
 use super::auth::CredentialSource;
+use super::endpoint::Endpoint;
 use super::many::{self, chunked};
 use super::pool::{Connection, Health, Pool};
 use super::tls::{self, TlsOptions};
@@ -38,7 +39,8 @@ pub struct ConnectionOptions {
 /// the password redacted.
 #[derive(Clone)]
 pub struct RedisStore {
-    client: Client,
+    /// Where connections go: the URL's server, or the Sentinels' master.
+    endpoint: Endpoint,
     pool: Pool,
     server: String,
     options: ConnectionOptions,
@@ -56,6 +58,24 @@ impl fmt::Debug for RedisStore {
             .field("options", &self.options)
             .finish()
     }
+}
+
+/// A pool of at least one connection, timeouts from 1 ns to 1 h.
+fn check_options(options: &ConnectionOptions) -> Result<()> {
+    if options.pool_size == 0 {
+        return Err(Error::InvalidConfig("pool size must be at least 1".into()));
+    }
+    let hour = Duration::from_secs(3600);
+    if options.connect_timeout.is_zero()
+        || options.command_timeout.is_zero()
+        || options.connect_timeout > hour
+        || options.command_timeout > hour
+    {
+        return Err(Error::InvalidConfig(
+            "timeouts must be positive and at most 1 h".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl RedisStore {
@@ -90,23 +110,47 @@ impl RedisStore {
         credentials: Option<CredentialSource>,
     ) -> Result<RedisStore> {
         let server = redact(url);
-        if options.pool_size == 0 {
-            return Err(Error::InvalidConfig("pool size must be at least 1".into()));
-        }
-        let hour = Duration::from_secs(3600);
-        if options.connect_timeout.is_zero()
-            || options.command_timeout.is_zero()
-            || options.connect_timeout > hour
-            || options.command_timeout > hour
-        {
-            return Err(Error::InvalidConfig(
-                "timeouts must be positive and at most 1 h".into(),
-            ));
-        }
+        check_options(&options)?;
         // The one client for the pool and the wake-up subscription alike.
         let client = tls::client(url, &server, tls)?;
+        RedisStore::on(Endpoint::Fixed(client), server, options, tls, credentials)
+    }
+
+    /// A store on the master of the Sentinel group `name` (feature
+    /// `sentinel`), found through `sentinel_urls` whenever a connection is
+    /// made (see `sentinel.rs`). `node` holds the master's login (user,
+    /// password, db); rotating credentials replace it.
+    #[cfg(feature = "sentinel")]
+    pub(crate) fn open_sentinel(
+        name: &str,
+        sentinel_urls: &[String],
+        node: redis::RedisConnectionInfo,
+        options: ConnectionOptions,
+        credentials: Option<CredentialSource>,
+    ) -> Result<RedisStore> {
+        check_options(&options)?;
+        let names: Vec<String> = sentinel_urls.iter().map(|u| redact(u)).collect();
+        let server = format!("sentinel {name} ({})", names.join(", "));
+        let master =
+            super::sentinel::SentinelMaster::new(name, sentinel_urls, node, credentials.clone())?;
+        RedisStore::on(
+            Endpoint::Sentinel(std::sync::Arc::new(master)),
+            server,
+            options,
+            &TlsOptions::default(),
+            credentials,
+        )
+    }
+
+    fn on(
+        endpoint: Endpoint,
+        server: String,
+        options: ConnectionOptions,
+        tls: &TlsOptions,
+        credentials: Option<CredentialSource>,
+    ) -> Result<RedisStore> {
         let pool = Pool::own(
-            client.clone(),
+            endpoint.clone(),
             server.clone(),
             options.pool_size,
             options.connect_timeout,
@@ -114,7 +158,7 @@ impl RedisStore {
             credentials.clone(),
         );
         Ok(RedisStore {
-            client,
+            endpoint,
             pool,
             server,
             options,
@@ -428,14 +472,18 @@ impl Store for RedisStore {
             server: self.server.clone(),
             timeout,
         };
+        let client = tokio::time::timeout(timeout, self.endpoint.client(timeout))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| self.redis_error(e))?;
         let client = match &self.credentials {
-            None => self.client.clone(),
+            None => client,
             // redis-rs does not authenticate a pub/sub connection from a
             // provider: it gets the latest credentials in its connection info.
             #[cfg(feature = "credentials")]
             Some(source) => {
                 let info = source
-                    .apply(self.client.get_connection_info(), timeout)
+                    .apply(client.get_connection_info(), timeout)
                     .await
                     .map_err(|e| self.redis_error(e))?;
                 tls::client_for(info, &self.server, &self.tls)?
