@@ -12,6 +12,8 @@ use redis::{Client, RedisResult};
 
 /// The server a store connects to.
 #[derive(Clone)]
+// One per store, made once: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Endpoint {
     /// One address, known at build time.
     Fixed(Client),
@@ -29,6 +31,16 @@ impl Endpoint {
             Endpoint::Fixed(client) => Ok(client.clone()),
             #[cfg(feature = "sentinel")]
             Endpoint::Sentinel(master) => master.client(timeout).await,
+        }
+    }
+
+    /// Changes on every failover the endpoint's Sentinels announce; `None`
+    /// for a fixed endpoint.
+    pub fn switches(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Endpoint::Fixed(_) => None,
+            #[cfg(feature = "sentinel")]
+            Endpoint::Sentinel(master) => Some(master.switches()),
         }
     }
 

@@ -322,6 +322,21 @@ impl Pool {
             current: AtomicU64::new(0),
             moving: endpoint.follows_failover(),
         });
+        // A failover the Sentinels announce retires every connection: a
+        // demoted master may go on taking writes for seconds.
+        if let (Some(mut switches), Ok(runtime)) =
+            (endpoint.switches(), tokio::runtime::Handle::try_current())
+        {
+            let generations = Arc::downgrade(&generations);
+            runtime.spawn(async move {
+                while switches.changed().await.is_ok() {
+                    let Some(generations) = generations.upgrade() else {
+                        return;
+                    };
+                    generations.retire_up_to(generations.current());
+                }
+            });
+        }
         let errors = ConnectErrors(Arc::new(watch::channel(None).0));
         let pool = bb8::Pool::builder()
             .max_size(size)
@@ -492,8 +507,8 @@ impl Health<'_> {
     /// On a Sentinel endpoint, so does a `READONLY` reply: the connection is
     /// to a master that was demoted, and a fresh one goes to the new master.
     pub fn note_error(&self, err: &RedisError) -> bool {
-        let demoted = matches!(&self.own, Some((_, _, g)) if g.moving)
-            && err.code() == Some("READONLY");
+        let demoted =
+            matches!(&self.own, Some((_, _, g)) if g.moving) && err.code() == Some("READONLY");
         let dead = is_dead(err) || is_logged_out(err) || demoted;
         if let Some((flag, generation, generations)) = &self.own {
             if dead {

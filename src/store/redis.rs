@@ -501,6 +501,9 @@ impl Store for RedisStore {
             .map_err(|e| self.redis_error(e))?;
         let (tx, rx) = mpsc::channel(1024);
         let ping_timeout = self.options.command_timeout;
+        // On a Sentinel endpoint, a failover ends the subscription: the
+        // listener subscribes again, on the new master.
+        let mut switches = self.endpoint.switches();
         tokio::spawn(async move {
             let (mut sink, mut messages) = pubsub.split();
             // A connection dropped silently (a NAT or firewall forgetting it) would
@@ -512,6 +515,12 @@ impl Store for RedisStore {
             loop {
                 tokio::select! {
                     _ = tx.closed() => return,
+                    Some(()) = async {
+                        match switches.as_mut() {
+                            Some(s) => s.changed().await.ok(),
+                            None => std::future::pending().await,
+                        }
+                    } => return,
                     _ = health.tick() => {
                         let pong = tokio::time::timeout(ping_timeout, sink.ping::<redis::Value>()).await;
                         if !matches!(pong, Ok(Ok(_))) {

@@ -13,11 +13,14 @@
 //!
 //! [`Endpoint::follows_failover`]: super::endpoint::Endpoint::follows_failover
 
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
 use redis::{Client, ErrorKind, RedisError, RedisResult};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 
 use super::auth::CredentialSource;
 use crate::error::{Error, Result};
@@ -35,16 +38,16 @@ pub(crate) struct SentinelMaster {
     /// redis-rs's client (it caches its connections to the Sentinels) and
     /// the login it was built with: one lookup at a time.
     sentinels: Mutex<(SentinelClient, Option<(String, String)>)>,
+    /// Raised on every `+switch-master` for this group (see [`watch_switches`]).
+    switches: Arc<watch::Sender<u64>>,
 }
 
-fn build(
-    name: &str,
-    urls: &[String],
-    node: redis::RedisConnectionInfo,
-) -> Result<SentinelClient> {
+fn build(name: &str, urls: &[String], node: redis::RedisConnectionInfo) -> Result<SentinelClient> {
     let info = SentinelNodeConnectionInfo::default()
         .set_redis_connection_info(node)
         .set_tcp_settings(super::tls::tcp_settings());
+    // The name is a `String` without redis-rs's `tls-rustls`, `impl AsRef<str>` with it.
+    #[allow(clippy::unnecessary_to_owned)]
     SentinelClient::build(
         urls.to_vec(),
         name.to_owned(),
@@ -70,21 +73,41 @@ impl SentinelMaster {
             ));
         }
         if name.is_empty() {
-            return Err(Error::InvalidConfig("the Sentinel master name is empty".into()));
+            return Err(Error::InvalidConfig(
+                "the Sentinel master name is empty".into(),
+            ));
         }
         let client = build(name, sentinel_urls, node.clone())?;
+        let switches = Arc::new(watch::channel(0).0);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(watch_switches(
+                name.to_owned(),
+                sentinel_urls.to_vec(),
+                Arc::downgrade(&switches),
+            ));
+        }
         Ok(SentinelMaster {
             name: name.to_owned(),
             urls: sentinel_urls.to_vec(),
             node,
             credentials,
             sentinels: Mutex::new((client, None)),
+            switches,
         })
     }
 
     /// The group's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Changes on every failover the Sentinels announce: the pool retires
+    /// its connections and subscriptions end, so all of them reconnect to the
+    /// new master. (A demoted master may keep answering as a master for
+    /// seconds before the Sentinels reconfigure it: writes there would be
+    /// lost.)
+    pub fn switches(&self) -> watch::Receiver<u64> {
+        self.switches.subscribe()
     }
 
     /// A client for the current master (redis-rs checks that it answers
@@ -107,7 +130,11 @@ impl SentinelMaster {
                         .set_username(&login.0)
                         .set_password(&login.1);
                     let client = build(&self.name, &self.urls, node).map_err(|e| {
-                        RedisError::from((ErrorKind::InvalidClientConfig, "sentinel", e.to_string()))
+                        RedisError::from((
+                            ErrorKind::InvalidClientConfig,
+                            "sentinel",
+                            e.to_string(),
+                        ))
                     })?;
                     *sentinels = (client, Some(login));
                 }
@@ -122,5 +149,47 @@ impl SentinelMaster {
                 self.name.clone(),
             ))),
         }
+    }
+}
+
+/// Listens to `+switch-master` on the first Sentinel that takes the
+/// subscription (the next one when it goes away) and raises `switches` for
+/// each announcement about `name`, until the master is dropped.
+async fn watch_switches(name: String, urls: Vec<String>, switches: Weak<watch::Sender<u64>>) {
+    let mut next = 0usize;
+    loop {
+        let url = &urls[next % urls.len()];
+        next += 1;
+        let subscribed = async {
+            let mut pubsub = Client::open(url.as_str())?.get_async_pubsub().await?;
+            pubsub.subscribe("+switch-master").await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        if let Ok(Ok(pubsub)) = tokio::time::timeout(Duration::from_secs(2), subscribed).await {
+            let mut messages = pubsub.into_on_message();
+            let mut alive = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    message = messages.next() => {
+                        let Some(message) = message else { break };
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        if payload.split_whitespace().next() == Some(name.as_str()) {
+                            let Some(switches) = switches.upgrade() else { return };
+                            tracing::info!(master = %name, announced = %payload, "the Sentinels switched the master");
+                            switches.send_modify(|n| *n += 1);
+                        }
+                    }
+                    _ = alive.tick() => {
+                        if switches.strong_count() == 0 {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if switches.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }

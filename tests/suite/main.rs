@@ -32,5 +32,6 @@ mod lock_semaphore;
 mod lock_toolkit;
 mod many;
 mod near_cache;
+mod sentinel;
 mod tags;
 mod wakeups;

@@ -6,6 +6,7 @@
 pub mod capture;
 pub mod cluster;
 pub mod proxy;
+pub mod sentinel;
 pub mod server;
 pub mod store;
 
