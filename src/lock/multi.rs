@@ -27,14 +27,15 @@ impl Redlock {
     /// that merely overlap contend through the masters.
     ///
     /// On a Redis Cluster every name must hash to one slot (give them one hash
-    /// tag, `{order:42}:row`, `{order:42}:stock`), or the cluster refuses the
-    /// script (`CROSSSLOT`, an error reply).
+    /// tag, `{order:42}:row`, `{order:42}:stock`); names on several slots are
+    /// refused before anything is sent, with [`Error::InvalidConfig`] naming
+    /// the rule.
     ///
     /// Errors: [`Error::InvalidConfig`] for an empty list or more than 1024
     /// names; otherwise as [`acquire`](Self::acquire).
     pub async fn acquire_all(&self, names: &[&str]) -> Result<LockGuard> {
         let (expiry, wait) = (self.inner.options.expiry, self.inner.options.wait);
-        self.acquire_claim(multi(names)?, expiry, wait).await
+        self.acquire_claim(self.multi(names)?, expiry, wait).await
     }
 
     /// One attempt at [`acquire_all`](Self::acquire_all), no waiting: `Ok(None)`
@@ -44,7 +45,28 @@ impl Redlock {
         names: &[&str],
         expiry: Duration,
     ) -> Result<Option<LockGuard>> {
-        self.try_claim(multi(names)?, expiry).await
+        self.try_claim(self.multi(names)?, expiry).await
+    }
+
+    /// The claim on `names`; on a Redis Cluster master, refused unless every
+    /// name hashes to one slot (a multi-key script's keys must, and a claim's
+    /// keys share their name's slot).
+    fn multi(&self, names: &[&str]) -> Result<Claimed> {
+        let claimed = multi(names)?;
+        #[cfg(feature = "cluster")]
+        if self.inner.masters.iter().any(|m| m.keys_share_one_slot()) {
+            let slot = |n: &str| crate::store::slot::slot(n.as_bytes());
+            let first = slot(names[0]);
+            if let Some(other) = names.iter().find(|n| slot(n) != first) {
+                return Err(Error::InvalidConfig(format!(
+                    "on a Redis Cluster, a multi-key lock's names must share one hash tag \
+                     (`{{order:42}}:row`, `{{order:42}}:stock`): `{}` and `{other}` hash to \
+                     different slots",
+                    names[0]
+                )));
+            }
+        }
+        Ok(claimed)
     }
 }
 

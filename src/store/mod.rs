@@ -149,6 +149,15 @@ pub trait Store: Send + Sync + Debug + 'static {
         None
     }
 
+    /// True when one command's keys must share a hash slot (a Redis
+    /// Cluster): a multi-key lock then checks its names before sending
+    /// anything. Leave the default (`false`) in a store of your own unless it
+    /// has that rule.
+    #[doc(hidden)]
+    fn keys_share_one_slot(&self) -> bool {
+        false
+    }
+
     /// `GET key` and `PTTL key` in one round trip (Redis: pipelined): the value
     /// with the time it has left. Errors as [`get`](Store::get).
     async fn get_with_ttl(&self, key: &str) -> Result<Option<Stored>>;

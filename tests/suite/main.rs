@@ -12,6 +12,7 @@ mod support;
 mod acl;
 mod behaviour;
 mod cluster;
+mod cluster_locks;
 mod config;
 mod credentials;
 mod decode_fuzz;

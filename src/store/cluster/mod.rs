@@ -353,6 +353,10 @@ fn primary_of(slot: u16) -> RoutingInfo {
 
 #[async_trait]
 impl Store for ClusterStore {
+    fn keys_share_one_slot(&self) -> bool {
+        true
+    }
+
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.run("GET", slot_of(key), |mut c| async move {
             commands::get(&mut c, key).await
