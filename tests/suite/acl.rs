@@ -182,6 +182,13 @@ async fn a_user_missing_any_one_permission_gets_a_typed_noperm_error() {
         let result = exercise(&server, &user, &prefix).await;
         let err = result.expect_err(&format!("without `{skipped}` something must fail"));
         println!("without `{skipped}`: {err}");
+        if err.redis_code() == Some("NOPERM") && skipped.starts_with('+') {
+            let command = skipped.trim_start_matches('+').split('|').next().unwrap();
+            assert!(
+                err.to_string().to_lowercase().contains(command),
+                "the error names the command it cannot live without: {err}"
+            );
+        }
         if let Error::InvalidConfig(why) = &err {
             // Refused where no call fails (the background subscription, the
             // end of the fenced store): the server's ACL log shows it.
@@ -207,4 +214,48 @@ async fn a_user_missing_any_one_permission_gets_a_typed_noperm_error() {
         );
         assert!(!err.is_connection_error() && !err.is_timeout(), "{err:?}");
     }
+}
+
+/// A managed server's restrictions: the documented user is denied `CONFIG`,
+/// `CLIENT`, `KEYS`, `INFO` and every other command the cache can live
+/// without. Everything works, and what was refused costs at most one debug
+/// line per server, nothing louder.
+#[tokio::test]
+async fn refused_optional_commands_cost_at_most_one_debug_line_per_server() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("managed");
+    let mut rules = rules(&prefix);
+    rules.extend(
+        [
+            "-config", "-client", "-keys", "-info", "-scan", "-debug", "-monitor", "-hello",
+        ]
+        .map(str::to_owned),
+    );
+    set_user(&server, "managed", &rules);
+    server.cmd(&["ACL", "LOG", "RESET"]);
+    let (events, _guard) = crate::support::capture::capture();
+    exercise(&server, "managed", &prefix)
+        .await
+        .expect("everything works without the optional commands");
+    let all = events.events();
+    let loud: Vec<String> = all
+        .iter()
+        .filter(|e| e.level <= tracing::Level::INFO)
+        .map(|e| e.text())
+        .collect();
+    assert!(loud.is_empty(), "louder than debug: {loud:?}");
+    let about_refusals: Vec<String> = all
+        .iter()
+        .map(|e| e.text())
+        .filter(|t| t.contains("refused") || t.contains("NOPERM"))
+        .collect();
+    assert!(
+        about_refusals.len() <= 1,
+        "more than one line for one server: {about_refusals:?}"
+    );
+    let refused = refused_commands(&server);
+    assert!(
+        refused.iter().all(|c| TOLERATED.contains(&c.as_str())),
+        "refused beyond the tolerated: {refused:?}"
+    );
 }
