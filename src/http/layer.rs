@@ -540,8 +540,15 @@ fn answer(
         let mut response = Response::new(body);
         *response.status_mut() = entry.status;
         *response.headers_mut() = entry.headers.clone();
-        if !head && !entry.content_length_ok() {
+        if !entry.content_length_ok() {
             response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+        if head {
+            // What the GET would have said (hyper would say 0 for the empty body).
+            let length = HeaderValue::from(entry.body.len());
+            response
+                .headers_mut()
+                .insert(header::CONTENT_LENGTH, length);
         }
         response
     };
