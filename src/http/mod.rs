@@ -72,6 +72,7 @@ mod body;
 mod key;
 mod layer;
 mod policy;
+mod serve;
 
 pub use body::{BoxError, CacheBody};
 pub use layer::{CacheLayer, CacheService, ResponseFuture};
