@@ -5,13 +5,16 @@
 //! this test process (they share nothing but Redis, as three processes
 //! would). The header rules are in `http_rules.rs`.
 
+#[allow(dead_code)]
+#[path = "support/http.rs"]
+mod fixtures;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use fixtures::{MS, Shared, app, cache, client, get_, one_app, send};
 use locked_cache::http::{CacheLayer, OnCacheError};
-use support::http::{MS, Shared, app, cache, client, get_, one_app, send};
 use support::{RedisServer, join_all_checked, unique_prefix};
 use tokio::io::AsyncWriteExt;
 

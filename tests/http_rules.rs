@@ -3,12 +3,15 @@
 //! TTLs from `max-age`, what is never stored, client `no-cache`, `304`s,
 //! `Vary`, `stale-while-revalidate` and `stale-if-error`.
 
+#[allow(dead_code)]
+#[path = "support/http.rs"]
+mod fixtures;
 mod support;
 
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use support::http::{MS, client, get_, one_app, send};
+use fixtures::{MS, client, get_, one_app, send};
 use support::{RedisServer, join_all_checked};
 
 /// A hit: same body, `Age`, `HIT`; HEAD is served from the GET entry without

@@ -1,6 +1,8 @@
 //! The HTTP layer's test fixtures: an axum app of routes with counted
 //! handler runs, served behind a `CacheLayer` on a free loopback port, and
-//! hyper-util's client. Only with the `http` feature.
+//! hyper-util's client. Included by the `http_*` tests (`#[path]`), which need
+//! the `http` feature; not a module of `support`, which the bench and TLS
+//! crates include too.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,7 +23,7 @@ use hyper_util::rt::TokioExecutor;
 use locked_cache::LockedCache;
 use locked_cache::http::CacheLayer;
 
-use super::{RedisServer, unique_prefix};
+use crate::support::{RedisServer, unique_prefix};
 
 pub const MS: fn(u64) -> Duration = Duration::from_millis;
 

@@ -5,8 +5,6 @@
 
 pub mod capture;
 pub mod cluster;
-#[cfg(feature = "http")]
-pub mod http;
 pub mod proxy;
 pub mod server;
 pub mod store;
