@@ -112,6 +112,7 @@
 //! | `tls` | off | `rediss://` URLs, a custom CA and client certificates, over rustls |
 //! | `cluster` | off | `Builder::cluster` and `ClusterStore`: Redis Cluster through redis-rs's cluster connection |
 //! | `near-cache` | off | `Builder::near_cache`: decoded values kept in process (over moka), invalidated across processes by pub/sub |
+//! | `http` | off | [`http::CacheLayer`]: whole HTTP responses cached by a tower layer (axum), one handler run per key across the fleet |
 //!
 //! Modules, following a call from the top: the cache (`LockedCache`, its
 //! [`Builder`], in-process flights and the lock keep-alive), the [lock](Redlock)
@@ -127,6 +128,8 @@ mod defaults;
 mod error;
 /// The guide: how it works, deployments, configuration, guarantees, failure modes, performance.
 pub mod guide;
+#[cfg(feature = "http")]
+pub mod http;
 mod lock;
 mod stats;
 mod store;

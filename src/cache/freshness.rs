@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use crate::codec::Meta;
+use crate::codec::{MAX_META_DURATION, Meta};
 
 use super::builder::MAX_TTL;
+use super::keepalive::EntrySettings;
 use super::options::Resolved;
 
 /// What a call may do with a value it read.
@@ -92,6 +93,22 @@ pub fn storage(
     }
     let jittered = jitter(fresh, options.ttl_jitter, draw);
     (Some((jittered + stale_for).min(MAX_TTL)), meta)
+}
+
+/// The call's options with what the loader said about its entry applied: its
+/// own TTL (exact: no jitter, and it replaces the negative TTL) and stale
+/// window, each clamped to what can be stored.
+pub fn adapt(options: &Resolved, entry: EntrySettings) -> Resolved {
+    let mut adapted = *options;
+    if let Some(ttl) = entry.ttl {
+        adapted.ttl = ttl.min(MAX_TTL);
+        adapted.negative_ttl = None;
+        adapted.ttl_jitter = 0.0;
+    }
+    if let Some(window) = entry.stale_for {
+        adapted.stale_for = window.min(MAX_META_DURATION);
+    }
+    adapted
 }
 
 /// `ttl` less a share `fraction * draw` of it, at least 1 ms.
@@ -211,5 +228,42 @@ mod tests {
             let j = jitter(Duration::from_secs(10), 0.9, draw);
             assert!(j >= Duration::from_millis(1) && j <= Duration::from_secs(10));
         }
+    }
+
+    #[test]
+    fn a_loaders_entry_settings_replace_the_calls() {
+        let call = options(
+            CallOptions::new()
+                .negative_ttl(Duration::from_secs(1))
+                .ttl_jitter(0.5)
+                .stale_for(Duration::from_secs(5)),
+        );
+        assert_eq!(adapt(&call, EntrySettings::default()), call);
+        let entry = EntrySettings {
+            ttl: Some(Duration::from_secs(20 * 365 * 24 * 3600)),
+            stale_for: Some(Duration::from_secs(60 * 24 * 3600)),
+            skip_store: false,
+        };
+        let adapted = adapt(&call, entry);
+        assert_eq!(adapted.ttl, MAX_TTL);
+        assert_eq!(adapted.stale_for, MAX_META_DURATION);
+        assert_eq!((adapted.negative_ttl, adapted.ttl_jitter), (None, 0.0));
+        // Exact: no jitter, whatever the draw.
+        let (ttl, _) = storage(
+            &adapt(
+                &call,
+                EntrySettings {
+                    ttl: Some(Duration::from_secs(7)),
+                    ..entry
+                },
+            ),
+            false,
+            Duration::ZERO,
+            0.99,
+        );
+        assert_eq!(
+            ttl,
+            Some((Duration::from_secs(7) + MAX_META_DURATION).min(MAX_TTL))
+        );
     }
 }

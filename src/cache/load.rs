@@ -475,8 +475,9 @@ impl<C: Codec> Inner<C> {
             fence_expiry,
         );
         let span = load_span(&self.telemetry);
+        let context = keepalive.context();
         let loaded = self
-            .run_loader(loader, keepalive.context())
+            .run_loader(loader, context.clone())
             .instrument(span.clone())
             .await;
         let lost_during_load = keepalive.stop().await;
@@ -490,16 +491,18 @@ impl<C: Codec> Inner<C> {
                 return Err(LoadError::Loader(Arc::new(e)));
             }
         };
-        let (ttl, bytes) = match self.encode_loaded(key, &value, load_time, options, marks.as_ref())
-        {
-            Ok(stored) => stored,
-            Err(e) => {
-                release(guard).await;
-                return Err(e.into());
-            }
-        };
+        let entry = context.entry_settings();
+        let (ttl, bytes) =
+            match self.encode_loaded(key, &value, load_time, options, entry, marks.as_ref()) {
+                Ok(stored) => stored,
+                Err(e) => {
+                    release(guard).await;
+                    return Err(e.into());
+                }
+            };
         let Some(ttl) = ttl else {
-            // A "not found" with a zero negative TTL: handed out, not stored.
+            // A "not found" with a zero negative TTL, or a loader that said
+            // not to store it: handed out, not stored.
             return Ok(Led {
                 value,
                 bytes,
@@ -568,15 +571,18 @@ impl<C: Codec> Inner<C> {
             key = keys.value,
             "lock quorum lost: loading without the lock (fail-open)"
         );
+        let context = LoadContext::new(None);
         let (value, load_time) = match self
-            .run_loader(loader, LoadContext::new(None))
+            .run_loader(loader, context.clone())
             .instrument(load_span(&self.telemetry))
             .await
         {
             Ok(loaded) => loaded,
             Err(e) => return Err(LoadError::Loader(Arc::new(e))),
         };
-        let (ttl, bytes) = self.encode_loaded(key, &value, load_time, options, marks.as_ref())?;
+        let entry = context.entry_settings();
+        let (ttl, bytes) =
+            self.encode_loaded(key, &value, load_time, options, entry, marks.as_ref())?;
         let Some(ttl) = ttl else {
             return Ok(Led {
                 value,

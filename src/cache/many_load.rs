@@ -3,6 +3,7 @@
 //! (`lock/batch.rs`), the keys held loaded with one loader call and stored
 //! with one fenced store, the others waited for and tried again.
 
+use super::keepalive::EntrySettings;
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
@@ -408,8 +409,22 @@ impl<C: Codec> Inner<C> {
         let mut encoded: Vec<(Led<'_, V>, Option<V>, Encoded)> = Vec::with_capacity(to_load.len());
         for ((l, value), key) in to_load.into_iter().zip(values).zip(&asked) {
             let stored = match &value {
-                Some(value) => self.encode_loaded(key, value, load_time, options, marks.as_ref()),
-                None => self.encode_loaded(key, &None::<()>, load_time, options, marks.as_ref()),
+                Some(value) => self.encode_loaded(
+                    key,
+                    value,
+                    load_time,
+                    options,
+                    EntrySettings::default(),
+                    marks.as_ref(),
+                ),
+                None => self.encode_loaded(
+                    key,
+                    &None::<()>,
+                    load_time,
+                    options,
+                    EntrySettings::default(),
+                    marks.as_ref(),
+                ),
             };
             encoded.push((l, value, stored));
         }

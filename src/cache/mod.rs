@@ -60,6 +60,7 @@ use crate::store::{SharedStore, Stored};
 use crate::telemetry::{Outcome, Telemetry};
 use flight::Flights;
 use freshness::Freshness;
+use keepalive::EntrySettings;
 use keys::{Keys, ValueKey};
 use load::Inline;
 use options::Resolved;
@@ -709,17 +710,21 @@ impl<C: Codec> Inner<C> {
 
     /// Encodes a loaded value: its bytes (for the store and the followers), and
     /// its key's TTL, or `None` when it is not to be stored (a "not found" with
-    /// a zero negative TTL).
+    /// a zero negative TTL, or the loader said so), with what the loader said
+    /// about its entry applied.
     fn encode_loaded<T: Serialize>(
         &self,
         key: &str,
         value: &T,
         load_time: Duration,
         options: &Resolved,
+        entry: EntrySettings,
         marks: Option<&codec::Marks>,
     ) -> Result<(Option<Duration>, Vec<u8>)> {
         let absent = codec::is_absent(value);
+        let options = &freshness::adapt(options, entry);
         let (ttl, meta) = freshness::storage(options, absent, load_time, fastrand::f64());
+        let ttl = ttl.filter(|_| !entry.skip_store);
         let ttl = ttl.map(|ttl| self.key_ttl(ttl, marks));
         Ok((ttl, self.encode(key, value, &meta, marks)?))
     }

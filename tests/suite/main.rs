@@ -9,7 +9,12 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+#[cfg(feature = "http")]
+#[path = "../support/http.rs"]
+mod http_fixtures;
+
 mod acl;
+mod adaptive;
 mod behaviour;
 mod cluster;
 mod cluster_locks;
@@ -26,6 +31,8 @@ mod faults_loader;
 mod faults_masters;
 mod faults_network;
 mod freshness;
+mod http_layer;
+mod http_rules;
 mod lock;
 mod lock_memory;
 mod lock_rw;

@@ -1,24 +1,25 @@
-//! locked-cache in an axum service: the router, its state and the mapping of
-//! cache outcomes and errors to HTTP. `main.rs` reads the configuration from
-//! the environment and serves it; `tests/http.rs` sends it real requests.
+//! locked-cache in an axum service: the router, its state, and
+//! [`CacheLayer`] in front of it. `main.rs` reads the configuration from the
+//! environment and serves it; `tests/http.rs` sends it real requests.
 //!
-//! `GET /reports/{month}` runs a slow query (300 ms) at most once per month per
-//! TTL across every instance of the service. Past its TTL a report is served
-//! stale for up to 10 minutes while one request refreshes it in the background
-//! (nobody waits at an expiry), and the query runs on a task of its own: a
-//! client that hangs up mid-query does not cancel it, so the requests waiting
-//! for it get its result and nobody runs it again ([`REPORTS`]).
+//! `GET /reports/{month}` runs a slow query (300 ms). The handler knows nothing
+//! of the cache: it answers with `Cache-Control: max-age=<CACHE_TTL_SECS>,
+//! stale-while-revalidate=600`, and the layer runs it at most once per month
+//! per TTL across every instance of the service. Past its TTL a report is
+//! served stale for up to 10 minutes while one request refreshes it (nobody
+//! waits at an expiry), and a client that hangs up mid-query does not cancel
+//! it: the requests waiting for it get its result.
 //!
-//! - `200` with the report, and `X-Cache: HIT` (the value came from the cache:
-//!   a hit, a stale value, or another request's load) or `MISS` (this request
-//!   loaded it), and `X-Cache-Outcome: hit|coalesced|waited|loaded|stale|fail_safe`;
+//! - `200` with the report, `X-Cache: HIT`, `MISS` (this request ran the
+//!   query) or `STALE`, and `Age`;
 //! - `503 Service Unavailable` with `Retry-After: 1` when the cache cannot
 //!   answer in time (the lock stayed held for the wait time, the lock quorum
-//!   is lost, Redis is unreachable): the client should come back shortly;
-//! - `502 Bad Gateway` when the query itself failed (the upstream database);
-//! - `500` for anything else (a bug, a value too large...).
+//!   is lost, Redis is unreachable): [`OnCacheError::Unavailable`], so that
+//!   the database is not stampeded while the cache is down;
+//! - `502 Bad Gateway` when the query itself failed (not cached).
 //!
-//! `GET /stats` returns the cache's counters as JSON.
+//! `GET /stats` returns the cache's counters as JSON (not cached: it is
+//! outside the layer).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +30,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use locked_cache::{CallOptions, LoadError, LockedCache, Outcome, QuorumLossPolicy};
+use locked_cache::http::{CacheLayer, OnCacheError};
+use locked_cache::{LockedCache, QuorumLossPolicy};
 use serde::{Deserialize, Serialize};
 
 /// A monthly report: what the slow query returns and the cache stores.
@@ -85,67 +87,38 @@ impl Database {
 pub struct AppState {
     pub cache: LockedCache,
     pub db: Arc<Database>,
+    /// How long a report is fresh (its `max-age`).
+    pub ttl: Duration,
 }
 
-/// The service's routes.
+/// The service's routes: the reports behind the cache layer.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let cache = CacheLayer::new(state.cache.clone()).on_cache_error(OnCacheError::Unavailable);
+    let reports = Router::new()
         .route("/reports/{month}", get(report))
+        .layer(cache);
+    Router::new()
         .route("/stats", get(stats))
+        .merge(reports)
         .with_state(state)
 }
 
-/// How reports are cached: fresh for the cache's TTL, then served stale for up
-/// to 10 minutes while one request refreshes them; loads detached from the
-/// request (the default for `with` calls).
-pub const REPORTS: CallOptions = CallOptions::new().stale_for(Duration::from_secs(600));
-
+/// The slow query, answered with how long its answer may be cached.
 async fn report(State(state): State<AppState>, Path(month): Path<String>) -> Response {
-    let key = format!("report:{month}");
-    let db = Arc::clone(&state.db);
-    let served = state
-        .cache
-        .with(REPORTS)
-        .get_or_load_with_outcome(
-            &key,
-            move |_| async move { db.monthly_report(&month).await },
-        )
-        .await;
-    match served {
-        Ok((report, outcome)) => {
-            let mut response = Json(report).into_response();
-            let headers = response.headers_mut();
-            headers.insert("x-cache", HeaderValue::from_static(x_cache(outcome)));
-            headers.insert(
-                "x-cache-outcome",
-                HeaderValue::from_static(outcome.as_str()),
+    match state.db.monthly_report(&month).await {
+        Ok(report) => {
+            let policy = format!(
+                "max-age={}, stale-while-revalidate=600",
+                state.ttl.as_secs()
             );
+            let mut response = Json(report).into_response();
+            let policy = HeaderValue::from_str(&policy).expect("a valid header");
+            response.headers_mut().insert(header::CACHE_CONTROL, policy);
             response
         }
-        Err(e) => error_response(&e),
-    }
-}
-
-/// Cache failures that a retry a little later may fix are `503` with
-/// `Retry-After`; a failed query is `502`; the rest `500`.
-pub fn error_response(error: &LoadError<DbError>) -> Response {
-    match error {
-        LoadError::Loader(db) => {
-            tracing::warn!(error = %db, "the report query failed");
+        Err(e) => {
+            tracing::warn!(error = %e, "the report query failed");
             (StatusCode::BAD_GATEWAY, "the report query failed\n").into_response()
-        }
-        LoadError::Cache(e) if e.is_timeout() || e.is_quorum_error() || e.is_connection_error() => {
-            tracing::warn!(error = %e, "cache unavailable");
-            let mut response =
-                (StatusCode::SERVICE_UNAVAILABLE, "busy, try again shortly\n").into_response();
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            response
-        }
-        LoadError::Cache(e) => {
-            tracing::error!(error = %e, "cache failed");
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal error\n").into_response()
         }
     }
 }
@@ -224,9 +197,4 @@ impl Config {
             .build()
             .await
     }
-}
-
-/// The `X-Cache` header of an outcome: `HIT` unless this request ran the query.
-pub fn x_cache(outcome: Outcome) -> &'static str {
-    if outcome.is_cached() { "HIT" } else { "MISS" }
 }

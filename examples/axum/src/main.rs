@@ -39,6 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = AppState {
         cache,
         db: Arc::new(Database::new(Duration::from_millis(300))),
+        ttl: config.ttl,
     };
     let listener = tokio::net::TcpListener::bind(&config.listen).await?;
     eprintln!(
