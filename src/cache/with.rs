@@ -163,6 +163,25 @@ impl<'a, C: Codec> With<'a, C> {
         Ok((value, outcome))
     }
 
+    /// As [`LockedCache::get_or_load_cloned`], with these options: an owned
+    /// value, a clone of the near cache's when it holds a fresh one.
+    pub async fn get_or_load_cloned<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<T, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let (value, _) = self
+            .get_or_load_shared_with_outcome(key, |_| loader())
+            .await?;
+        Ok(Arc::unwrap_or_clone(value))
+    }
+
     /// As [`LockedCache::get_or_load_bytes`], with these options: a blob,
     /// stored as bytes and read back with one copy.
     pub async fn get_or_load_bytes<E, F, Fut>(
