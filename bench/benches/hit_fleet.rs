@@ -354,7 +354,9 @@ async fn cache(url: &str, near: Option<u64>) -> LockedCache {
         .ttl(Duration::from_secs(3600))
         .coalesce(false);
     if let Some(bytes) = near {
-        builder = builder.near_cache(bytes).near_cache_ttl(Duration::from_secs(60));
+        builder = builder
+            .near_cache(bytes)
+            .near_cache_ttl(Duration::from_secs(60));
     }
     builder.build().await.expect("cache")
 }
@@ -516,7 +518,9 @@ async fn run_task(
             }
             "string" => {
                 let v: String = cache
-                    .get_or_load(&key, || async { Err::<String, &str>("a hit must not load") })
+                    .get_or_load(&key, || async {
+                        Err::<String, &str>("a hit must not load")
+                    })
                     .await
                     .expect("hit");
                 black_box(v);
@@ -528,7 +532,12 @@ async fn run_task(
                 black_box(cache.get_or_load(&key, no_load).await.expect("hit"));
             }
             "struct" | "near-struct" => {
-                black_box(cache.get_or_load(&record_key, no_record).await.expect("hit"));
+                black_box(
+                    cache
+                        .get_or_load(&record_key, no_record)
+                        .await
+                        .expect("hit"),
+                );
             }
             "cloned-vec" => {
                 black_box(cache.get_or_load_cloned(&key, no_load).await.expect("hit"));

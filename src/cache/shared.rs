@@ -136,7 +136,11 @@ impl<C: Codec> LockedCache<C> {
     /// assert_eq!(names, ["a"]);
     /// # Ok(()) }
     /// ```
-    pub async fn get_or_load_cloned<T, E, F, Fut>(&self, key: &str, loader: F) -> Result<T, LoadError<E>>
+    pub async fn get_or_load_cloned<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<T, LoadError<E>>
     where
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         E: Send + Sync + 'static,
