@@ -28,8 +28,10 @@ use crate::telemetry::Outcome;
 ///
 /// It has the plain calls' names: [`get_or_load`](With::get_or_load) (an
 /// owned value), [`get_or_load_shared`](With::get_or_load_shared) (`Arc<T>`,
-/// the near cache's kind), [`get_or_load_bytes`](With::get_or_load_bytes)
-/// (a blob), each also `_with_outcome`, and
+/// the near cache's kind), [`get_or_load_cloned`](With::get_or_load_cloned)
+/// (an owned clone of the near cache's value),
+/// [`get_or_load_bytes`](With::get_or_load_bytes) (a blob), each but
+/// `get_or_load_cloned` also `_with_outcome`, and
 /// [`get_or_compute`](With::get_or_compute) for a loader that cannot fail.
 ///
 /// What the calls do around an expiry is told by [`CallOptions`]; errors,
