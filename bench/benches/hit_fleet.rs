@@ -1,17 +1,30 @@
 //! # Hit fleet: hits from several OS processes at once, against raw `GET`s
 //!
-//! The shape of the outside measurement of issue 11: 4 processes × 250 tasks,
-//! 200 hits each, 1 KiB values, coalescing off (each call is its own `GET`),
-//! against a raw redis-rs `GET` on the same server. Each process has one
-//! cache (or, for the raw side, one `MultiplexedConnection` with the cache's
-//! `TCP_NODELAY`), every task its own key. The sides take turns over several
-//! rounds (rotating order); a round's throughput is all its hits over the time
-//! from the common start to the last process's end, and a side's ratio is the
-//! median over rounds of its throughput ÷ the raw side's in the same round.
-//! Beside it, the CPU time per hit (every worker process and the redis-server,
-//! during the round) as a ratio, raw ÷ side: with clients and Redis sharing
-//! the cores it estimates the throughput ratio, and moves far less with the
-//! host's scheduling.
+//! Two parts, each against a raw redis-rs `GET` on one `MultiplexedConnection`
+//! per process (with the cache's `TCP_NODELAY`, undecoded) on the same keys of
+//! the same server, measured in the same run:
+//!
+//! - **Fleet** (issue 26's shape): 2 processes × 1,000 tasks, each task reading
+//!   its own cached 1 KiB `Vec<u8>` 200 times per round, coalescing off (each
+//!   call is its own `GET`), default builder otherwise: `get_or_load`,
+//!   `get_or_load_bytes`, `get_or_load::<String>`, `get_or_load_shared` (no
+//!   near cache).
+//! - **Near** (1 process × 100 tasks, near cache on, coalescing off): Redis
+//!   hits of a `Vec<u8>` and of a ~1 KiB struct (20 lines, a string each), the
+//!   same with the near cache on through `get_or_load` (it does not use it),
+//!   near hits through `get_or_load_cloned` and `get_or_load_shared`, and the
+//!   near cache's miss path (each task reads each of its keys once, in a
+//!   process whose near cache starts empty: every call a near miss that reads
+//!   Redis, `GET` + `PTTL`, and keeps the value).
+//!
+//! Each process has one cache (or, for the raw side, one connection). The
+//! sides take turns over several rounds (rotating order); a round's
+//! throughput is all its hits over the time from the common start to the last
+//! process's end, and a side's ratio is the median over rounds of its
+//! throughput ÷ the raw side's in the same round. Beside it: p50 / p99 of one
+//! hit in 16 (timed around the call, over every round), and the CPU time per
+//! hit (every worker process and the redis-server, during the round) as a
+//! ratio, raw ÷ side, which moves far less with the host's scheduling.
 //!
 //! ```text
 //! cargo bench --bench hit_fleet                       # about a minute
@@ -29,27 +42,72 @@ use locked_cache_bench as common;
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use locked_cache::LockedCache;
 use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
 
-use common::{Flags, Table, die, unix_micros};
+use common::{Flags, Table, die, percentile, unix_micros};
 use support::RedisServer;
 
 const HELP: &str = "\
-Hit fleet: get_or_load hits from several processes vs raw GETs, coalescing off.
+Hit fleet: hits from several processes vs raw GETs, coalescing off.
 
 USAGE: cargo bench --bench hit_fleet -- [FLAGS]
 
-  --processes N   OS processes                                 [4]
-  --tasks N       tasks per process (each on its own key)      [250]
-  --hits N        hits per task and round                      [200]
-  --size B        value size, bytes                            [1024]
-  --rounds N      rounds (each side once per round)            [7]
-  --sides LIST    besides raw: string, bytes, vec              [string,bytes,vec]
+  --processes N     fleet: OS processes                          [2]
+  --tasks N         fleet: tasks per process (each its own key)  [1000]
+  --hits N          hits per task and round (Redis sides)        [200]
+  --sides LIST      fleet sides besides raw: vec, bytes, string, shared
+                                                                 [vec,shared]
+  --near-tasks N    near part: tasks (1 process)                 [100]
+  --near-hits N     near hits per task and round                 [20000]
+  --near-sides LIST near sides besides raw: vec, struct, near-vec,
+                    near-struct, cloned-vec, cloned-struct, near-shared,
+                    near-miss (empty: skip the part)
+                    [vec,struct,near-vec,near-struct,cloned-vec,cloned-struct,near-shared,near-miss]
+  --size B          value size, bytes (the struct is ~1 KiB)     [1024]
+  --rounds N        rounds (each side once per round)            [5]
 
 Report: target/bench-report/hit_fleet.md.";
+
+const FLEET_SIDES: [&str; 4] = ["vec", "bytes", "string", "shared"];
+const NEAR_SIDES: [&str; 8] = [
+    "vec",
+    "struct",
+    "near-vec",
+    "near-struct",
+    "cloned-vec",
+    "cloned-struct",
+    "near-shared",
+    "near-miss",
+];
+
+/// The struct value: 20 lines with a string each, about 1 KiB encoded.
+#[derive(Clone, Serialize, Deserialize)]
+struct Record {
+    lines: Vec<Line>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Line {
+    number: u32,
+    text: String,
+}
+
+impl Record {
+    fn sample() -> Record {
+        Record {
+            lines: (0..20)
+                .map(|number| Line {
+                    number,
+                    text: format!("{number:02} {}", "y".repeat(44)),
+                })
+                .collect(),
+        }
+    }
+}
 
 /// What a worker process does, from its command line.
 struct Work {
@@ -59,6 +117,22 @@ struct Work {
     hits: usize,
     /// First key of this process.
     first_key: usize,
+}
+
+/// One part of the bench: its shape and sides (the raw side first).
+struct Part {
+    name: &'static str,
+    processes: usize,
+    tasks: usize,
+    sides: Vec<String>,
+}
+
+/// What the rounds of one side gave.
+#[derive(Default, Clone)]
+struct Measured {
+    rates: Vec<f64>,
+    cpus: Vec<f64>,
+    latencies_ns: Vec<u64>,
 }
 
 fn main() {
@@ -84,96 +158,92 @@ fn main() {
         println!("{HELP}");
         return;
     }
-    flags.reject_unknown(&["processes", "tasks", "hits", "size", "rounds", "sides"]);
+    flags.reject_unknown(&[
+        "processes",
+        "tasks",
+        "hits",
+        "size",
+        "rounds",
+        "sides",
+        "near-tasks",
+        "near-hits",
+        "near-sides",
+    ]);
     let smoke = !flags.bench_mode && !flags.any_given();
-    let processes: usize = flags.get("processes", if smoke { 2 } else { 4 });
-    let tasks: usize = flags.get("tasks", if smoke { 4 } else { 250 });
+    let processes: usize = flags.get("processes", 2);
+    let tasks: usize = flags.get("tasks", if smoke { 4 } else { 1000 });
     let hits: usize = flags.get("hits", if smoke { 5 } else { 200 });
+    let near_tasks: usize = flags.get("near-tasks", if smoke { 4 } else { 100 });
+    let near_hits: usize = flags.get("near-hits", if smoke { 50 } else { 20_000 });
     let size: usize = flags.get("size", 1024);
-    let rounds: usize = flags.get("rounds", if smoke { 1 } else { 7 });
-    let mut sides = vec!["raw".to_owned()];
-    for side in flags.list::<String>("sides", &["string".into(), "bytes".into(), "vec".into()]) {
-        if !["string", "bytes", "vec"].contains(&side.as_str()) {
-            die(&format!("unknown side {side}"));
+    let rounds: usize = flags.get("rounds", if smoke { 1 } else { 5 });
+    let sides = |flag: &str, default: &[&str], known: &[&str]| {
+        let default: Vec<String> = default.iter().map(|s| (*s).to_owned()).collect();
+        let mut sides = vec!["raw".to_owned()];
+        for side in flags.list::<String>(flag, &default) {
+            if !known.contains(&side.as_str()) {
+                die(&format!("unknown side {side}"));
+            }
+            sides.push(side);
         }
-        sides.push(side);
-    }
+        sides
+    };
+    let parts = [
+        Part {
+            name: "fleet",
+            processes,
+            tasks,
+            sides: sides("sides", &["vec", "shared"], &FLEET_SIDES),
+        },
+        Part {
+            name: "near",
+            processes: 1,
+            tasks: near_tasks,
+            sides: sides("near-sides", &NEAR_SIDES, &NEAR_SIDES),
+        },
+    ];
 
     let server = RedisServer::start();
     let url = server.url();
-    seed(&url, processes * tasks, size);
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
-    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); sides.len()];
+    // The near miss side reads each of its keys once: `hits` keys per task.
+    let keys = (processes * tasks).max(near_tasks);
+    seed(&url, keys, keys.max(near_tasks * hits), size);
     let mut info = redis::Client::open(url.as_str())
         .and_then(|c| c.get_connection())
         .unwrap_or_else(|e| die(&format!("redis: {e}")));
-    for round in 0..rounds {
-        for i in 0..sides.len() {
-            let index = (round + i) % sides.len();
-            let (rate, cpu) = run_round(&url, &mut info, &sides[index], processes, tasks, hits);
-            rates[index].push(rate);
-            cpus[index].push(cpu);
-        }
-    }
-
-    let mut table = Table::new(&[
-        "side",
-        "hits/s (median)",
-        "÷ raw GET [min–max]",
-        "CPU µs per hit (median)",
-        "CPU: raw ÷ side [min–max]",
-    ]);
-    let mut lines = String::new();
-    let median_of = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        let bounds = (v[0], v[v.len() - 1]);
-        (v[v.len() / 2], bounds)
-    };
-    for ((side, side_rates), side_cpus) in sides.iter().zip(&rates).zip(&cpus) {
-        let ratios: Vec<f64> = side_rates
-            .iter()
-            .zip(&rates[0])
-            .map(|(s, r)| s / r)
-            .collect();
-        let (ratio, (low, high)) = median_of(ratios);
-        let cpu_ratios: Vec<f64> = side_cpus.iter().zip(&cpus[0]).map(|(s, r)| r / s).collect();
-        let (cpu_ratio, (cpu_low, cpu_high)) = median_of(cpu_ratios);
-        table.row(vec![
-            label(side).to_owned(),
-            format!("{:.0}", median_of(side_rates.clone()).0),
-            if side == "raw" {
-                "1".to_owned()
-            } else {
-                format!("{ratio:.3} [{low:.2}–{high:.2}]")
-            },
-            format!("{:.2}", median_of(side_cpus.clone()).0),
-            if side == "raw" {
-                "1".to_owned()
-            } else {
-                format!("{cpu_ratio:.3} [{cpu_low:.2}–{cpu_high:.2}]")
-            },
-        ]);
-        if side != "raw" {
-            lines.push_str(&format!(
-                "- Target L2 hit ≥ 0.95× raw GET, {}: {ratio:.3}× by hits/s, {cpu_ratio:.3}× by CPU per hit — {}\n",
-                label(side),
-                if ratio >= 0.95 { "met" } else { "**missed**" }
-            ));
-        }
-    }
-    let report = format!(
-        "## Hit fleet ({})\n\nCommand: `{}`  \n{}\n\n{processes} processes × {tasks} tasks, \
-         {hits} hits per task and round, {size} B values, coalescing off, {rounds} rounds in \
-         rotating order; raw `GET` on one `MultiplexedConnection` per process (`TCP_NODELAY`), \
-         undecoded.\n\n{}\n{lines}",
+    let mut report = format!(
+        "## Hit fleet ({})\n\nCommand: `{}`  \n{}\n\n",
         common::utc_now(),
         std::iter::once("cargo bench --bench hit_fleet --".to_owned())
             .chain(std::env::args().skip(1).filter(|a| a != "--bench"))
             .collect::<Vec<_>>()
             .join(" "),
         common::environment_line(&support::redis_server_binary()),
-        table.markdown()
     );
+    for part in parts.iter().filter(|p| p.sides.len() > 1) {
+        let mut measured = vec![Measured::default(); part.sides.len()];
+        for round in 0..rounds {
+            for i in 0..part.sides.len() {
+                let index = (round + i) % part.sides.len();
+                let side = &part.sides[index];
+                let side_hits = if is_near_hit(side) { near_hits } else { hits };
+                let (rate, cpu, latencies) =
+                    run_round(&url, &mut info, side, part.processes, part.tasks, side_hits);
+                let m = &mut measured[index];
+                m.rates.push(rate);
+                m.cpus.push(cpu);
+                m.latencies_ns.extend(latencies);
+            }
+        }
+        report.push_str(&format!(
+            "### {} ({} process(es) × {} tasks, {hits} Redis hits or {near_hits} near hits \
+             per task and round, {size} B values, coalescing off, {rounds} rounds)\n\n{}\n",
+            part.name,
+            part.processes,
+            part.tasks,
+            table(&part.sides, &mut measured)
+        ));
+    }
     println!("{report}");
     if !smoke {
         let path = common::write_report("hit_fleet.md", &report);
@@ -181,42 +251,119 @@ fn main() {
     }
 }
 
+/// Sides whose hits are near hits (many more per task, to last as long).
+fn is_near_hit(side: &str) -> bool {
+    side.starts_with("cloned-") || side == "near-shared"
+}
+
+/// The table of one part: per side, hits/s, the ratio to raw, p50/p99, CPU.
+fn table(sides: &[String], measured: &mut [Measured]) -> String {
+    let median_of = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let bounds = (v[0], v[v.len() - 1]);
+        (v[v.len() / 2], bounds)
+    };
+    let mut table = Table::new(&[
+        "side",
+        "hits/s (median)",
+        "÷ raw GET [min–max]",
+        "p50 / p99 µs",
+        "p99 ÷ raw",
+        "CPU µs per hit",
+        "CPU: raw ÷ side",
+    ]);
+    for m in measured.iter_mut() {
+        m.latencies_ns.sort_unstable();
+    }
+    let raw = measured[0].clone();
+    let raw_p99 = percentile(&raw.latencies_ns, 99.0) as f64;
+    for (side, m) in sides.iter().zip(measured.iter()) {
+        let ratios: Vec<f64> = m.rates.iter().zip(&raw.rates).map(|(s, r)| s / r).collect();
+        let (ratio, (low, high)) = median_of(ratios);
+        let cpu_ratios: Vec<f64> = m.cpus.iter().zip(&raw.cpus).map(|(s, r)| r / s).collect();
+        let (cpu_ratio, _) = median_of(cpu_ratios);
+        let p50 = percentile(&m.latencies_ns, 50.0) as f64 / 1e3;
+        let p99 = percentile(&m.latencies_ns, 99.0) as f64;
+        let is_raw = side == "raw";
+        table.row(vec![
+            label(side).to_owned(),
+            format!("{:.0}", median_of(m.rates.clone()).0),
+            if is_raw {
+                "1".to_owned()
+            } else {
+                format!("{ratio:.3} [{low:.2}–{high:.2}]")
+            },
+            format!("{p50:.1} / {:.1}", p99 / 1e3),
+            if is_raw {
+                "1".to_owned()
+            } else {
+                format!("{:.2}", p99 / raw_p99)
+            },
+            format!("{:.2}", median_of(m.cpus.clone()).0),
+            if is_raw {
+                "1".to_owned()
+            } else {
+                format!("{cpu_ratio:.3}")
+            },
+        ]);
+    }
+    table.markdown()
+}
+
 fn label(side: &str) -> &'static str {
     match side {
         "raw" => "raw `GET`",
         "string" => "`get_or_load`, `String`",
         "bytes" => "`get_or_load_bytes`",
-        _ => "`get_or_load`, `Vec<u8>`",
+        "vec" => "`get_or_load`, `Vec<u8>`",
+        "shared" => "`get_or_load_shared`, `Vec<u8>`",
+        "struct" => "`get_or_load`, struct",
+        "near-vec" => "`get_or_load`, `Vec<u8>`, near cache on",
+        "near-struct" => "`get_or_load`, struct, near cache on",
+        "cloned-vec" => "near hit, `get_or_load_cloned`, `Vec<u8>`",
+        "cloned-struct" => "near hit, `get_or_load_cloned`, struct",
+        "near-shared" => "near hit, `get_or_load_shared`, `Vec<u8>`",
+        _ => "near miss (reads Redis), `get_or_load_shared`, `Vec<u8>`",
     }
 }
 
-/// Stores every key's value: a `String` of `size` bytes, which the byte sides
-/// read as bytes (the same stored format).
-fn seed(url: &str, keys: usize, size: usize) {
+/// Stores every key's values: `k<n>` a `String` of `size` bytes for `n` up to
+/// `byte_keys`, which the byte sides read as bytes (the same stored format),
+/// `r<n>` a [`Record`] for `n` up to `keys`.
+fn seed(url: &str, keys: usize, byte_keys: usize, size: usize) {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        let cache = cache(url).await;
+        let cache = cache(url, None).await;
         let value = "x".repeat(size);
-        for key in 0..keys {
+        let record = Record::sample();
+        for key in 0..byte_keys {
             cache.set(&format!("k{key}"), &value).await.expect("SET");
+        }
+        for key in 0..keys {
+            cache.set(&format!("r{key}"), &record).await.expect("SET");
         }
     });
 }
 
-async fn cache(url: &str) -> LockedCache {
-    LockedCache::builder()
+/// The cache of a side: the default builder, coalescing off, with a near
+/// cache of `near` bytes when given.
+async fn cache(url: &str, near: Option<u64>) -> LockedCache {
+    let mut builder = LockedCache::builder()
         .redis(url)
         .key_prefix("fleet:")
         .ttl(Duration::from_secs(3600))
-        .coalesce(false)
-        .build()
-        .await
-        .expect("cache")
+        .coalesce(false);
+    if let Some(bytes) = near {
+        builder = builder
+            .near_cache(bytes)
+            .near_cache_ttl(Duration::from_secs(60));
+    }
+    builder.build().await.expect("cache")
 }
 
-/// One round of one side: the workers start together and report their end.
-/// One round of `side`: its hits per second, and the CPU time per hit in µs
-/// (the workers' and the redis-server's, `info` being a connection to it).
+/// One round of `side`: its hits per second, the CPU time per hit in µs (the
+/// workers' and the redis-server's, `info` being a connection to it), and the
+/// latencies of the timed hits (ns).
 fn run_round(
     url: &str,
     info: &mut redis::Connection,
@@ -224,7 +371,7 @@ fn run_round(
     processes: usize,
     tasks: usize,
     hits: usize,
-) -> (f64, f64) {
+) -> (f64, f64, Vec<u64>) {
     let redis_cpu = |info: &mut redis::Connection| {
         let text: String = redis::cmd("INFO")
             .arg("cpu")
@@ -262,15 +409,23 @@ fn run_round(
     }
     let mut last = start;
     let mut cpu = Duration::ZERO;
+    let mut latencies = Vec::new();
     for output in &mut outputs {
         let line = output.next().and_then(Result::ok).unwrap_or_default();
-        let (end, worker_cpu) = line
+        let mut fields = line
             .strip_prefix("END ")
-            .and_then(|rest| rest.split_once(' '))
-            .and_then(|(end, ns)| Some((end.parse::<u64>().ok()?, ns.parse::<u64>().ok()?)))
-            .unwrap_or_else(|| die(&format!("worker said {line:?}")));
+            .unwrap_or_else(|| die(&format!("worker said {line:?}")))
+            .split(' ')
+            .map(|n| {
+                n.parse::<u64>()
+                    .unwrap_or_else(|_| die(&format!("worker said {line:?}")))
+            });
+        let (Some(end), Some(worker_cpu)) = (fields.next(), fields.next()) else {
+            die(&format!("worker said {line:?}"));
+        };
         last = last.max(end);
         cpu += Duration::from_nanos(worker_cpu);
+        latencies.extend(fields);
     }
     cpu += redis_cpu(info).saturating_sub(redis_before);
     for mut child in children {
@@ -280,19 +435,32 @@ fn run_round(
     (
         ops / ((last - start) as f64 / 1e6),
         cpu.as_secs_f64() * 1e6 / ops,
+        latencies,
     )
 }
 
 /// A worker process: builds its cache or connection, warms it, says READY,
 /// waits for `GO <unix µs>`, runs its tasks from that instant, prints `END
-/// <unix µs> <CPU ns it used from GO to END>`.
+/// <unix µs> <CPU ns it used from GO to END> <ns of each timed hit>...`.
 fn worker(work: Work) {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     runtime.block_on(async {
-        let cache = cache(&work.url).await;
+        let near = match work.side.as_str() {
+            side if side.starts_with("near-") || side.starts_with("cloned-") => Some(64 << 20),
+            _ => None,
+        };
+        let cache = cache(&work.url, near).await;
         let raw = common::raw_connection(&work.url).await;
-        // Warm: the cache's connection open and its scripts loaded.
+        // Warm: the cache's connection open and its scripts loaded, and the
+        // near cache's subscription up.
         let _: Option<String> = cache.get("k0").await.expect("warm-up");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while near.is_some() && !cache.near_is_live() {
+            if Instant::now() > deadline {
+                die("the near cache never subscribed");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         println!("READY");
         let mut line = String::new();
         std::io::stdin().read_line(&mut line).expect("GO");
@@ -308,45 +476,90 @@ fn worker(work: Work) {
         let cpu_before = common::process_cpu_time();
         let tasks: Vec<_> = (0..work.tasks)
             .map(|t| {
-                let key = format!("k{}", work.first_key + t);
-                let raw_key = cache.value_key(&key);
-                let (cache, mut raw, side) = (cache.clone(), raw.clone(), work.side.clone());
-                tokio::spawn(async move {
-                    let no_load = || async { Err::<Vec<u8>, &str>("a hit must not load") };
-                    for _ in 0..work.hits {
-                        match side.as_str() {
-                            "raw" => {
-                                let v: Option<Vec<u8>> = raw.get(&raw_key).await.expect("GET");
-                                black_box(v.expect("stored"));
-                            }
-                            "string" => {
-                                let v: String = cache
-                                    .get_or_load(&key, || async {
-                                        Err::<String, &str>("a hit must not load")
-                                    })
-                                    .await
-                                    .expect("hit");
-                                black_box(v);
-                            }
-                            "bytes" => {
-                                let v = cache.get_or_load_bytes(&key, no_load).await.expect("hit");
-                                black_box(v);
-                            }
-                            _ => {
-                                let v: Vec<u8> =
-                                    cache.get_or_load(&key, no_load).await.expect("hit");
-                                black_box(v);
-                            }
-                        }
-                    }
-                })
+                let n = work.first_key + t;
+                let (cache, raw, side) = (cache.clone(), raw.clone(), work.side.clone());
+                tokio::spawn(run_task(cache, raw, side, n, work.hits))
             })
             .collect();
+        let mut latencies = Vec::new();
         for task in tasks {
-            task.await.expect("task");
+            latencies.extend(task.await.expect("task"));
         }
         let end = unix_micros();
         let cpu = common::process_cpu_time().saturating_sub(cpu_before);
-        println!("END {end} {}", cpu.as_nanos());
+        let mut out = format!("END {end} {}", cpu.as_nanos());
+        for ns in latencies {
+            out.push_str(&format!(" {ns}"));
+        }
+        println!("{out}");
     });
+}
+
+/// One task: `hits` hits of key number `n` through `side`; the latencies
+/// (ns) of one hit in 16.
+async fn run_task(
+    cache: LockedCache,
+    mut raw: redis::aio::MultiplexedConnection,
+    side: String,
+    n: usize,
+    hits: usize,
+) -> Vec<u64> {
+    let (key, record_key) = (format!("k{n}"), format!("r{n}"));
+    let raw_key = cache.value_key(&key);
+    let no_load = || async { Err::<Vec<u8>, &str>("a hit must not load") };
+    let no_record = || async { Err::<Record, &str>("a hit must not load") };
+    let mut latencies = Vec::with_capacity(hits / 16 + 1);
+    for i in 0..hits {
+        let started = (i % 16 == 0).then(Instant::now);
+        match side.as_str() {
+            "raw" => {
+                let v: Option<Vec<u8>> = raw.get(&raw_key).await.expect("GET");
+                black_box(v.expect("stored"));
+            }
+            "string" => {
+                let v: String = cache
+                    .get_or_load(&key, || async {
+                        Err::<String, &str>("a hit must not load")
+                    })
+                    .await
+                    .expect("hit");
+                black_box(v);
+            }
+            "bytes" => {
+                black_box(cache.get_or_load_bytes(&key, no_load).await.expect("hit"));
+            }
+            "vec" | "near-vec" => {
+                black_box(cache.get_or_load(&key, no_load).await.expect("hit"));
+            }
+            "struct" | "near-struct" => {
+                black_box(
+                    cache
+                        .get_or_load(&record_key, no_record)
+                        .await
+                        .expect("hit"),
+                );
+            }
+            "cloned-vec" => {
+                black_box(cache.get_or_load_cloned(&key, no_load).await.expect("hit"));
+            }
+            "cloned-struct" => {
+                let v = cache.get_or_load_cloned(&record_key, no_record).await;
+                black_box(v.expect("hit"));
+            }
+            "near-miss" => {
+                // Each key once (the worker's near cache starts empty): every
+                // call a near miss that reads Redis and keeps the value.
+                let key = format!("k{}", n * hits + i);
+                black_box(cache.get_or_load_shared(&key, no_load).await.expect("hit"));
+            }
+            _ => {
+                // shared, near-shared
+                black_box(cache.get_or_load_shared(&key, no_load).await.expect("hit"));
+            }
+        }
+        if let Some(started) = started {
+            latencies.push(started.elapsed().as_nanos() as u64);
+        }
+    }
+    latencies
 }

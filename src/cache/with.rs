@@ -28,8 +28,10 @@ use crate::telemetry::Outcome;
 ///
 /// It has the plain calls' names: [`get_or_load`](With::get_or_load) (an
 /// owned value), [`get_or_load_shared`](With::get_or_load_shared) (`Arc<T>`,
-/// the near cache's kind), [`get_or_load_bytes`](With::get_or_load_bytes)
-/// (a blob), each also `_with_outcome`, and
+/// the near cache's kind), [`get_or_load_cloned`](With::get_or_load_cloned)
+/// (an owned clone of the near cache's value),
+/// [`get_or_load_bytes`](With::get_or_load_bytes) (a blob), each but
+/// `get_or_load_cloned` also `_with_outcome`, and
 /// [`get_or_compute`](With::get_or_compute) for a loader that cannot fail.
 ///
 /// What the calls do around an expiry is told by [`CallOptions`]; errors,
@@ -161,6 +163,25 @@ impl<'a, C: Codec> With<'a, C> {
             move |context| async move { loader(context).await.map(|v| Shared(Arc::new(v))) };
         let (Shared(value), outcome) = self.call(key, loader, Some(Shared::<T>::SHARING)).await?;
         Ok((value, outcome))
+    }
+
+    /// As [`LockedCache::get_or_load_cloned`], with these options: an owned
+    /// value, a clone of the near cache's when it holds a fresh one.
+    pub async fn get_or_load_cloned<T, E, F, Fut>(
+        &self,
+        key: &str,
+        loader: F,
+    ) -> Result<T, LoadError<E>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        let (value, _) = self
+            .get_or_load_shared_with_outcome(key, |_| loader())
+            .await?;
+        Ok(Arc::unwrap_or_clone(value))
     }
 
     /// As [`LockedCache::get_or_load_bytes`], with these options: a blob,

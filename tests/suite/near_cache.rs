@@ -82,6 +82,48 @@ async fn a_hot_hit_costs_no_round_trip_and_hands_out_one_value() {
     assert_eq!(server.command_calls("get"), 1);
 }
 
+/// `get_or_load_cloned` answers from the near cache (no `GET`) with a clone
+/// of the kept value, shares `get_or_load_shared`'s entry, and sees another
+/// cache's write once its invalidation arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloned_hits_come_from_memory_and_stay_coherent() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("cloned");
+    let cache = near_cache(&server, &prefix, MINUTE).await;
+    let writer = near_cache(&server, &prefix, MINUTE).await;
+    let load = || async { Ok::<_, String>(vec![1u32, 2, 3]) };
+    let loaded: Vec<u32> = cache.get_or_load_cloned("k", load).await.unwrap();
+    assert_eq!(loaded, [1, 2, 3]);
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            let read: Vec<u32> = cache.get_or_load_cloned("k", load).await.unwrap();
+            assert_eq!(read, [1, 2, 3]);
+            cache.near_peek::<Vec<u32>>("k").is_some()
+        })
+        .await,
+        "never kept"
+    );
+    server.reset_stats();
+    let hits = cache.stats().near_hits;
+    let cloned: Vec<u32> = cache.get_or_load_cloned("k", load).await.unwrap();
+    let shared: Arc<Vec<u32>> = cache.get_or_load_shared("k", load).await.unwrap();
+    assert_eq!(
+        (cloned.as_slice(), shared.as_slice()),
+        (&[1, 2, 3][..], &[1, 2, 3][..])
+    );
+    assert_eq!(server.command_calls("get"), 0, "served from memory");
+    assert_eq!(cache.stats().near_hits, hits + 2);
+    writer.set("k", &vec![4u32]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(1), || async {
+            let read: Vec<u32> = cache.get_or_load_cloned("k", load).await.unwrap();
+            read == [4]
+        })
+        .await,
+        "the write never reached the near cache"
+    );
+}
+
 /// Three caches write and read the same keys concurrently (set, invalidate,
 /// loads); once the writes stop, every cache sees Redis's value at once: no
 /// near cache kept a value that was replaced, although its TTL (a minute)
