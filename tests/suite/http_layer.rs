@@ -65,6 +65,117 @@ async fn a_cold_url_runs_its_handler_once_across_three_servers() {
     );
 }
 
+/// The child side of the next test: with `LC_HTTP_CHILD_REDIS` set, an axum
+/// server behind `CacheLayer` in a process of its own, on a free port (it
+/// prints `PORT <n>`), until its stdin closes; it then prints
+/// `RUNS <handler runs>`. Without the variable (a normal run), nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_server_process_entry() {
+    let (Ok(url), Ok(prefix)) = (
+        std::env::var("LC_HTTP_CHILD_REDIS"),
+        std::env::var("LC_HTTP_CHILD_PREFIX"),
+    ) else {
+        return;
+    };
+    let cache = locked_cache::LockedCache::builder()
+        .redis(url)
+        .key_prefix(prefix)
+        .wait_time(Duration::from_secs(5))
+        .build()
+        .await
+        .expect("build");
+    let served = app(CacheLayer::new(cache), Shared::default()).await;
+    println!("PORT {}", served.addr.port());
+    tokio::task::spawn_blocking(|| std::io::read_to_string(std::io::stdin()))
+        .await
+        .unwrap()
+        .ok();
+    println!("RUNS {}", served.runs.of("slow"));
+}
+
+/// 300 concurrent requests for a cold URL over three server **processes**
+/// (this test binary, started three times, each with its own cache on the
+/// one redis-server): the handler runs once in all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_url_runs_its_handler_once_across_three_server_processes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let redis = RedisServer::start();
+    let prefix = unique_prefix("http_procs");
+    let mut children = Vec::new();
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "http_layer::http_server_process_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("LC_HTTP_CHILD_REDIS", redis.url())
+            .env("LC_HTTP_CHILD_PREFIX", &prefix)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn a server process");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = tokio::task::block_in_place(|| {
+            lines
+                .by_ref()
+                .map_while(Result::ok)
+                .find_map(|l| {
+                    l.split("PORT ")
+                        .nth(1)
+                        .map(|p| p.trim().parse::<u16>().unwrap())
+                })
+                .expect("the server process printed no port")
+        });
+        ports.push(port);
+        children.push((child, lines));
+    }
+    let client = client();
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        let (client, addr) = (
+            client.clone(),
+            std::net::SocketAddr::from(([127, 0, 0, 1], ports[i % 3])),
+        );
+        calls.push(tokio::spawn(async move {
+            send(&client, "GET", addr, "/slow", &[]).await
+        }));
+    }
+    let replies = join_all_checked(calls).await;
+    let mut runs = 0u32;
+    for (mut child, mut lines) in children {
+        drop(child.stdin.take());
+        runs += tokio::task::block_in_place(|| {
+            lines
+                .by_ref()
+                .map_while(Result::ok)
+                .find_map(|l| {
+                    l.split("RUNS ")
+                        .nth(1)
+                        .map(|n| n.trim().parse::<u32>().unwrap())
+                })
+                .expect("the server process printed no count")
+        });
+        let _ = child.wait();
+    }
+    let hits = replies
+        .iter()
+        .filter(|r| r.header("x-cache") == "HIT")
+        .count();
+    eprintln!("three processes: {runs} handler run(s), {hits} HIT of 300");
+    assert_eq!(runs, 1, "the handler ran once across three processes");
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::OK && r.text() == "slow")
+    );
+    assert_eq!(hits, 299);
+}
+
 /// A panicking handler: 500, not cached.
 #[tokio::test]
 async fn a_panicking_handler_is_a_500_not_cached() {
