@@ -19,6 +19,7 @@ use super::Inner;
 use super::flight::{self, Sharing};
 use super::many::{Answer, Led, add_n};
 use super::options::Resolved;
+use crate::cache::QuorumLossPolicy;
 use crate::codec::Codec;
 use crate::error::{Error, LoadError};
 use crate::lock::{Fenced, KeyVote, LoadLocks, jittered, split_vote_retry};
@@ -130,6 +131,10 @@ impl<C: Codec> Inner<C> {
             let mut busy_waiters = Vec::new();
             let mut no_quorum = false;
             let mut split = false;
+            // Keys whose quorum is lost, loaded without their locks under
+            // `QuorumLossPolicy::FailOpen` (as a single key would be).
+            let mut open = Vec::new();
+            let fail_open = self.quorum_loss == QuorumLossPolicy::FailOpen;
             let mut found = attempt.found.map(Vec::into_iter);
             for ((l, vote), waiter) in led.into_iter().zip(&attempt.votes).zip(waiters) {
                 let value = found.as_mut().and_then(Iterator::next).flatten();
@@ -149,6 +154,7 @@ impl<C: Codec> Inner<C> {
                             done.push(self.finish_led(l, Ok(got), sharing));
                         }
                     }
+                    KeyVote::NoQuorum if fail_open => open.push(l),
                     vote => {
                         no_quorum |= *vote == KeyVote::NoQuorum;
                         split |= *vote == KeyVote::Split;
@@ -162,6 +168,30 @@ impl<C: Codec> Inner<C> {
                     .load_held(held, prefetched, locks, loader, options, sharing)
                     .await;
                 done.extend(loaded);
+            }
+            if !open.is_empty() {
+                add_n(&self.stats.fail_open_loads, open.len());
+                tracing::warn!(
+                    keys = open.len(),
+                    "lock quorum lost: loading a batch's keys without their locks (fail-open)"
+                );
+                match self.lock.unlocked_loads() {
+                    Ok(unlocked) => {
+                        let loaded = self
+                            .load_held(open, None, unlocked, loader, options, sharing)
+                            .await;
+                        done.extend(loaded);
+                    }
+                    Err(e) => {
+                        for l in open {
+                            done.push(self.finish_led(
+                                l,
+                                Err(LoadError::Cache(e.clone())),
+                                sharing,
+                            ));
+                        }
+                    }
+                }
             }
             if busy.is_empty() {
                 return done;

@@ -252,6 +252,23 @@ impl Redlock {
     }
 }
 
+impl Redlock {
+    /// No locks, under a fresh token: for keys loaded without their locks
+    /// after a lost quorum (`QuorumLossPolicy::FailOpen`). The token still
+    /// fences their stores; renewing and releasing do nothing.
+    pub(crate) fn unlocked_loads(&self) -> Result<LoadLocks> {
+        let token = Token::new().map_err(|e| {
+            Error::InvalidConfig(format!("the OS random number generator failed: {e}"))
+        })?;
+        Ok(LoadLocks {
+            inner: Arc::clone(&self.inner),
+            names: Arc::new(Vec::new()),
+            token,
+            released: false,
+        })
+    }
+}
+
 impl LoadLocks {
     /// The token every lock of the batch holds (also its fences' token).
     pub fn token(&self) -> &[u8] {
@@ -297,6 +314,9 @@ impl Drop for LoadLocks {
 }
 
 async fn release(inner: Arc<Inner>, names: Arc<Vec<String>>, token: Token) {
+    if names.is_empty() {
+        return;
+    }
     let channel = inner
         .options
         .wake_ups
@@ -325,6 +345,9 @@ impl Renewer {
     /// Compare-and-pexpire on every master: per lock, whether a majority
     /// still holds it.
     pub async fn renew(&self, expiry: Duration) -> Vec<bool> {
+        if self.names.is_empty() {
+            return Vec::new();
+        }
         let refs: Vec<&str> = self.names.iter().map(String::as_str).collect();
         let renewals = self
             .inner

@@ -11,6 +11,7 @@ use crate::support;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -347,6 +348,72 @@ async fn a_master_killed_mid_batch_does_not_fail_it() {
         .await
         .unwrap();
     assert!(again.iter().all(|v| *v == Some(1)));
+}
+
+/// Two masters of three down, so no lock quorum: with
+/// `QuorumLossPolicy::FailOpen` a batch loads its keys without their locks
+/// (one loader call, fenced stores on the value server, counted as fail-open
+/// loads), as a single key would; with the default (fail-closed) it fails
+/// with a quorum error and loads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_without_quorum_fails_open_or_closed_by_policy() {
+    let mut fleet = Fleet::start(3);
+    let values = RedisServer::start();
+    let prefix = unique_prefix("open");
+    let build = |policy| {
+        LockedCache::builder()
+            .masters(fleet.urls())
+            .cache_url(values.url())
+            .key_prefix(&prefix)
+            .wait_time(Duration::from_millis(500))
+            .command_timeout(Duration::from_millis(300))
+            .quorum_loss(policy)
+    };
+    let open = build(locked_cache::QuorumLossPolicy::FailOpen)
+        .build()
+        .await
+        .unwrap();
+    let closed = build(locked_cache::QuorumLossPolicy::FailClosed)
+        .build()
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| {
+        fleet.kill(1);
+        fleet.kill(2);
+    });
+    let keys: Vec<String> = (0..10).map(|i| format!("o{i}")).collect();
+    let calls = Arc::new(AtomicU32::new(0));
+    let loader = |calls: Arc<AtomicU32>| {
+        move |missing: Vec<String>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            async move { Ok::<_, String>(missing.into_iter().map(|k| (k, 3u8)).collect::<Vec<_>>()) }
+        }
+    };
+    let err = closed
+        .get_or_load_many(&keys, loader(Arc::clone(&calls)))
+        .await
+        .expect_err("fail-closed without a quorum");
+    assert!(
+        err.cache_error().is_some_and(|e| e.is_quorum_error()),
+        "{err:?}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0, "fail-closed loaded");
+    let got: Vec<Option<u8>> = open
+        .get_or_load_many(&keys, loader(Arc::clone(&calls)))
+        .await
+        .expect("fail-open without a quorum");
+    assert!(got.iter().all(|v| *v == Some(3)), "{got:?}");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one loader call for the batch"
+    );
+    assert_eq!(open.stats().fail_open_loads, 10);
+    let stored: Vec<Option<u8>> = closed.get_many(&keys).await.unwrap();
+    assert!(
+        stored.iter().all(|v| *v == Some(3)),
+        "not stored: {stored:?}"
+    );
 }
 
 /// A panicking loader panics its caller; its locks are released and the
