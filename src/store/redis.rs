@@ -472,9 +472,12 @@ impl Store for RedisStore {
             server: self.server.clone(),
             timeout,
         };
-        let client = tokio::time::timeout(timeout, self.endpoint.client(timeout))
+        // Bounded by `timeout` itself (asking the Sentinels; a fixed
+        // endpoint answers at once).
+        let client = self
+            .endpoint
+            .client(timeout)
             .await
-            .map_err(|_| timed_out())?
             .map_err(|e| self.redis_error(e))?;
         let client = match &self.credentials {
             None => client,
