@@ -17,12 +17,15 @@
 //!   process whose near cache starts empty: every call a near miss that reads
 //!   Redis, `GET` + `PTTL`, and keeps the value).
 //!
-//! Each process has one cache (or, for the raw side, one connection). The
-//! sides take turns over several rounds (rotating order); a round's
-//! throughput is all its hits over the time from the common start to the last
-//! process's end, and a side's ratio is the median over rounds of its
-//! throughput ÷ the raw side's in the same round. Beside it: p50 / p99 of one
-//! hit in 16 (timed around the call, over every round), and the CPU time per
+//! Each process has one cache (or, for the raw side, one connection). Each
+//! round runs every side once, each **paired** with a raw run just before or
+//! just after it (alternately; the sides' order rotates): a run's throughput
+//! is all its hits over the time from the common start to the last process's
+//! end, and a side's ratio is the median over rounds of its throughput ÷ its
+//! paired raw run's (with quartiles, and min–max). Pairing matters on a
+//! shared 2-core host: runs a few seconds apart differed by 30 % and more
+//! (unpaired, the same build's ratio read 0.86–1.15× over five runs).
+//! Beside it: p50 / p99 of one hit in 16 (timed around the call, over every round), and the CPU time per
 //! hit (every worker process and the redis-server, during the round) as a
 //! ratio, raw ÷ side, which moves far less with the host's scheduling.
 //!
@@ -59,7 +62,8 @@ USAGE: cargo bench --bench hit_fleet -- [FLAGS]
   --processes N     fleet: OS processes                          [2]
   --tasks N         fleet: tasks per process (each its own key)  [1000]
   --hits N          hits per task and round (Redis sides)        [200]
-  --sides LIST      fleet sides besides raw: vec, bytes, string, shared
+  --sides LIST      fleet sides besides raw: vec, bytes, string, shared,
+                    vec-boxed (the caller boxes the call's future)
                                                                  [vec,shared]
   --near-tasks N    near part: tasks (1 process)                 [100]
   --near-hits N     near hits per task and round                 [20000]
@@ -68,11 +72,11 @@ USAGE: cargo bench --bench hit_fleet -- [FLAGS]
                     near-miss (empty: skip the part)
                     [vec,struct,near-vec,near-struct,cloned-vec,cloned-struct,near-shared,near-miss]
   --size B          value size, bytes (the struct is ~1 KiB)     [1024]
-  --rounds N        rounds (each side once per round)            [5]
+  --rounds N        rounds (each side and a paired raw run)      [5]
 
 Report: target/bench-report/hit_fleet.md.";
 
-const FLEET_SIDES: [&str; 4] = ["vec", "bytes", "string", "shared"];
+const FLEET_SIDES: [&str; 5] = ["vec", "bytes", "string", "shared", "vec-boxed"];
 const NEAR_SIDES: [&str; 8] = [
     "vec",
     "struct",
@@ -181,6 +185,9 @@ fn main() {
         let default: Vec<String> = default.iter().map(|s| (*s).to_owned()).collect();
         let mut sides = vec!["raw".to_owned()];
         for side in flags.list::<String>(flag, &default) {
+            if side.is_empty() {
+                continue;
+            }
             if !known.contains(&side.as_str()) {
                 die(&format!("unknown side {side}"));
             }
@@ -221,18 +228,30 @@ fn main() {
         common::environment_line(&support::redis_server_binary()),
     );
     for part in parts.iter().filter(|p| p.sides.len() > 1) {
+        // Per side: its own runs, and the raw runs paired with them.
         let mut measured = vec![Measured::default(); part.sides.len()];
+        let mut paired_raw = vec![Measured::default(); part.sides.len()];
+        let mut run = |side: &str, into: &mut Measured| {
+            let side_hits = if is_near_hit(side) { near_hits } else { hits };
+            let (rate, cpu, latencies) =
+                run_round(&url, &mut info, side, part.processes, part.tasks, side_hits);
+            into.rates.push(rate);
+            into.cpus.push(cpu);
+            into.latencies_ns.extend(latencies);
+        };
         for round in 0..rounds {
-            for i in 0..part.sides.len() {
-                let index = (round + i) % part.sides.len();
-                let side = &part.sides[index];
-                let side_hits = if is_near_hit(side) { near_hits } else { hits };
-                let (rate, cpu, latencies) =
-                    run_round(&url, &mut info, side, part.processes, part.tasks, side_hits);
-                let m = &mut measured[index];
-                m.rates.push(rate);
-                m.cpus.push(cpu);
-                m.latencies_ns.extend(latencies);
+            for i in 1..part.sides.len() {
+                // Rotating which side goes first in a round, and which of
+                // the pair goes first in a pair.
+                let index = 1 + (round + i) % (part.sides.len() - 1);
+                let side = part.sides[index].clone();
+                if (round + i) % 2 == 0 {
+                    run("raw", &mut paired_raw[index]);
+                    run(&side, &mut measured[index]);
+                } else {
+                    run(&side, &mut measured[index]);
+                    run("raw", &mut paired_raw[index]);
+                }
             }
         }
         report.push_str(&format!(
@@ -241,7 +260,7 @@ fn main() {
             part.name,
             part.processes,
             part.tasks,
-            table(&part.sides, &mut measured)
+            table(&part.sides, &mut measured, &mut paired_raw)
         ));
     }
     println!("{report}");
@@ -257,54 +276,64 @@ fn is_near_hit(side: &str) -> bool {
 }
 
 /// The table of one part: per side, hits/s, the ratio to raw, p50/p99, CPU.
-fn table(sides: &[String], measured: &mut [Measured]) -> String {
+/// Every ratio compares a side with the raw runs paired with its own (run
+/// just before or just after each of them): the ratio of hits/s and of CPU
+/// per hit is the median over pairs, the p99 ratio is the side's p99 over
+/// the p99 of its paired raw runs. The raw row pools every raw run.
+fn table(sides: &[String], measured: &mut [Measured], paired_raw: &mut [Measured]) -> String {
     let median_of = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         let bounds = (v[0], v[v.len() - 1]);
-        (v[v.len() / 2], bounds)
+        let quartiles = (v[v.len() / 4], v[(v.len() * 3) / 4]);
+        (v[v.len() / 2], bounds, quartiles)
     };
     let mut table = Table::new(&[
         "side",
         "hits/s (median)",
-        "÷ raw GET [min–max]",
+        "÷ raw GET (median of pairs) [quartiles] {min–max}",
         "p50 / p99 µs",
-        "p99 ÷ raw",
+        "p99 ÷ paired raw's",
         "CPU µs per hit",
         "CPU: raw ÷ side",
     ]);
+    let mut all_raw = Measured::default();
+    for m in paired_raw.iter_mut().skip(1) {
+        all_raw.rates.extend(&m.rates);
+        all_raw.cpus.extend(&m.cpus);
+        all_raw.latencies_ns.extend(&m.latencies_ns);
+        m.latencies_ns.sort_unstable();
+    }
+    all_raw.latencies_ns.sort_unstable();
+    measured[0] = all_raw;
     for m in measured.iter_mut() {
         m.latencies_ns.sort_unstable();
     }
-    let raw = measured[0].clone();
-    let raw_p99 = percentile(&raw.latencies_ns, 99.0) as f64;
-    for (side, m) in sides.iter().zip(measured.iter()) {
-        let ratios: Vec<f64> = m.rates.iter().zip(&raw.rates).map(|(s, r)| s / r).collect();
-        let (ratio, (low, high)) = median_of(ratios);
-        let cpu_ratios: Vec<f64> = m.cpus.iter().zip(&raw.cpus).map(|(s, r)| r / s).collect();
-        let (cpu_ratio, _) = median_of(cpu_ratios);
+    for ((side, m), raw) in sides.iter().zip(measured.iter()).zip(paired_raw.iter()) {
+        let is_raw = side == "raw";
         let p50 = percentile(&m.latencies_ns, 50.0) as f64 / 1e3;
         let p99 = percentile(&m.latencies_ns, 99.0) as f64;
-        let is_raw = side == "raw";
+        let (ratio_cell, p99_cell, cpu_cell) = if is_raw {
+            ("1".to_owned(), "1".to_owned(), "1".to_owned())
+        } else {
+            let ratios: Vec<f64> = m.rates.iter().zip(&raw.rates).map(|(s, r)| s / r).collect();
+            let (ratio, (low, high), (q1, q3)) = median_of(ratios);
+            let cpu_ratios: Vec<f64> = m.cpus.iter().zip(&raw.cpus).map(|(s, r)| r / s).collect();
+            let (cpu_ratio, _, _) = median_of(cpu_ratios);
+            let raw_p99 = percentile(&raw.latencies_ns, 99.0) as f64;
+            (
+                format!("{ratio:.3} [{q1:.2}–{q3:.2}] {{{low:.2}–{high:.2}}}"),
+                format!("{:.2}", p99 / raw_p99),
+                format!("{cpu_ratio:.3}"),
+            )
+        };
         table.row(vec![
             label(side).to_owned(),
             format!("{:.0}", median_of(m.rates.clone()).0),
-            if is_raw {
-                "1".to_owned()
-            } else {
-                format!("{ratio:.3} [{low:.2}–{high:.2}]")
-            },
+            ratio_cell,
             format!("{p50:.1} / {:.1}", p99 / 1e3),
-            if is_raw {
-                "1".to_owned()
-            } else {
-                format!("{:.2}", p99 / raw_p99)
-            },
+            p99_cell,
             format!("{:.2}", median_of(m.cpus.clone()).0),
-            if is_raw {
-                "1".to_owned()
-            } else {
-                format!("{cpu_ratio:.3}")
-            },
+            cpu_cell,
         ]);
     }
     table.markdown()
@@ -316,6 +345,7 @@ fn label(side: &str) -> &'static str {
         "string" => "`get_or_load`, `String`",
         "bytes" => "`get_or_load_bytes`",
         "vec" => "`get_or_load`, `Vec<u8>`",
+        "vec-boxed" => "`get_or_load`, `Vec<u8>`, its future boxed by the caller",
         "shared" => "`get_or_load_shared`, `Vec<u8>`",
         "struct" => "`get_or_load`, struct",
         "near-vec" => "`get_or_load`, `Vec<u8>`, near cache on",
@@ -527,6 +557,10 @@ async fn run_task(
             }
             "bytes" => {
                 black_box(cache.get_or_load_bytes(&key, no_load).await.expect("hit"));
+            }
+            "vec-boxed" => {
+                let call = Box::pin(cache.get_or_load(&key, no_load));
+                black_box(call.await.expect("hit"));
             }
             "vec" | "near-vec" => {
                 black_box(cache.get_or_load(&key, no_load).await.expect("hit"));
