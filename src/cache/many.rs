@@ -69,6 +69,15 @@ pub(super) type NearLookup<'a, V> = dyn Fn(&str) -> Option<V> + Sync + 'a;
 /// One key's answer.
 pub(super) type Answer<V, E> = std::result::Result<Got<V>, LoadError<E>>;
 
+/// A stale key of a batch: its position, what its refresh replaces, and the
+/// value to serve.
+pub(super) type Stale<V> = (usize, Replacing, Got<V>);
+
+/// Where a batch whose only unfresh keys are stale sends its answers before
+/// refreshing them (`Inner::many`).
+pub(super) type EarlyAnswers<V, E> =
+    tokio::sync::oneshot::Sender<Result<Vec<std::result::Result<Option<V>, LoadError<E>>>>>;
+
 impl<C: Codec> LockedCache<C> {
     /// Returns a value (or `None`) for every key of `keys`, in their order,
     /// loading the missing ones with **one** call of `loader`, once across
@@ -185,7 +194,7 @@ impl<C: Codec> LockedCache<C> {
     {
         let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
         self.inner
-            .many(&keys, loader, &self.inner.defaults, None, None)
+            .many(&keys, loader, &self.inner.defaults, None, None, &mut None)
             .await
     }
 
@@ -219,6 +228,7 @@ impl<C: Codec> LockedCache<C> {
                 &self.inner.defaults,
                 Some(super::shared::Shared::<T>::SHARING),
                 near.as_deref(),
+                &mut None,
             )
             .await?;
         answers
@@ -297,6 +307,8 @@ pub(super) struct Led<'f, V> {
     pub(super) keys: Keys,
     pub(super) leader: Option<Leader<'f>>,
     pub(super) refresh: Option<(Replacing, Got<V>)>,
+    /// The stale value was already served (a batch that answered early).
+    pub(super) served: bool,
 }
 
 impl<C: Codec> Inner<C> {

@@ -4,22 +4,36 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::flight::{Role, Sharing};
 use super::freshness::{self, Freshness};
 use super::keys::{self, Keys, ValueKey};
-use super::many::{Answer, Led, NearLookup, add_n};
+use super::many::{Answer, EarlyAnswers, Led, NearLookup, Stale, add_n};
 use super::options::Resolved;
 use super::{Found, Inner, Replacing, call, in_place};
 use crate::codec::{self, Codec};
-use crate::error::{Error, LoadError, Result};
+use crate::error::{Described, Error, LoadError, Result};
 use crate::stats::Stats;
 use crate::store::Stored;
+
+/// How the first part of a batch ended: every key answered, or (a batch
+/// that answered early) its stale keys left to refresh.
+pub(super) enum Ended<'k, V, E> {
+    Answered(Vec<std::result::Result<Option<V>, LoadError<E>>>),
+    Refresh {
+        distinct: Vec<&'k str>,
+        stale: Vec<Stale<V>>,
+        started: Instant,
+        deadline: Instant,
+    },
+}
 
 impl<C: Codec> Inner<C> {
     /// The first read of a batch: the values of `keys` judged for `options`
@@ -173,6 +187,14 @@ impl<C: Codec> Inner<C> {
     /// In a `get_or_load_many` span (DEBUG, with the number of keys) when a
     /// subscriber wants it, and bounded by the call's hard timeout, if any
     /// ([`Error::LoadTimeout`] for the whole call).
+    ///
+    /// With `early` (the `with(CallOptions)` calls, whose loader is `'static`
+    /// and whose call runs on a task): a batch whose only unfresh keys are
+    /// stale (or picked for early refresh) sends its answers there at once,
+    /// the stale values included, and refreshes them afterwards, bounded by
+    /// the background timeout. The hard timeout is then the caller's to
+    /// apply, to its wait for the answers.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn many<V, E, F, Fut, R>(
         self: &Arc<Self>,
         keys: &[&str],
@@ -180,6 +202,7 @@ impl<C: Codec> Inner<C> {
         options: &Resolved,
         sharing: Option<Sharing<V>>,
         near: Option<&NearLookup<'_, V>>,
+        early: &mut Option<EarlyAnswers<V, E>>,
     ) -> Result<Vec<std::result::Result<Option<V>, LoadError<E>>>>
     where
         V: Serialize + DeserializeOwned + Send + 'static,
@@ -196,28 +219,48 @@ impl<C: Codec> Inner<C> {
             db.system = self.telemetry.db_system,
             locked_cache.keys = keys.len(),
         );
-        let call = self.many_untraced(keys, loader, options, sharing, near);
-        let call = tracing::Instrument::instrument(call, span);
-        match options.hard_timeout {
+        let mut loader = loader;
+        let call = self.many_untraced(keys, &mut loader, options, sharing, near, early);
+        let call = tracing::Instrument::instrument(call, span.clone());
+        let ended = match options.hard_timeout {
             None => call.await,
             Some(timeout) => match tokio::time::timeout(timeout, call).await {
-                Ok(answers) => answers,
+                Ok(ended) => ended,
                 Err(_) => Err(Error::LoadTimeout {
                     key: format!("{} keys of a batch", keys.len()),
                     timeout,
                 }),
             },
+        }?;
+        match ended {
+            Ended::Answered(answers) => Ok(answers),
+            // Answered early: the refresh, past the hard timeout (it bounds
+            // the caller's wait), within the background timeout.
+            Ended::Refresh {
+                distinct,
+                stale,
+                started,
+                deadline,
+            } => {
+                let refresh = self.refresh_many_in_background(
+                    &distinct, stale, loader, options, sharing, started, deadline,
+                );
+                tracing::Instrument::instrument(refresh, span).await;
+                Ok(Vec::new())
+            }
         }
     }
 
-    pub(super) async fn many_untraced<V, E, F, Fut, R>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn many_untraced<'k, V, E, F, Fut, R>(
         self: &Arc<Self>,
-        keys: &[&str],
-        mut loader: F,
+        keys: &[&'k str],
+        loader: &mut F,
         options: &Resolved,
         sharing: Option<Sharing<V>>,
-        near: Option<&NearLookup<'_, V>>,
-    ) -> Result<Vec<std::result::Result<Option<V>, LoadError<E>>>>
+        near: Option<&NearLookup<'k, V>>,
+        early: &mut Option<EarlyAnswers<V, E>>,
+    ) -> Result<Ended<'k, V, E>>
     where
         V: Serialize + DeserializeOwned + Send + 'static,
         E: Send + Sync + 'static,
@@ -332,7 +375,144 @@ impl<C: Codec> Inner<C> {
             add_n(&self.stats.misses, misses.len());
         }
 
-        // 3-5. Flights, locks, the load; followed keys whose leader went away
+        // A stale-only batch whose caller takes its answers early: the stale
+        // values now, their refresh after (in the background, as a single
+        // key's is).
+        if misses.is_empty()
+            && !stale.is_empty()
+            && let Some(tx) = early.take()
+        {
+            for (i, _, got) in &mut stale {
+                Stats::add(&self.stats.stale_served);
+                answers[*i] = Some(Ok((got.0.take(), got.1.clone())));
+            }
+            let _ = tx.send(Ok(self.answer_positions(answers, &positions, sharing)));
+            return Ok(Ended::Refresh {
+                distinct,
+                stale,
+                started,
+                deadline,
+            });
+        }
+        self.settle_many(
+            &distinct,
+            &mut answers,
+            misses,
+            stale,
+            false,
+            loader,
+            options,
+            sharing,
+            started,
+            deadline,
+        )
+        .await;
+        Ok(Ended::Answered(
+            self.answer_positions(answers, &positions, sharing),
+        ))
+    }
+
+    /// The stale keys of a batch that answered early, refreshed (their locks
+    /// tried once: a key another holder refreshes is left to it), bounded by
+    /// the background timeout; failures are logged and counted, and the
+    /// values in Redis are left as they were.
+    #[allow(clippy::too_many_arguments)]
+    async fn refresh_many_in_background<V, E, F, Fut, R>(
+        self: &Arc<Self>,
+        distinct: &[&str],
+        stale: Vec<Stale<V>>,
+        mut loader: F,
+        options: &Resolved,
+        sharing: Option<Sharing<V>>,
+        started: Instant,
+        deadline: Instant,
+    ) where
+        V: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<R, E>>,
+        R: IntoIterator<Item = (String, V)>,
+    {
+        // A failure is counted here, not masked by fail-safe: nobody waits
+        // for these answers.
+        let options = Resolved {
+            fail_safe: false,
+            ..*options
+        };
+        let keys = stale.len();
+        let mut answers: Vec<Option<Answer<V, E>>> = (0..distinct.len()).map(|_| None).collect();
+        let refresh = self.settle_many(
+            distinct,
+            &mut answers,
+            Vec::new(),
+            stale,
+            true,
+            &mut loader,
+            &options,
+            sharing,
+            started,
+            deadline,
+        );
+        let bounded = tokio::time::timeout(
+            options.background_timeout,
+            AssertUnwindSafe(refresh).catch_unwind(),
+        );
+        let failure = match bounded.await {
+            Ok(Ok(())) => {
+                let failed = answers
+                    .iter()
+                    .filter(|a| matches!(a, Some(Err(_))))
+                    .count();
+                let error = answers.iter().find_map(|a| match a {
+                    Some(Err(e)) => Some(Described(e).to_string()),
+                    _ => None,
+                });
+                error.map(|e| (failed, e))
+            }
+            // The locks are released by their guards' drop; the panic was
+            // reported by the panic hook.
+            Ok(Err(_)) => Some((keys, "the loader panicked".to_owned())),
+            Err(_) => Some((
+                keys,
+                format!(
+                    "the refresh passed the background timeout of {:?} and was dropped",
+                    options.background_timeout
+                ),
+            )),
+        };
+        if let Some((failed, error)) = failure {
+            add_n(&self.stats.background_errors, failed);
+            tracing::warn!(
+                keys = failed,
+                error,
+                "a batch's background refresh failed; the values in the store are unchanged"
+            );
+        }
+    }
+
+    /// Steps 3-5 for `misses` and `stale`, each key's answer into `answers`
+    /// (`served`: the stale values were already handed out).
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_many<V, E, F, Fut, R>(
+        self: &Arc<Self>,
+        distinct: &[&str],
+        answers: &mut [Option<Answer<V, E>>],
+        mut misses: Vec<usize>,
+        mut stale: Vec<Stale<V>>,
+        served: bool,
+        loader: &mut F,
+        options: &Resolved,
+        sharing: Option<Sharing<V>>,
+        started: Instant,
+        deadline: Instant,
+    ) where
+        V: Serialize + DeserializeOwned + Send + 'static,
+        E: Send + Sync + 'static,
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: Future<Output = std::result::Result<R, E>>,
+        R: IntoIterator<Item = (String, V)>,
+    {
+        // Flights, locks, the load; followed keys whose leader went away
         // are led on the next pass.
         let mut passes = 0;
         while !misses.is_empty() || !stale.is_empty() {
@@ -353,6 +533,7 @@ impl<C: Codec> Inner<C> {
                         keys,
                         leader: Some(leader),
                         refresh: None,
+                        served: false,
                     }),
                     Role::Alone => led.push(Led {
                         at: i,
@@ -360,6 +541,7 @@ impl<C: Codec> Inner<C> {
                         keys,
                         leader: None,
                         refresh: None,
+                        served: false,
                     }),
                     Role::Follower(rx) => {
                         if passes == 1 {
@@ -376,10 +558,11 @@ impl<C: Codec> Inner<C> {
                     keys: Keys::new(&self.key_prefix, distinct[i]),
                     leader: None,
                     refresh: Some((replacing, got)),
+                    served,
                 });
             }
             let follow = self.follow_many::<V, E>(followed, sharing, options, deadline);
-            let lead = self.lead_many(led, &mut loader, options, sharing, started, deadline);
+            let lead = self.lead_many(led, loader, options, sharing, started, deadline);
             let (followed, led) = tokio::join!(follow, lead);
             for (i, answer) in led {
                 answers[i] = Some(answer);
@@ -398,14 +581,22 @@ impl<C: Codec> Inner<C> {
             }
         }
 
-        // Each position its answer; a key asked twice is decoded again (or
-        // shared) from the bytes.
-        let mut left = vec![0usize; distinct.len()];
-        for &i in &positions {
+    }
+
+    /// Each position of the call its key's answer; a key asked twice is
+    /// decoded again (or shared) from the bytes.
+    fn answer_positions<V: DeserializeOwned, E>(
+        &self,
+        mut answers: Vec<Option<Answer<V, E>>>,
+        positions: &[usize],
+        sharing: Option<Sharing<V>>,
+    ) -> Vec<std::result::Result<Option<V>, LoadError<E>>> {
+        let mut left = vec![0usize; answers.len()];
+        for &i in positions {
             left[i] += 1;
         }
-        let mut out = Vec::with_capacity(keys.len());
-        for &i in &positions {
+        let mut out = Vec::with_capacity(positions.len());
+        for &i in positions {
             left[i] -= 1;
             let answer = if left[i] == 0 {
                 answers[i].take()
@@ -418,7 +609,7 @@ impl<C: Codec> Inner<C> {
                 None => Err(LoadError::Cache(Error::Abandoned)),
             });
         }
-        Ok(out)
+        out
     }
 
     /// A second copy of an answer, for a key asked twice.

@@ -150,7 +150,9 @@ impl<C: Codec> Inner<C> {
                     _ if l.refresh.is_some() => {
                         let mut l = l;
                         if let Some((_, got)) = l.refresh.take() {
-                            Stats::add(&self.stats.stale_served);
+                            if !l.served {
+                                Stats::add(&self.stats.stale_served);
+                            }
                             done.push(self.finish_led(l, Ok(got), sharing));
                         }
                     }

@@ -235,10 +235,21 @@ impl<'a, C: Codec> With<'a, C> {
 
     /// As [`LockedCache::get_or_load_many`], with these options (TTL, negative
     /// TTL, stale window, fail-safe, early refresh, jitter, hard timeout).
-    /// With [`detached`](CallOptions::detached) loads (the default) the call
-    /// runs on a task of its own: dropping its future does not stop it, so
-    /// the keys it locked are loaded, stored and released for the callers
-    /// waiting on them.
+    ///
+    /// The call runs on a task of its own. With
+    /// [`detached`](CallOptions::detached) loads (the default) dropping its
+    /// future does not stop it, so the keys it locked are loaded, stored and
+    /// released for the callers waiting on them; without, dropping it stops
+    /// the task as if the call ran in place.
+    ///
+    /// **Stale values are not waited for**: a batch whose only unfresh keys
+    /// are stale (past their TTL, within the stale window) or picked for an
+    /// early refresh answers at once, with those values, and refreshes them
+    /// afterwards in one loader call, bounded by the background timeout (a
+    /// failure is logged and counted in
+    /// [`background_errors`](crate::StatsSnapshot::background_errors); the
+    /// values in Redis stay as they were). A batch that also has misses
+    /// waits for them, and refreshes its stale keys in the same loader call.
     pub async fn get_or_load_many<K, T, E, F, Fut, R>(
         &self,
         keys: &[K],
@@ -276,18 +287,38 @@ impl<'a, C: Codec> With<'a, C> {
         let inner = Arc::clone(&self.cache.inner);
         let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
         let keys: Vec<String> = keys.iter().map(|k| k.as_ref().to_owned()).collect();
+        // The call runs on a task of its own, which answers through `tx`: at
+        // its end, or, for a batch whose only unfresh keys are stale, at once
+        // (then it goes on to refresh them).
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let call = async move {
             let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-            inner.many(&refs, loader, &options, None, None).await
+            let mut early = Some(tx);
+            let answers = inner
+                .many(&refs, loader, &options, None, None, &mut early)
+                .await;
+            if let Some(tx) = early {
+                let _ = tx.send(answers);
+            }
         };
-        if !options.detached {
-            let call: Pin<Box<dyn Future<Output = _> + Send>> = Box::pin(call);
-            return call.await;
-        }
-        match tokio::spawn(call).await {
-            Ok(answers) => answers,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(Error::Abandoned),
+        let task = tokio::spawn(tracing::Instrument::in_current_span(call));
+        // Not detached: dropping this call's future stops the task, as if it
+        // ran in place, until it has answered.
+        let stop = (!options.detached).then(|| AbortOnDrop(Some(task.abort_handle())));
+        // The hard timeout is applied in the task (it ends the call there).
+        let answered = rx.await;
+        match answered {
+            Ok(answers) => {
+                if let Some(mut stop) = stop {
+                    stop.0 = None;
+                }
+                answers
+            }
+            // The task ended without answering: it panicked (resumed here).
+            Err(_) => match task.await {
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                _ => Err(Error::Abandoned),
+            },
         }
     }
 
@@ -323,5 +354,16 @@ impl<'a, C: Codec> With<'a, C> {
         let call: Pin<Box<dyn Future<Output = _> + Send + '_>> =
             Box::pin(inner.traced_call(key, Spawnable(loader), &options, sharing));
         call.await
+    }
+}
+
+/// Aborts a task when dropped, unless disarmed (`None`).
+struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }

@@ -694,44 +694,132 @@ async fn the_shared_form_answers_from_the_near_cache() {
     assert_eq!(server.command_calls("mget"), 0);
 }
 
-/// A stale window: a stale key someone else refreshes is served stale; one
-/// whose refresh fails is served stale too (fail-safe), with the error kept
-/// from the caller.
-#[tokio::test]
-async fn stale_keys_are_refreshed_or_served_fail_safe() {
-    let cache = LockedCache::builder().build().await.unwrap();
-    let swr = CallOptions::new()
-        .ttl(Duration::from_millis(30))
-        .stale_for(Duration::from_secs(30));
-    let load = |value: u32| {
-        move |missing: Vec<String>| async move {
-            Ok::<_, String>(missing.into_iter().map(|k| (k, value)).collect::<Vec<_>>())
-        }
-    };
-    let got = cache
-        .with(swr)
-        .get_or_load_many(&["s1", "s2"], load(1))
+/// A stale window through `with(CallOptions)` (a `'static` loader): a batch
+/// whose only unfresh keys are stale answers with the stale values at once
+/// and refreshes them in the background, one loader call; a refresh that
+/// fails leaves the values as they were and is counted; a batch with a miss
+/// waits for it and refreshes its stale keys in the same loader call
+/// (fail-safe serves a stale one whose refresh fails). On a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_only_batch_answers_at_once_and_refreshes_in_the_background() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("many-swr");
+    let cache = LockedCache::builder()
+        .redis(&server.url())
+        .key_prefix(&prefix)
+        .build()
         .await
         .unwrap();
-    assert_eq!(got, [Some(1), Some(1)]);
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    // Stale: the refresh fails, fail-safe serves the stale values.
+    let swr = CallOptions::new()
+        .ttl(Duration::from_millis(100))
+        .stale_for(Duration::from_secs(30));
+    let loads = Loads::default();
+    let load = |value: u32, delay: Duration| {
+        let loads = loads.clone();
+        move |missing: Vec<String>| {
+            loads.record(&missing);
+            async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, String>(missing.into_iter().map(|k| (k, value)).collect::<Vec<_>>())
+            }
+        }
+    };
+    let keys = ["s1", "s2", "s3"];
+    let got = cache
+        .with(swr)
+        .get_or_load_many(&keys, load(1, Duration::ZERO))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(1); 3]);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    // Stale, the refresh fails: the stale values at once, then the failure
+    // counted, the values left as they were.
     let got: Vec<Option<u32>> = cache
         .with(swr)
-        .get_or_load_many(&["s1", "s2"], |_| async {
+        .get_or_load_many(&keys, |_| async {
             Err::<Vec<(String, u32)>, _>("db down".to_owned())
         })
         .await
         .unwrap();
-    assert_eq!(got, [Some(1), Some(1)]);
-    // Stale, refresh succeeds: the new values.
+    assert_eq!(got, [Some(1); 3]);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            cache.stats().background_errors == 3
+        })
+        .await,
+        "background errors: {:?}",
+        cache.stats()
+    );
+    assert_eq!(cache.stats().fail_safe_served, 0);
+    let still: Vec<Option<u32>> = cache.get_many(&keys).await.unwrap();
+    assert_eq!(still, [None; 3], "stale values are not served by a plain get");
+
+    // Stale, a 400 ms refresh: the caller does not wait for it.
+    let started = Instant::now();
     let got = cache
         .with(swr)
-        .get_or_load_many(&["s1", "s2"], load(2))
+        .get_or_load_many(&keys, load(2, Duration::from_millis(400)))
         .await
         .unwrap();
-    assert_eq!(got, [Some(2), Some(2)]);
-    assert_eq!(cache.stats().fail_safe_served, 2);
+    let answered = started.elapsed();
+    assert_eq!(got, [Some(1); 3]);
+    assert!(
+        answered < Duration::from_millis(300),
+        "a stale-only batch waited {answered:?} for its refresh"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            cache.get_many::<_, u32>(&keys).await.unwrap() == [Some(2); 3]
+        })
+        .await,
+        "the background refresh stored the new values"
+    );
+    assert_eq!(loads.calls(), 2, "one loader call per refresh");
+    assert!(cache.stats().stale_served >= 6, "{:?}", cache.stats());
+    assert_eq!(locks_left(&server, &prefix), 0);
+
+    // A miss beside stale keys: the call waits for the miss, and its stale
+    // keys are refreshed in the same loader call.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let before = loads.calls();
+    let got = cache
+        .with(swr)
+        .get_or_load_many(&["s1", "s2", "s3", "m1"], load(3, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(3); 4]);
+    assert_eq!(loads.calls(), before + 1);
+
+    // The same, the refresh failing: fail-safe serves the stale keys, the
+    // miss gets the error.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let got: Vec<Result<Option<u32>, LoadError<String>>> = cache
+        .with(swr.fail_safe(true))
+        .get_or_load_many_each(&["s1", "m2"], |_| async {
+            Err::<Vec<(String, u32)>, _>("db down".to_owned())
+        })
+        .await
+        .unwrap();
+    assert!(matches!(got[0], Ok(Some(3))), "{:?}", got[0].as_ref().ok());
+    assert!(matches!(&got[1], Err(LoadError::Loader(e)) if **e == "db down"));
+    assert_eq!(cache.stats().fail_safe_served, 1);
+
+    // A borrowing loader (the plain call, the builder's stale window)
+    // refreshes in place: the caller gets the new values.
+    let plain = LockedCache::builder()
+        .redis(&server.url())
+        .key_prefix(&prefix)
+        .call_options(swr)
+        .build()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let got = plain
+        .get_or_load_many(&["s1", "s2"], load(4, Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(got, [Some(4); 2]);
 }
 
 /// The hard timeout bounds the whole call; the keys it locked are released
