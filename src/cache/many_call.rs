@@ -459,10 +459,7 @@ impl<C: Codec> Inner<C> {
         );
         let failure = match bounded.await {
             Ok(Ok(())) => {
-                let failed = answers
-                    .iter()
-                    .filter(|a| matches!(a, Some(Err(_))))
-                    .count();
+                let failed = answers.iter().filter(|a| matches!(a, Some(Err(_)))).count();
                 let error = answers.iter().find_map(|a| match a {
                     Some(Err(e)) => Some(Described(e).to_string()),
                     _ => None,
@@ -580,7 +577,6 @@ impl<C: Codec> Inner<C> {
                 }
             }
         }
-
     }
 
     /// Each position of the call its key's answer; a key asked twice is

@@ -753,7 +753,10 @@ async fn a_stale_only_batch_answers_at_once_and_refreshes_in_the_background() {
     );
     assert_eq!(cache.stats().fail_safe_served, 0);
     let still: Vec<Option<u32>> = cache.get_many(&keys).await.unwrap();
-    assert_eq!(still, [None; 3], "stale values are not served by a plain get");
+    assert_eq!(
+        still, [None; 3],
+        "stale values are not served by a plain get"
+    );
 
     // Stale, a 400 ms refresh: the caller does not wait for it.
     let started = Instant::now();
@@ -785,7 +788,10 @@ async fn a_stale_only_batch_answers_at_once_and_refreshes_in_the_background() {
     let before = loads.calls();
     let got = cache
         .with(swr)
-        .get_or_load_many(&["s1", "s2", "s3", "m1"], load(3, Duration::from_millis(50)))
+        .get_or_load_many(
+            &["s1", "s2", "s3", "m1"],
+            load(3, Duration::from_millis(50)),
+        )
         .await
         .unwrap();
     assert_eq!(got, [Some(3); 4]);
