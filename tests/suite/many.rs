@@ -705,7 +705,7 @@ async fn a_stale_only_batch_answers_at_once_and_refreshes_in_the_background() {
     let server = RedisServer::start();
     let prefix = unique_prefix("many-swr");
     let cache = LockedCache::builder()
-        .redis(&server.url())
+        .redis(server.url())
         .key_prefix(&prefix)
         .build()
         .await
@@ -814,7 +814,7 @@ async fn a_stale_only_batch_answers_at_once_and_refreshes_in_the_background() {
     // A borrowing loader (the plain call, the builder's stale window)
     // refreshes in place: the caller gets the new values.
     let plain = LockedCache::builder()
-        .redis(&server.url())
+        .redis(server.url())
         .key_prefix(&prefix)
         .call_options(swr)
         .build()
