@@ -198,7 +198,7 @@ impl<C: Codec> Inner<C> {
     pub(super) async fn many<V, E, F, Fut, R>(
         self: &Arc<Self>,
         keys: &[&str],
-        loader: F,
+        mut loader: F,
         options: &Resolved,
         sharing: Option<Sharing<V>>,
         near: Option<&NearLookup<'_, V>>,
@@ -219,7 +219,6 @@ impl<C: Codec> Inner<C> {
             db.system = self.telemetry.db_system,
             locked_cache.keys = keys.len(),
         );
-        let mut loader = loader;
         let call = self.many_untraced(keys, &mut loader, options, sharing, near, early);
         let call = tracing::Instrument::instrument(call, span.clone());
         let ended = match options.hard_timeout {

@@ -361,7 +361,7 @@ impl<C: Codec> Inner<C> {
         let renewer = locks.renewer();
         let fences: Vec<String> = to_load.iter().map(|l| l.keys.fence.clone()).collect();
         let (store, token) = (Arc::clone(&self.value_store), locks.token().to_vec());
-        let keepalive = AbortOnDrop(tokio::spawn(async move {
+        let keepalive = AbortOnDrop::new(&tokio::spawn(async move {
             loop {
                 tokio::time::sleep(expiry / 3).await;
                 let held = renewer.renew(expiry).await;
@@ -546,11 +546,25 @@ impl<C: Codec> Inner<C> {
     }
 }
 
-/// Aborts the task when dropped (a cancelled or panicking load).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Aborts a batch's task when dropped (a cancelled or panicking load, a
+/// caller that went away), unless [disarmed](AbortOnDrop::disarm).
+pub(super) struct AbortOnDrop(Option<tokio::task::AbortHandle>);
+
+impl AbortOnDrop {
+    pub(super) fn new<T>(task: &tokio::task::JoinHandle<T>) -> AbortOnDrop {
+        AbortOnDrop(Some(task.abort_handle()))
+    }
+
+    /// Lets the task run on.
+    pub(super) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        self.0.abort();
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use super::bytes::Blob;
 use super::flight::Sharing;
 use super::load::Spawnable;
+use super::many_load::AbortOnDrop;
 use super::shared::Shared;
 use super::{CallOptions, LoadContext, LockedCache};
 use crate::codec::Codec;
@@ -304,13 +305,13 @@ impl<'a, C: Codec> With<'a, C> {
         let task = tokio::spawn(tracing::Instrument::in_current_span(call));
         // Not detached: dropping this call's future stops the task, as if it
         // ran in place, until it has answered.
-        let stop = (!options.detached).then(|| AbortOnDrop(Some(task.abort_handle())));
+        let stop = (!options.detached).then(|| AbortOnDrop::new(&task));
         // The hard timeout is applied in the task (it ends the call there).
         let answered = rx.await;
         match answered {
             Ok(answers) => {
-                if let Some(mut stop) = stop {
-                    stop.0 = None;
+                if let Some(stop) = stop {
+                    stop.disarm();
                 }
                 answers
             }
@@ -354,16 +355,5 @@ impl<'a, C: Codec> With<'a, C> {
         let call: Pin<Box<dyn Future<Output = _> + Send + '_>> =
             Box::pin(inner.traced_call(key, Spawnable(loader), &options, sharing));
         call.await
-    }
-}
-
-/// Aborts a task when dropped, unless disarmed (`None`).
-struct AbortOnDrop(Option<tokio::task::AbortHandle>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = self.0.take() {
-            task.abort();
-        }
     }
 }
