@@ -128,34 +128,47 @@ impl Cluster {
         self.nodes.iter().map(RedisServer::url).collect()
     }
 
-    /// The index of the node that serves `slot` as primary right now.
+    /// The index of the node that serves `slot` as primary right now, as the
+    /// first live node that knows it says. A node that has just restarted or
+    /// just seen a failover may not list the slot yet: every live node is
+    /// asked, for up to 10 s.
     pub fn primary_of(&self, slot: u16) -> usize {
-        let slots: redis::Value = self.live_node().query(&["CLUSTER", "SLOTS"]);
         let ports: HashMap<u16, usize> = self
             .nodes
             .iter()
             .enumerate()
             .map(|(i, n)| (n.port(), i))
             .collect();
-        if let redis::Value::Array(ranges) = slots {
-            for range in ranges {
-                let redis::Value::Array(parts) = range else {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for node in self.answering() {
+                let Ok(slots) = node.try_query::<redis::Value>(&["CLUSTER", "SLOTS"]) else {
                     continue;
                 };
-                let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
-                    (parts.first(), parts.get(1))
-                else {
-                    continue;
-                };
-                if (*from as u16..=*to as u16).contains(&slot)
-                    && let Some(redis::Value::Array(primary)) = parts.get(2)
-                    && let Some(redis::Value::Int(port)) = primary.get(1)
-                {
-                    return ports[&(*port as u16)];
+                if let redis::Value::Array(ranges) = slots {
+                    for range in ranges {
+                        let redis::Value::Array(parts) = range else {
+                            continue;
+                        };
+                        let (Some(redis::Value::Int(from)), Some(redis::Value::Int(to))) =
+                            (parts.first(), parts.get(1))
+                        else {
+                            continue;
+                        };
+                        if (*from as u16..=*to as u16).contains(&slot)
+                            && let Some(redis::Value::Array(primary)) = parts.get(2)
+                            && let Some(redis::Value::Int(port)) = primary.get(1)
+                        {
+                            return ports[&(*port as u16)];
+                        }
+                    }
                 }
             }
+            if Instant::now() >= deadline {
+                panic!("no primary serves slot {slot}");
+            }
+            thread::sleep(Duration::from_millis(50));
         }
-        panic!("no primary serves slot {slot}");
     }
 
     /// A node that answers (running, not paused).
