@@ -9,6 +9,11 @@
 //! - **Hit path**: 64 tasks calling `get_or_load` on 100 warm keys (1 KiB
 //!   `String` values), coalescing off so each call is its own `GET`, against a
 //!   raw redis-rs `GET` of the same keys on the same deployment.
+//! - **Many keys**: 8 tasks each reading 100 warm keys (100-byte `String`s,
+//!   spread over about 100 slots on the cluster) with one `get_or_load_many`,
+//!   against a raw redis-rs `MGET` of the same keys: on one master one
+//!   command, on the cluster redis-rs's own cross-slot `MGET` (one command
+//!   per slot, sent at once).
 //!
 //! ```text
 //! cargo bench --bench cluster            # about half a minute
@@ -72,6 +77,12 @@ fn main() {
         "commands per caller",
     ]);
     let mut hits = Table::new(&["deployment", "get_or_load hits/s", "raw GET/s", "ratio"]);
+    let mut many = Table::new(&[
+        "deployment",
+        "get_or_load_many batches/s",
+        "raw MGET batches/s",
+        "ratio",
+    ]);
     for (name, servers) in &deployments {
         let is_cluster = servers.len() > 1;
         let (row, hit) = runtime.block_on(async {
@@ -121,8 +132,16 @@ fn main() {
             .await
             .expect("build");
             let hit = run_hits(&hit_cache, is_cluster, &cluster, &standalone, &sizes).await;
-            (row, hit)
+            let batch = run_many(&hit_cache, is_cluster, &cluster, &standalone, &sizes).await;
+            (row, (hit, batch))
         });
+        let (hit, batch) = hit;
+        many.row(vec![
+            (*name).to_owned(),
+            format!("{:.0}", batch.0),
+            format!("{:.0}", batch.1),
+            format!("{:.2}", batch.0 / batch.1),
+        ]);
         stampede.row(row);
         hits.row(vec![
             (*name).to_owned(),
@@ -138,6 +157,96 @@ fn main() {
     println!("{}", stampede.markdown());
     println!("## Hit path: 64 tasks, 100 warm keys of 1 KiB, coalescing off\n");
     println!("{}", hits.markdown());
+    println!("## Many keys: 8 tasks, 100 warm keys of 100 bytes per batch\n");
+    println!("{}", many.markdown());
+}
+
+/// Batches per second of `get_or_load_many` over 100 warm keys, and of a raw
+/// redis-rs `MGET` of the same keys, each from 8 tasks for the hit window.
+async fn run_many(
+    cache: &LockedCache,
+    is_cluster: bool,
+    cluster: &Cluster,
+    standalone: &RedisServer,
+    sizes: &Sizes,
+) -> (f64, f64) {
+    let keys: Vec<String> = (0..100).map(|i| format!("many:{i}")).collect();
+    let entries: Vec<(String, String)> =
+        keys.iter().map(|k| (k.clone(), "z".repeat(100))).collect();
+    cache.set_many(&entries).await.expect("set_many");
+    let window = Duration::from_secs_f64(sizes.hit_secs);
+    let keys = Arc::new(keys);
+    let through_cache = per_second(window, |count| {
+        let (cache, keys) = (cache.clone(), Arc::clone(&keys));
+        async move {
+            let until = Instant::now() + window;
+            while Instant::now() < until {
+                let got: Vec<Option<String>> = cache
+                    .get_or_load_many(&keys, |_| async {
+                        Err::<Vec<(String, String)>, _>("a warm key missed")
+                    })
+                    .await
+                    .expect("hits");
+                assert_eq!(got.len(), 100);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+    .await;
+    let redis_keys: Arc<Vec<String>> = Arc::new(keys.iter().map(|k| cache.value_key(k)).collect());
+    let raw = if is_cluster {
+        let client = redis::cluster::ClusterClient::new(cluster.urls()).expect("client");
+        let conn = client.get_async_connection().await.expect("connect");
+        raw_mgets_per_second(conn, redis_keys, window).await
+    } else {
+        let client = redis::Client::open(standalone.url()).expect("client");
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        raw_mgets_per_second(conn, redis_keys, window).await
+    };
+    (through_cache, raw)
+}
+
+/// Runs `task` on 8 tasks at once; each counts what it did in the counter
+/// it is given. The count per second of `window`.
+async fn per_second<F, Fut>(window: Duration, task: F) -> f64
+where
+    F: Fn(Arc<AtomicU64>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let count = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(task(Arc::clone(&count))))
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+    count.load(Ordering::Relaxed) as f64 / window.as_secs_f64()
+}
+
+/// Raw redis-rs `MGET`s of `keys` per second from 8 tasks sharing `conn`.
+async fn raw_mgets_per_second<C>(conn: C, keys: Arc<Vec<String>>, window: Duration) -> f64
+where
+    C: redis::aio::ConnectionLike + Clone + Send + 'static,
+{
+    per_second(window, |count| {
+        let (mut conn, keys) = (conn.clone(), Arc::clone(&keys));
+        async move {
+            let until = Instant::now() + window;
+            while Instant::now() < until {
+                let got: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                    .arg(&keys[..])
+                    .query_async(&mut conn)
+                    .await
+                    .expect("MGET");
+                assert_eq!(got.len(), 100);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    })
+    .await
 }
 
 /// Every key wanted by every task of every cache at once; returns the loads

@@ -8,8 +8,8 @@
 //!
 //! 1. The keys are checked (as single keys are) and deduplicated; the near
 //!    cache answers what it holds (the `_shared` form).
-//! 2. **One read** for the rest: `MGET` on the value server (per slot on a
-//!    cluster), a `PTTL` per key pipelined behind it when freshness needs the
+//! 2. **One read** for the rest: `MGET` on the value server (on a cluster, an
+//!    `MGET` per slot in one pipeline per node), a `PTTL` per key pipelined behind it when freshness needs the
 //!    time left. Fresh values are hits; stale ones are served and refreshed in
 //!    this call's load if their locks are free.
 //! 3. Each miss joins its key's in-process flight (`flight.rs`), exactly as a
@@ -100,7 +100,8 @@ impl<C: Codec> LockedCache<C> {
     ///
     /// # Round trips
     ///
-    /// All cached: one `MGET` (one per slot on a cluster; keys beyond
+    /// All cached: one `MGET` (on a cluster, one pipeline per node with an
+    /// `MGET` per slot in it; keys beyond
     /// [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND) are sent in
     /// further chunks). Cold: the `MGET`, one lock script per master, one
     /// fence-and-read script, the loader, one fenced store, one release. An
@@ -239,8 +240,8 @@ impl<C: Codec> LockedCache<C> {
 
     /// The values of `keys`, in their order (`None`: missing, stale past the
     /// cache's stale window, a cached "not found", or undecodable): one `MGET`
-    /// (per slot on a cluster, per [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND)
-    /// keys), no lock. The batch form of [`get`](Self::get).
+    /// (per [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND) keys; on a
+    /// cluster one per slot, sent in one pipeline per node), no lock. The batch form of [`get`](Self::get).
     pub async fn get_many<K: AsRef<str>, T: DeserializeOwned>(
         &self,
         keys: &[K],

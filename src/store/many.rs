@@ -113,13 +113,8 @@ pub async fn get_many<C: ConnectionLike + Send, K: redis::ToSingleRedisArg>(
     keys: &[K],
     with_ttl: bool,
 ) -> RedisResult<Vec<Option<Stored>>> {
-    let mut mget = redis::Cmd::with_capacity(keys.len() + 1, 8 + keys.len() * 32);
-    mget.arg("MGET");
-    for key in keys {
-        mget.arg(key);
-    }
     if !with_ttl {
-        let values: Vec<Option<Vec<u8>>> = mget.query_async(conn).await?;
+        let values: Vec<Option<Vec<u8>>> = mget(keys).query_async(conn).await?;
         if values.len() != keys.len() {
             return Err(bad_reply("MGET answered another number of values"));
         }
@@ -129,18 +124,59 @@ pub async fn get_many<C: ConnectionLike + Send, K: redis::ToSingleRedisArg>(
             .collect());
     }
     let mut pipe = redis::Pipeline::with_capacity(keys.len() + 1);
-    pipe.add_command(mget);
+    let count = add_get_many(&mut pipe, keys, with_ttl);
+    let replies = conn.req_packed_commands(&pipe, 0, count).await?;
+    parse_get_many(replies, keys.len(), with_ttl)
+}
+
+fn mget<K: redis::ToSingleRedisArg>(keys: &[K]) -> redis::Cmd {
+    let mut mget = redis::Cmd::with_capacity(keys.len() + 1, 8 + keys.len() * 32);
+    mget.arg("MGET");
+    for key in keys {
+        mget.arg(key);
+    }
+    mget
+}
+
+/// Adds [`get_many`]'s commands for `keys` to `pipe` (an `MGET`, and with
+/// `with_ttl` a `PTTL` per key): a cluster node's pipeline carries several
+/// slots' worth. Answers how many replies they make.
+pub fn add_get_many<K: redis::ToSingleRedisArg>(
+    pipe: &mut redis::Pipeline,
+    keys: &[K],
+    with_ttl: bool,
+) -> usize {
+    pipe.add_command(mget(keys));
+    if !with_ttl {
+        return 1;
+    }
     for key in keys {
         pipe.cmd("PTTL").arg(key);
     }
-    let replies = conn.req_packed_commands(&pipe, 0, keys.len() + 1).await?;
+    keys.len() + 1
+}
+
+/// Reads the replies of [`add_get_many`]'s commands for `len` keys: an error
+/// reply (a redirection, say) or a reply of the wrong shape is an error.
+pub fn parse_get_many(
+    replies: Vec<Value>,
+    len: usize,
+    with_ttl: bool,
+) -> RedisResult<Vec<Option<Stored>>> {
     let mut replies = replies.into_iter();
     let values: Vec<Option<Vec<u8>>> = match replies.next() {
         Some(reply) => redis::from_redis_value(reply.extract_error()?)?,
-        None => return Err(bad_reply("MGET + PTTL answered nothing")),
+        None => return Err(bad_reply("MGET answered nothing")),
     };
-    if values.len() != keys.len() || replies.len() != keys.len() {
+    let ttls = if with_ttl { len } else { 0 };
+    if values.len() != len || replies.len() != ttls {
         return Err(bad_reply("MGET + PTTL answered another number of values"));
+    }
+    if !with_ttl {
+        return Ok(values
+            .into_iter()
+            .map(|v| v.map(|bytes| Stored { bytes, ttl: None }))
+            .collect());
     }
     values
         .into_iter()

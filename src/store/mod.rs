@@ -278,7 +278,7 @@ pub trait Store: Send + Sync + Debug + 'static {
     /// else `ttl: None`); a missing key, or one of another type, is `None`.
     /// Redis: one `MGET` per [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND)
     /// keys (with a `PTTL` per key pipelined behind it when `with_ttl`); a
-    /// cluster sends one per slot. Default: [`get`](Store::get) or
+    /// cluster sends one per slot, in one pipeline per node. Default: [`get`](Store::get) or
     /// [`get_with_ttl`](Store::get_with_ttl) for each key.
     async fn get_many(&self, keys: &[&str], with_ttl: bool) -> Result<Vec<Option<Stored>>> {
         let mut out = Vec::with_capacity(keys.len());

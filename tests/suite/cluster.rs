@@ -668,3 +668,150 @@ async fn a_killed_primary_fails_only_its_own_slots_five_times() {
 async fn a_hung_primary_fails_only_its_own_slots_five_times() {
     failover_repetitions(Fault::Stop).await;
 }
+
+/// `total_reads_processed` of a node (`INFO stats`): each read event, about
+/// one per round trip a client makes to it.
+fn reads_processed(node: &crate::support::RedisServer) -> u64 {
+    let info: String = node.query(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_reads_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats has total_reads_processed")
+}
+
+/// 150 keys over about as many slots: `get_many` and a `get_or_load_many`
+/// of hits send one `MGET` per slot, in one pipeline per node (the node
+/// reads about one request per batch, where a command per slot would be
+/// ~50), answer in the caller's order (duplicates and missing keys
+/// included), and still answer every key after one slot moved to another
+/// primary (its `MGET` answered `MOVED` inside the pipeline and was sent
+/// again on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_sends_one_pipeline_per_node_and_follows_a_moved_slot() {
+    let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
+    let prefix = unique_prefix("cmany");
+    let cache = cache_on(&cluster, &prefix).await;
+    let keys: Vec<String> = (0..150).map(|i| format!("item:{i}")).collect();
+    let entries: Vec<(String, String)> =
+        keys.iter().map(|k| (k.clone(), format!("v-{k}"))).collect();
+    cache.set_many(&entries).await.unwrap();
+    let mut slots_of_shard = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+    for key in &keys {
+        let slot = key_slot(&cluster, &cache.value_key(key));
+        slots_of_shard[shard_of(slot)].insert(slot);
+    }
+    assert!(
+        slots_of_shard.iter().all(|s| s.len() >= 20),
+        "the keys should cover many slots of every shard: {slots_of_shard:?}"
+    );
+    // The caller's order, a duplicate and a key never stored.
+    let mut asked: Vec<String> = keys.iter().rev().cloned().collect();
+    asked.push(keys[3].clone());
+    asked.push("never-stored".to_owned());
+    let expected: Vec<Option<String>> = asked
+        .iter()
+        .map(|k| (k != "never-stored").then(|| format!("v-{k}")))
+        .collect();
+
+    let mgets = |node: &crate::support::RedisServer| -> u64 {
+        node.command_stats().get("mget").copied().unwrap_or(0)
+    };
+    // Each node's share of the slots asked (the never-stored key's too).
+    let mut asked_slots = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+    for key in &asked {
+        let slot = key_slot(&cluster, &cache.value_key(key));
+        asked_slots[shard_of(slot)].insert(slot);
+    }
+    const BATCHES: u64 = 50;
+    let before: Vec<(u64, u64)> = cluster.nodes[..3]
+        .iter()
+        .map(|n| (mgets(n), reads_processed(n)))
+        .collect();
+    for _ in 0..BATCHES {
+        let got: Vec<Option<String>> = cache.get_many(&asked).await.unwrap();
+        assert_eq!(got, expected);
+    }
+    for (shard, node) in cluster.nodes[..3].iter().enumerate() {
+        let (mget_before, reads_before) = before[shard];
+        let slots = asked_slots[shard].len() as u64;
+        let mget_calls = mgets(node) - mget_before;
+        // Besides the batches' reads: this check's own INFO reads, the
+        // replica's acknowledgements and the cluster bus.
+        let reads = reads_processed(node) - reads_before;
+        eprintln!(
+            "shard {shard}: {slots} slots, {BATCHES} batches: {mget_calls} MGETs, {reads} reads"
+        );
+        assert_eq!(mget_calls, BATCHES * slots, "one MGET per slot per batch");
+        assert!(
+            reads <= 2 * BATCHES + 20,
+            "shard {shard}: {reads} reads for {BATCHES} batches of {slots} slots: \
+             the MGETs were not pipelined per node"
+        );
+    }
+
+    // A get_or_load_many of hits (with a stale window: MGET + PTTLs) takes
+    // the same path and loads nothing.
+    let stale_cache = LockedCache::builder()
+        .cluster(cluster.urls())
+        .key_prefix(&prefix)
+        .ttl(MINUTE)
+        .call_options(locked_cache::CallOptions::new().stale_for(Duration::from_secs(5)))
+        .command_timeout(Duration::from_millis(500))
+        .build()
+        .await
+        .unwrap();
+    let got: Vec<Option<String>> = stale_cache
+        .get_or_load_many(&keys, |missing: Vec<String>| async move {
+            Err::<Vec<(String, String)>, _>(format!("loaded {missing:?}"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        keys.iter()
+            .map(|k| Some(format!("v-{k}")))
+            .collect::<Vec<_>>()
+    );
+
+    // Move the slot of one key to another primary: the caches' shard
+    // groups still send it to the old node, which answers MOVED.
+    let moved_key = &keys[7];
+    let slot = key_slot(&cluster, &cache.value_key(moved_key));
+    let src = cluster.primary_of(slot);
+    let dst = (src + 1) % 3;
+    tokio::task::block_in_place(|| {
+        let src_id: String = cluster.nodes[src].query(&["CLUSTER", "MYID"]);
+        let dst_id: String = cluster.nodes[dst].query(&["CLUSTER", "MYID"]);
+        let slot_s = slot.to_string();
+        cluster.nodes[dst].cmd(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &src_id]);
+        cluster.nodes[src].cmd(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &dst_id]);
+        loop {
+            let batch: Vec<String> =
+                cluster.nodes[src].query(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "100"]);
+            if batch.is_empty() {
+                break;
+            }
+            let port = cluster.nodes[dst].port().to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(batch.iter().map(String::as_str));
+            let _: redis::Value = cluster.nodes[src].query(&args);
+        }
+        for node in &cluster.nodes[..3] {
+            node.cmd(&["CLUSTER", "SETSLOT", &slot_s, "NODE", &dst_id]);
+        }
+    });
+    assert_eq!(cluster.primary_of(slot), dst, "the slot moved");
+    for cache in [&cache, &stale_cache] {
+        for _ in 0..3 {
+            let got: Vec<Option<String>> = cache.get_many(&asked).await.unwrap();
+            assert_eq!(got, expected);
+        }
+    }
+    let got: Vec<Option<String>> = stale_cache
+        .get_or_load_many(&keys, |missing: Vec<String>| async move {
+            Err::<Vec<(String, String)>, _>(format!("loaded {missing:?}"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(got.iter().filter(|v| v.is_some()).count(), keys.len());
+}

@@ -1,15 +1,31 @@
 //! The batched commands of [`ClusterStore`] (`store/many.rs`, for
-//! `get_or_load_many` and friends): one per slot (a script's keys must share
-//! one), the slots at once, each chunked. The `Store` impl in `mod.rs`
-//! forwards to these.
+//! `get_or_load_many` and friends). A script's keys must share one slot, so
+//! the scripts run once per slot (the slots at once, each chunked:
+//! [`ClusterStore::per_slot`]). The hits' `MGET`s go one pipeline per node
+//! (an `MGET` per slot in it: [`ClusterStore::batch_get_many`]), so a batch
+//! of hits costs one round trip per node, however many slots its keys hash
+//! to. The `Store` impl in `mod.rs` forwards to these.
 
-use std::time::Duration;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::try_join_all;
+use redis::RedisError;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 
 use super::super::Store;
-use super::super::many::{self, by_slot, chunked, scatter};
+use super::super::many::{self, by_slot, chunked, chunks, scatter};
 use super::super::{FencedWrite, LoadClaim, Stored, Write};
 use super::ClusterStore;
-use crate::error::Result;
+use super::shards::Groups;
+use crate::defaults::MAX_KEYS_PER_COMMAND;
+use crate::error::{Error, Result};
+
+/// The most keys one node's pipeline of `MGET`s carries; a node with more
+/// gets several pipelines, sent at once.
+const MAX_KEYS_PER_PIPELINE: usize = MAX_KEYS_PER_COMMAND;
 
 /// The slot of a group of [`by_slot`] (every item of it has the same).
 fn slot_of<T>(group: &[T], key: impl Fn(&T) -> &str) -> u16 {
@@ -18,64 +34,228 @@ fn slot_of<T>(group: &[T], key: impl Fn(&T) -> &str) -> u16 {
         .map_or(0, |item| super::super::slot::slot(key(item).as_bytes()))
 }
 
-impl ClusterStore {
-    // Batched commands (`store/many.rs`): one per slot (a script's keys must
-    // share one), the slots at once, each chunked.
+/// One chunk of one slot's keys, for a node's pipeline: the slot group it
+/// came from (an index into [`by_slot`]'s groups), its slot and its keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece<'a> {
+    group: usize,
+    slot: u16,
+    keys: &'a [&'a str],
+}
 
+/// The pieces by the shard (`shard_of` their slot) that serves them, in the
+/// order first seen, each shard's cut into pipelines of at most
+/// [`MAX_KEYS_PER_PIPELINE`] keys (a piece is never cut: it holds at most
+/// that many). A slot group's pieces keep their order within its shard.
+fn node_pipelines<'a>(
+    pieces: Vec<Piece<'a>>,
+    shard_of: impl Fn(u16) -> usize,
+) -> Vec<(usize, Vec<Piece<'a>>)> {
+    let mut out: Vec<(usize, Vec<Piece<'a>>)> = Vec::new();
+    // Per shard: the pipeline being filled (an index into `out`) and its keys.
+    let mut open: std::collections::HashMap<usize, (usize, usize)> = Default::default();
+    for piece in pieces {
+        let shard = shard_of(piece.slot);
+        let fits = open
+            .get(&shard)
+            .is_some_and(|&(_, keys)| keys + piece.keys.len() <= MAX_KEYS_PER_PIPELINE);
+        if !fits {
+            out.push((shard, Vec::new()));
+            open.insert(shard, (out.len() - 1, 0));
+        }
+        let Some((at, keys)) = open.get_mut(&shard) else {
+            continue;
+        };
+        *keys += piece.keys.len();
+        out[*at].1.push(piece);
+    }
+    out
+}
+
+impl ClusterStore {
+    /// One command per slot of `items` (by `key`), the slots at once, each
+    /// chunked (by count, and by `bytes` where a script carries values); the
+    /// answers in the items' order. `send` sends one chunk on a connection.
+    async fn per_slot<T, R, F, Fut>(
+        &self,
+        command: &'static str,
+        items: &[T],
+        key: impl Fn(&T) -> &str,
+        bytes: impl Fn(&T) -> usize + Copy,
+        send: F,
+    ) -> Result<Vec<R>>
+    where
+        T: Copy,
+        R: Default,
+        F: Fn(ClusterConnection, Vec<T>) -> Fut,
+        Fut: Future<Output = std::result::Result<Vec<R>, RedisError>>,
+    {
+        let groups = by_slot(items, &key);
+        let send = &send;
+        let sends = groups.iter().map(|(_, group)| {
+            let slot = slot_of(group, &key);
+            chunked(group, bytes, move |chunk| {
+                self.run(command, slot, move |c| send(c, chunk.to_vec()))
+            })
+        });
+        let answers = try_join_all(sends).await?;
+        Ok(scatter(items.len(), &groups, answers))
+    }
+
+    /// `MGET`s (with `PTTL`s when `with_ttl`) of `keys`: one pipeline per
+    /// node, an `MGET` per slot in it, the nodes at once. A slot that answers
+    /// with an error (moved since the shards were read, say), or a node whose
+    /// pipeline could not be sent, falls back to one command per slot with
+    /// [`run`](Self::run)'s retries, all within one command timeout.
     pub(super) async fn batch_get_many(
         &self,
         keys: &[&str],
         with_ttl: bool,
     ) -> Result<Vec<Option<Stored>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + self.options.command_timeout;
+        let shards = self.groups().await?;
         let groups = by_slot(keys, |k| k);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |k| k);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run("MGET", slot, move |mut c| async move {
-                        many::get_many(&mut c, chunk, with_ttl).await
-                    })
-                },
-            )
-        });
-        let answers = futures_util::future::try_join_all(sends).await?;
+        let mut pieces = Vec::new();
+        for (group, (_, slot_keys)) in groups.iter().enumerate() {
+            let slot = slot_of(slot_keys, |k| k);
+            for keys in chunks(slot_keys, |_| 0) {
+                pieces.push(Piece { group, slot, keys });
+            }
+        }
+        let sends = node_pipelines(pieces, |slot| shards.of_slot(slot))
+            .into_iter()
+            .map(|(g, pieces)| self.get_on_node(&shards, g, pieces, with_ttl, deadline));
+        let mut answers: Vec<Vec<Option<Stored>>> = groups.iter().map(|_| Vec::new()).collect();
+        for node in try_join_all(sends).await? {
+            for (group, values) in node {
+                if let Some(answer) = answers.get_mut(group) {
+                    answer.extend(values);
+                }
+            }
+        }
         Ok(scatter(keys.len(), &groups, answers))
     }
 
-    pub(super) async fn batch_set_many(&self, writes: &[Write<'_>]) -> Result<()> {
-        let groups = by_slot(writes, |w| w.key);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |w| w.key);
-            chunked(
-                group,
-                |w| w.value.len(),
-                move |chunk| {
-                    self.run("SET (pipelined)", slot, move |mut c| async move {
-                        many::set_many(&mut c, chunk).await
+    /// One node's pieces: one pipeline (when there is more than one piece),
+    /// then each piece it did not answer on its own. Per piece, its group and
+    /// its values.
+    async fn get_on_node(
+        &self,
+        shards: &Arc<Groups>,
+        g: usize,
+        pieces: Vec<Piece<'_>>,
+        with_ttl: bool,
+        deadline: Instant,
+    ) -> Result<Vec<(usize, Vec<Option<Stored>>)>> {
+        let piped = if pieces.len() > 1 {
+            self.pipeline_get(shards, g, &pieces, with_ttl, deadline)
+                .await?
+        } else {
+            vec![None; pieces.len()]
+        };
+        let each = pieces.iter().zip(piped).map(|(piece, piped)| async move {
+            let values = match piped {
+                Some(values) => values,
+                None => {
+                    self.run_until("MGET", piece.slot, deadline, |mut c| async move {
+                        many::get_many(&mut c, piece.keys, with_ttl).await
                     })
-                },
-            )
+                    .await?
+                }
+            };
+            Ok::<_, Error>((piece.group, values))
         });
-        futures_util::future::try_join_all(sends).await.map(drop)
+        try_join_all(each).await
+    }
+
+    /// The pipeline of [`get_on_node`](Self::get_on_node), routed to the
+    /// primary of its first slot: per piece, its values, or `None` when its
+    /// reply was an error (a redirection, a busy slot) or the pipeline was
+    /// not answered (a dead connection, a failover): those go on their own.
+    /// A node that does not answer by the deadline is a timeout, as in
+    /// [`run`](Self::run).
+    async fn pipeline_get(
+        &self,
+        shards: &Arc<Groups>,
+        g: usize,
+        pieces: &[Piece<'_>],
+        with_ttl: bool,
+        deadline: Instant,
+    ) -> Result<Vec<Option<Vec<Option<Stored>>>>> {
+        let unanswered = || pieces.iter().map(|_| None).collect();
+        let group = shards.group(g);
+        let replaced = group.replaced();
+        let mut pipe = redis::Pipeline::with_capacity(pieces.len());
+        let counts: Vec<usize> = pieces
+            .iter()
+            .map(|p| many::add_get_many(&mut pipe, p.keys, with_ttl))
+            .collect();
+        let total: usize = counts.iter().sum();
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
+            pieces.first().map_or(0, |p| p.slot),
+            SlotAddr::Master,
+        ));
+        let mut conn = group.connection();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(
+                left + Duration::from_millis(50),
+                conn.route_pipeline(pipe, 0, total, route),
+            ) => sent,
+            // The node's primary failed over while this waited on it.
+            () = replaced => return Ok(unanswered()),
+        };
+        let timed_out = || {
+            shards.suspect(g);
+            Error::CommandTimeout {
+                command: "MGET (pipelined)",
+                server: self.server.clone(),
+                timeout: self.options.command_timeout,
+            }
+        };
+        let replies = match sent {
+            Ok(Ok(replies)) if replies.len() == total => replies,
+            Ok(Err(e)) if e.is_timeout() => return Err(timed_out()),
+            Err(_) => return Err(timed_out()),
+            // Not answered, or answered short: each piece on its own.
+            Ok(_) => return Ok(unanswered()),
+        };
+        let mut replies = replies.into_iter();
+        Ok(counts
+            .iter()
+            .zip(pieces)
+            .map(|(&n, piece)| {
+                let own: Vec<redis::Value> = replies.by_ref().take(n).collect();
+                many::parse_get_many(own, piece.keys.len(), with_ttl).ok()
+            })
+            .collect())
+    }
+
+    pub(super) async fn batch_set_many(&self, writes: &[Write<'_>]) -> Result<()> {
+        self.per_slot(
+            "SET (pipelined)",
+            writes,
+            |w| w.key,
+            |w| w.value.len(),
+            |mut c, chunk| async move { many::set_many(&mut c, &chunk).await },
+        )
+        .await
+        .map(drop)
     }
 
     pub(super) async fn batch_delete_many(&self, keys: &[&str]) -> Result<()> {
-        let groups = by_slot(keys, |k| k);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |k| k);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run("DEL", slot, move |mut c| async move {
-                        many::delete_many(&mut c, chunk).await
-                    })
-                },
-            )
-        });
-        futures_util::future::try_join_all(sends).await.map(drop)
+        self.per_slot(
+            "DEL",
+            keys,
+            |k| k,
+            |_| 0,
+            |mut c, chunk| async move { many::delete_many(&mut c, &chunk).await },
+        )
+        .await
+        .map(drop)
     }
 
     pub(super) async fn batch_claim_loads(
@@ -85,38 +265,27 @@ impl ClusterStore {
         expiry: Duration,
     ) -> Result<Vec<bool>> {
         let acks = self.cluster.replica_acks;
-        let groups = by_slot(names, |k| k);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |k| k);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run("EVALSHA claim_loads", slot, move |mut c| async move {
-                        let granted = many::claim_loads(&mut c, chunk, token, expiry).await?;
-                        let Some((replicas, timeout)) = acks.filter(|_| granted.contains(&true))
-                        else {
-                            return Ok(granted);
-                        };
-                        // As `claim`: too few replicas have the grants, undo them.
-                        let acked = Self::replica_acks(
-                            &mut c,
-                            chunk.first().copied().unwrap_or_default(),
-                            replicas,
-                            timeout,
-                        )
-                        .await?;
-                        if acked >= replicas {
-                            return Ok(granted);
-                        }
-                        many::unclaim_loads(&mut c, chunk, token, None).await?;
-                        Ok(vec![false; chunk.len()])
-                    })
-                },
-            )
-        });
-        let answers = futures_util::future::try_join_all(sends).await?;
-        Ok(scatter(names.len(), &groups, answers))
+        self.per_slot(
+            "EVALSHA claim_loads",
+            names,
+            |k| k,
+            |_| 0,
+            |mut c, chunk| async move {
+                let granted = many::claim_loads(&mut c, &chunk, token, expiry).await?;
+                let Some((replicas, timeout)) = acks.filter(|_| granted.contains(&true)) else {
+                    return Ok(granted);
+                };
+                // As `claim`: too few replicas have the grants, undo them.
+                let first = chunk.first().copied().unwrap_or_default();
+                let acked = Self::replica_acks(&mut c, first, replicas, timeout).await?;
+                if acked >= replicas {
+                    return Ok(granted);
+                }
+                many::unclaim_loads(&mut c, &chunk, token, None).await?;
+                Ok(vec![false; chunk.len()])
+            },
+        )
+        .await
     }
 
     pub(super) async fn batch_claim_loads_fenced(
@@ -151,26 +320,16 @@ impl ClusterStore {
                 })
                 .collect());
         }
-        let groups = by_slot(entries, |e| e.lock);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |e| e.lock);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run(
-                        "EVALSHA claim_loads_fenced",
-                        slot,
-                        move |mut c| async move {
-                            many::claim_loads_fenced(&mut c, chunk, token, expiry, fence_expiry)
-                                .await
-                        },
-                    )
-                },
-            )
-        });
-        let answers = futures_util::future::try_join_all(sends).await?;
-        Ok(scatter(entries.len(), &groups, answers))
+        self.per_slot(
+            "EVALSHA claim_loads_fenced",
+            entries,
+            |e| e.lock,
+            |_| 0,
+            |mut c, chunk| async move {
+                many::claim_loads_fenced(&mut c, &chunk, token, expiry, fence_expiry).await
+            },
+        )
+        .await
     }
 
     pub(super) async fn batch_renew_loads(
@@ -179,21 +338,14 @@ impl ClusterStore {
         token: &[u8],
         expiry: Duration,
     ) -> Result<Vec<bool>> {
-        let groups = by_slot(keys, |k| k);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |k| k);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run("EVALSHA renew_loads", slot, move |mut c| async move {
-                        many::renew_loads(&mut c, chunk, token, expiry).await
-                    })
-                },
-            )
-        });
-        let answers = futures_util::future::try_join_all(sends).await?;
-        Ok(scatter(keys.len(), &groups, answers))
+        self.per_slot(
+            "EVALSHA renew_loads",
+            keys,
+            |k| k,
+            |_| 0,
+            |mut c, chunk| async move { many::renew_loads(&mut c, &chunk, token, expiry).await },
+        )
+        .await
     }
 
     pub(super) async fn batch_unclaim_loads(
@@ -202,20 +354,15 @@ impl ClusterStore {
         token: &[u8],
         channel: Option<&str>,
     ) -> Result<()> {
-        let groups = by_slot(names, |k| k);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |k| k);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run("EVALSHA unclaim_loads", slot, move |mut c| async move {
-                        many::unclaim_loads(&mut c, chunk, token, channel).await
-                    })
-                },
-            )
-        });
-        futures_util::future::try_join_all(sends).await.map(drop)
+        self.per_slot(
+            "EVALSHA unclaim_loads",
+            names,
+            |k| k,
+            |_| 0,
+            |mut c, chunk| async move { many::unclaim_loads(&mut c, &chunk, token, channel).await },
+        )
+        .await
+        .map(drop)
     }
 
     pub(super) async fn batch_get_or_fence_many(
@@ -224,21 +371,16 @@ impl ClusterStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Vec<Option<Stored>>> {
-        let groups = by_slot(entries, |e| e.0);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |e| e.0);
-            chunked(
-                group,
-                |_| 0,
-                move |chunk| {
-                    self.run("EVALSHA get_or_fence_many", slot, move |mut c| async move {
-                        many::get_or_fence_many(&mut c, chunk, token, fence_expiry).await
-                    })
-                },
-            )
-        });
-        let answers = futures_util::future::try_join_all(sends).await?;
-        Ok(scatter(entries.len(), &groups, answers))
+        self.per_slot(
+            "EVALSHA get_or_fence_many",
+            entries,
+            |e| e.0,
+            |_| 0,
+            |mut c, chunk| async move {
+                many::get_or_fence_many(&mut c, &chunk, token, fence_expiry).await
+            },
+        )
+        .await
     }
 
     pub(super) async fn batch_set_fenced_many(
@@ -247,20 +389,59 @@ impl ClusterStore {
         token: &[u8],
         channel: Option<&str>,
     ) -> Result<Vec<bool>> {
-        let groups = by_slot(writes, |w| w.key);
-        let sends = groups.iter().map(|(_, group)| {
-            let slot = slot_of(group, |w| w.key);
-            chunked(
-                group,
-                |w| w.value.len(),
-                move |chunk| {
-                    self.run("EVALSHA set_fenced_many", slot, move |mut c| async move {
-                        many::set_fenced_many(&mut c, chunk, token, channel).await
-                    })
-                },
-            )
-        });
-        let answers = futures_util::future::try_join_all(sends).await?;
-        Ok(scatter(writes.len(), &groups, answers))
+        self.per_slot(
+            "EVALSHA set_fenced_many",
+            writes,
+            |w| w.key,
+            |w| w.value.len(),
+            |mut c, chunk| async move {
+                many::set_fenced_many(&mut c, &chunk, token, channel).await
+            },
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_pipelines_group_slots_by_shard_and_bound_keys() {
+        let keys: Vec<&str> = (0..MAX_KEYS_PER_COMMAND).map(|_| "k").collect();
+        let piece = |group, slot, n: usize| Piece {
+            group,
+            slot,
+            keys: &keys[..n],
+        };
+        // Slots 0-2 on shard 0, 3-5 on shard 1.
+        let shard_of = |slot: u16| usize::from(slot >= 3);
+        let pieces = vec![
+            piece(0, 0, 10),
+            piece(1, 3, 20),
+            piece(2, 1, 300),
+            piece(3, 4, 5),
+            // Shard 0 is at 310 keys: this one opens its second pipeline.
+            piece(4, 2, 200),
+            piece(4, 2, 100),
+        ];
+        let got = node_pipelines(pieces, shard_of);
+        let shape: Vec<(usize, Vec<usize>)> = got
+            .iter()
+            .map(|(shard, ps)| (*shard, ps.iter().map(|p| p.group).collect()))
+            .collect();
+        assert_eq!(
+            shape,
+            vec![(0, vec![0, 2]), (1, vec![1, 3]), (0, vec![4, 4])],
+            "{got:?}"
+        );
+        for (_, ps) in &got {
+            let keys: usize = ps.iter().map(|p| p.keys.len()).sum();
+            assert!(keys <= MAX_KEYS_PER_PIPELINE, "{keys}");
+        }
+        // Order within a slot group is kept: 200 then 100.
+        assert_eq!(got[2].1[0].keys.len(), 200);
+        assert_eq!(got[2].1[1].keys.len(), 100);
+        assert!(node_pipelines(Vec::new(), shard_of).is_empty());
     }
 }

@@ -237,10 +237,27 @@ impl ClusterStore {
         F: Fn(ClusterConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        let deadline = Instant::now() + self.options.command_timeout;
+        self.run_until(command, slot, deadline, f).await
+    }
+
+    /// [`run`](Self::run), bounded by `deadline` instead of a command
+    /// timeout from now: a node's pipeline and the per-slot commands it falls
+    /// back to share one (`batch.rs`).
+    async fn run_until<T, F, Fut>(
+        &self,
+        command: &'static str,
+        slot: u16,
+        deadline: Instant,
+        f: F,
+    ) -> Result<T>
+    where
+        F: Fn(ClusterConnection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let groups = self.groups().await?;
         let g = groups.of_slot(slot);
         let timeout = self.options.command_timeout;
-        let deadline = Instant::now() + timeout;
         let timed_out = || Error::CommandTimeout {
             command,
             server: self.server.clone(),
