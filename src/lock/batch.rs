@@ -286,12 +286,24 @@ impl LoadLocks {
 
     /// Releases every lock on every master, publishing each release;
     /// failures are logged (the locks then expire on their own).
-    pub async fn release(mut self) {
+    pub async fn release(self) {
+        self.release_except(&std::collections::HashSet::new()).await;
+    }
+
+    /// [`release`](Self::release), publishing none of the locks in `woken`:
+    /// those whose values were stored, whose waiters the store's own
+    /// wake-up (the same message) already woke.
+    pub async fn release_except(mut self, woken: &std::collections::HashSet<String>) {
         self.released = true;
-        release(
-            Arc::clone(&self.inner),
-            Arc::clone(&self.names),
-            self.token.clone(),
+        let (loud, quiet): (Vec<&str>, Vec<&str>) = self
+            .names
+            .iter()
+            .map(String::as_str)
+            .partition(|name| !woken.contains(*name));
+        let wake_ups = self.inner.options.wake_ups;
+        futures_util::future::join(
+            release(&self.inner, &loud, &self.token, wake_ups),
+            release(&self.inner, &quiet, &self.token, false),
         )
         .await;
     }
@@ -307,28 +319,30 @@ impl Drop for LoadLocks {
             );
             // Outside a runtime (a process shutting down) the locks expire.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(release(inner, names, token));
+                runtime.spawn(async move {
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    let wake_ups = inner.options.wake_ups;
+                    release(&inner, &names, &token, wake_ups).await;
+                });
             }
         }
     }
 }
 
-async fn release(inner: Arc<Inner>, names: Arc<Vec<String>>, token: Token) {
+/// Releases `names` on every master, publishing each release when
+/// `publish` (and wake-ups are on).
+async fn release(inner: &Inner, names: &[&str], token: &Token, publish: bool) {
     if names.is_empty() {
         return;
     }
-    let channel = inner
-        .options
-        .wake_ups
-        .then_some(inner.options.channel.as_str());
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let channel = publish.then_some(inner.options.channel.as_str());
     let releases = inner
         .masters
         .iter()
-        .map(|master| master.unclaim_loads(&refs, token.as_bytes(), channel));
+        .map(|master| master.unclaim_loads(names, token.as_bytes(), channel));
     for result in futures_util::future::join_all(releases).await {
         if let Err(e) = result {
-            tracing::debug!(locks = refs.len(), error = %e, "releasing batched load locks failed on a master; they will expire");
+            tracing::debug!(locks = names.len(), error = %e, "releasing batched load locks failed on a master; they will expire");
         }
     }
 }

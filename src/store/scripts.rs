@@ -70,12 +70,7 @@ pub static SET_FENCED: LazyLock<Script> = LazyLock::new(|| Script::new(SET_FENCE
 const SET_FENCED_LUA: &str = r"local fence = redis.call('GET', KEYS[2])
 if fence == ARGV[1] then
     redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-    local left = redis.call('PTTL', KEYS[2])
-    if left > 0 then
-        redis.call('SET', KEYS[2], ARGV[1] .. ':stored', 'PX', left)
-    else
-        redis.call('DEL', KEYS[2])
-    end
+    redis.call('SET', KEYS[2], ARGV[1] .. ':stored', 'KEEPTTL')
     if ARGV[4] ~= '' then
         redis.call('PUBLISH', ARGV[4], ARGV[5])
     end
@@ -480,12 +475,7 @@ for j = 1, #KEYS / 2 do
     local fence = redis.call('GET', fence_key)
     if fence == ARGV[1] then
         redis.call('SET', value, ARGV[a], 'PX', ARGV[a + 1])
-        local left = redis.call('PTTL', fence_key)
-        if left > 0 then
-            redis.call('SET', fence_key, ARGV[1] .. ':stored', 'PX', left)
-        else
-            redis.call('DEL', fence_key)
-        end
+        redis.call('SET', fence_key, ARGV[1] .. ':stored', 'KEEPTTL')
         if ARGV[2] ~= '' then
             redis.call('PUBLISH', ARGV[2], ARGV[a + 2])
         end

@@ -18,7 +18,7 @@ use std::sync::atomic::AtomicU32;
 use std::time::Duration;
 
 use crate::support::{RedisServer, counting, eventually, time_to_wake, unique_prefix};
-use locked_cache::{Error, LockedCache};
+use locked_cache::{CallOptions, Error, LockedCache};
 
 /// The commands of the README's ACL line, each of which the cache needs.
 const COMMANDS: &[&str] = &[
@@ -90,7 +90,14 @@ async fn exercise(server: &RedisServer, user: &str, prefix: &str) -> Result<(), 
         .await
         .map_err(|e| e.cache_error().cloned().expect("the loader does not fail"))?;
     assert_eq!(v, "loaded");
-    // A fenced store refused halfway (PTTL after the SET) is not an error of
+    // A read that needs the value's time left (a stale window): GET + PTTL.
+    let v = cache
+        .with(CallOptions::new().stale_for(Duration::from_secs(5)))
+        .get_or_load("k", counting(&runs, "reloaded"))
+        .await
+        .map_err(|e| e.cache_error().cloned().expect("the loader does not fail"))?;
+    assert_eq!(v, "loaded");
+    // A fenced store refused halfway (PUBLISH after the SET) is not an error of
     // get_or_load: the loaded value is returned, the failure counted and logged.
     let store_errors = cache.stats().store_errors;
     if store_errors > 0 {

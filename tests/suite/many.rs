@@ -234,6 +234,36 @@ async fn a_stampede_on_one_master_loads_every_key_once() {
     assert_eq!(got, (0..100).map(Some).collect::<Vec<_>>());
     assert_eq!(server.command_calls("mget"), 1);
     assert_eq!(server.command_calls("get"), 0);
+
+    // Cold: 100 keys, of which the loader finds 99 (a "not found" is not
+    // cached here). One wake-up per key: the 99 stored ones from the fenced
+    // store, the one not stored from the release (which does not publish the
+    // stored keys a second time).
+    let cold: Vec<String> = (0..100).map(|i| format!("c{i}")).collect();
+    server.reset_stats();
+    let got: Vec<Option<u32>> = cache
+        .with(CallOptions::new().negative_ttl(Duration::ZERO))
+        .get_or_load_many(&cold, |missing: Vec<String>| async move {
+            Ok::<_, String>(
+                missing
+                    .into_iter()
+                    .filter(|k| k != "c0")
+                    .map(|k| (k, 7))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(got[0], None);
+    assert!(got[1..].iter().all(|v| *v == Some(7)), "{got:?}");
+    let released = eventually(Duration::from_secs(5), || async {
+        locks_left(&server, &prefix) == 0
+    })
+    .await;
+    assert!(released, "the batch's locks were not released");
+    let c0_stored: i64 = server.query(&["EXISTS", &cache.value_key("c0")]);
+    assert_eq!(c0_stored, 0, "a \"not found\" was cached");
+    assert_eq!(server.command_calls("publish"), 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
