@@ -194,15 +194,32 @@ pub async fn set_many<C: ConnectionLike + Send>(
     writes: &[Write<'_>],
 ) -> RedisResult<Vec<()>> {
     let mut pipe = redis::Pipeline::with_capacity(writes.len());
+    add_set_many(&mut pipe, writes);
+    pipe.query_async::<()>(conn).await?;
+    Ok(vec![(); writes.len()])
+}
+
+/// Adds [`set_many`]'s `SET`s to `pipe`; answers how many replies they make.
+pub fn add_set_many(pipe: &mut redis::Pipeline, writes: &[Write<'_>]) -> usize {
     for w in writes {
         pipe.cmd("SET")
             .arg(w.key)
             .arg(w.value)
             .arg("PX")
-            .arg(millis(w.ttl))
-            .ignore();
+            .arg(millis(w.ttl));
     }
-    pipe.query_async::<()>(conn).await?;
+    writes.len()
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the replies of [`add_set_many`]'s commands.
+pub fn parse_set_many(replies: Vec<Value>, writes: &[Write<'_>]) -> RedisResult<Vec<()>> {
+    if replies.len() != writes.len() {
+        return Err(bad_reply("SET answered another number of replies"));
+    }
+    for reply in replies {
+        reply.extract_error()?;
+    }
     Ok(vec![(); writes.len()])
 }
 
@@ -211,12 +228,51 @@ pub async fn delete_many<C: ConnectionLike + Send>(
     conn: &mut C,
     keys: &[&str],
 ) -> RedisResult<Vec<()>> {
+    let _: i64 = delete_cmd(keys).query_async(conn).await?;
+    Ok(vec![(); keys.len()])
+}
+
+fn delete_cmd(keys: &[&str]) -> redis::Cmd {
     let mut del = redis::cmd("DEL");
     for key in keys {
         del.arg(*key);
     }
-    let _: i64 = del.query_async(conn).await?;
+    del
+}
+
+#[cfg(feature = "cluster")]
+/// Adds [`delete_many`]'s `DEL` to `pipe`.
+pub fn add_delete_many(pipe: &mut redis::Pipeline, keys: &[&str]) -> usize {
+    pipe.add_command(delete_cmd(keys));
+    1
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the reply of [`add_delete_many`]'s `DEL`.
+pub fn parse_delete_many(replies: Vec<Value>, keys: &[&str]) -> RedisResult<Vec<()>> {
+    let _: i64 = redis::from_redis_value(one(replies, "DEL")?)?;
     Ok(vec![(); keys.len()])
+}
+
+#[cfg(feature = "cluster")]
+/// The one reply of a one-command part of a pipeline (an error reply as an
+/// error).
+fn one(replies: Vec<Value>, what: &'static str) -> RedisResult<Value> {
+    let mut replies = replies.into_iter();
+    match (replies.next(), replies.next()) {
+        (Some(reply), None) => reply.extract_error(),
+        _ => Err(bad_reply(what)),
+    }
+}
+
+#[cfg(feature = "cluster")]
+/// `EVALSHA` of `script` with `keys` keys, for a pipeline: a `NOSCRIPT`
+/// reply is the caller's to handle (a cluster sends the part again on its
+/// own, through [`redis::Script`], which loads it).
+fn evalsha(script: &redis::Script, keys: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys);
+    cmd
 }
 
 /// A script's answer of one integer per key, as flags (non-zero: true).
@@ -264,19 +320,54 @@ pub async fn claim_loads_fenced<C: ConnectionLike + Send>(
     for e in entries {
         inv.key(e.lock).key(e.value).key(e.fence);
     }
-    let answer: Vec<Value> = inv
+    let answer: Value = inv
         .arg(token)
         .arg(millis(expiry))
         .arg(millis(fence_expiry))
         .invoke_async(conn)
         .await?;
-    if answer.len() != entries.len() * 3 {
+    claim_loads_fenced_answer(answer, entries.len())
+}
+
+#[cfg(feature = "cluster")]
+/// Adds [`claim_loads_fenced`]'s script to `pipe` (as `EVALSHA`).
+pub fn add_claim_loads_fenced(
+    pipe: &mut redis::Pipeline,
+    entries: &[LoadClaim<'_>],
+    token: &[u8],
+    expiry: Duration,
+    fence_expiry: Duration,
+) -> usize {
+    let mut cmd = evalsha(&scripts::CLAIM_LOADS_FENCED, entries.len() * 3);
+    for e in entries {
+        cmd.arg(e.lock).arg(e.value).arg(e.fence);
+    }
+    cmd.arg(token).arg(millis(expiry)).arg(millis(fence_expiry));
+    pipe.add_command(cmd);
+    1
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the reply of [`add_claim_loads_fenced`]'s script.
+pub fn parse_claim_loads_fenced(
+    replies: Vec<Value>,
+    entries: &[LoadClaim<'_>],
+) -> RedisResult<Vec<Option<Option<Stored>>>> {
+    claim_loads_fenced_answer(one(replies, "CLAIM_LOADS_FENCED")?, entries.len())
+}
+
+fn claim_loads_fenced_answer(
+    answer: Value,
+    len: usize,
+) -> RedisResult<Vec<Option<Option<Stored>>>> {
+    let answer: Vec<Value> = redis::from_redis_value(answer)?;
+    if answer.len() != len * 3 {
         return Err(bad_reply(
             "CLAIM_LOADS_FENCED answered another number of values",
         ));
     }
     let mut answer = answer.into_iter();
-    let mut out = Vec::with_capacity(entries.len());
+    let mut out = Vec::with_capacity(len);
     while let (Some(granted), Some(value), Some(pttl)) =
         (answer.next(), answer.next(), answer.next())
     {
@@ -311,6 +402,33 @@ pub async fn renew_loads<C: ConnectionLike + Send>(
     )
 }
 
+#[cfg(feature = "cluster")]
+/// Adds [`renew_loads`]'s script to `pipe` (as `EVALSHA`).
+pub fn add_renew_loads(
+    pipe: &mut redis::Pipeline,
+    keys: &[&str],
+    token: &[u8],
+    expiry: Duration,
+) -> usize {
+    let mut cmd = evalsha(&scripts::RENEW_LOADS, keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    cmd.arg(token).arg(millis(expiry));
+    pipe.add_command(cmd);
+    1
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the reply of [`add_renew_loads`]'s script.
+pub fn parse_renew_loads(replies: Vec<Value>, keys: &[&str]) -> RedisResult<Vec<bool>> {
+    flags(
+        one(replies, "RENEW_LOADS")?,
+        keys.len(),
+        "RENEW_LOADS answered another number of flags",
+    )
+}
+
 /// `UNCLAIM_LOADS`: releases the names `token` holds, publishing each on
 /// `channel`.
 pub async fn unclaim_loads<C: ConnectionLike + Send>(
@@ -331,6 +449,30 @@ pub async fn unclaim_loads<C: ConnectionLike + Send>(
     Ok(vec![(); names.len()])
 }
 
+#[cfg(feature = "cluster")]
+/// Adds [`unclaim_loads`]'s script to `pipe` (as `EVALSHA`).
+pub fn add_unclaim_loads(
+    pipe: &mut redis::Pipeline,
+    names: &[&str],
+    token: &[u8],
+    channel: Option<&str>,
+) -> usize {
+    let mut cmd = evalsha(&scripts::UNCLAIM_LOADS, names.len());
+    for name in names {
+        cmd.arg(*name);
+    }
+    cmd.arg(token).arg(channel.unwrap_or(""));
+    pipe.add_command(cmd);
+    1
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the reply of [`add_unclaim_loads`]'s script.
+pub fn parse_unclaim_loads(replies: Vec<Value>, names: &[&str]) -> RedisResult<Vec<()>> {
+    let _: i64 = redis::from_redis_value(one(replies, "UNCLAIM_LOADS")?)?;
+    Ok(vec![(); names.len()])
+}
+
 /// `GET_OR_FENCE_MANY`: takes each entry's fence for `token`, and answers its
 /// value with its time left.
 pub async fn get_or_fence_many<C: ConnectionLike + Send>(
@@ -343,18 +485,49 @@ pub async fn get_or_fence_many<C: ConnectionLike + Send>(
     for (value, fence) in entries {
         inv.key(*value).key(*fence);
     }
-    let answer: Vec<Value> = inv
+    let answer: Value = inv
         .arg(token)
         .arg(millis(fence_expiry))
         .invoke_async(conn)
         .await?;
-    if answer.len() != entries.len() * 2 {
+    get_or_fence_many_answer(answer, entries.len())
+}
+
+#[cfg(feature = "cluster")]
+/// Adds [`get_or_fence_many`]'s script to `pipe` (as `EVALSHA`).
+pub fn add_get_or_fence_many(
+    pipe: &mut redis::Pipeline,
+    entries: &[(&str, &str)],
+    token: &[u8],
+    fence_expiry: Duration,
+) -> usize {
+    let mut cmd = evalsha(&scripts::GET_OR_FENCE_MANY, entries.len() * 2);
+    for (value, fence) in entries {
+        cmd.arg(*value).arg(*fence);
+    }
+    cmd.arg(token).arg(millis(fence_expiry));
+    pipe.add_command(cmd);
+    1
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the reply of [`add_get_or_fence_many`]'s script.
+pub fn parse_get_or_fence_many(
+    replies: Vec<Value>,
+    entries: &[(&str, &str)],
+) -> RedisResult<Vec<Option<Stored>>> {
+    get_or_fence_many_answer(one(replies, "GET_OR_FENCE_MANY")?, entries.len())
+}
+
+fn get_or_fence_many_answer(answer: Value, len: usize) -> RedisResult<Vec<Option<Stored>>> {
+    let answer: Vec<Value> = redis::from_redis_value(answer)?;
+    if answer.len() != len * 2 {
         return Err(bad_reply(
             "GET_OR_FENCE_MANY answered another number of values",
         ));
     }
     let mut answer = answer.into_iter();
-    let mut out = Vec::with_capacity(entries.len());
+    let mut out = Vec::with_capacity(len);
     while let (Some(value), Some(pttl)) = (answer.next(), answer.next()) {
         let value: Option<Vec<u8>> = redis::from_redis_value(value)?;
         let pttl: i64 = redis::from_redis_value(pttl)?;
@@ -382,6 +555,39 @@ pub async fn set_fenced_many<C: ConnectionLike + Send>(
     let answer: Value = inv.invoke_async(conn).await?;
     flags(
         answer,
+        writes.len(),
+        "SET_FENCED_MANY answered another number of flags",
+    )
+}
+
+#[cfg(feature = "cluster")]
+/// Adds [`set_fenced_many`]'s script to `pipe` (as `EVALSHA`).
+pub fn add_set_fenced_many(
+    pipe: &mut redis::Pipeline,
+    writes: &[FencedWrite<'_>],
+    token: &[u8],
+    channel: Option<&str>,
+) -> usize {
+    let mut cmd = evalsha(&scripts::SET_FENCED_MANY, writes.len() * 2);
+    for w in writes {
+        cmd.arg(w.key).arg(w.fence);
+    }
+    cmd.arg(token).arg(channel.unwrap_or(""));
+    for w in writes {
+        cmd.arg(w.value).arg(millis(w.ttl)).arg(w.message);
+    }
+    pipe.add_command(cmd);
+    1
+}
+
+#[cfg(feature = "cluster")]
+/// Reads the reply of [`add_set_fenced_many`]'s script.
+pub fn parse_set_fenced_many(
+    replies: Vec<Value>,
+    writes: &[FencedWrite<'_>],
+) -> RedisResult<Vec<bool>> {
+    flags(
+        one(replies, "SET_FENCED_MANY")?,
         writes.len(),
         "SET_FENCED_MANY answered another number of flags",
     )

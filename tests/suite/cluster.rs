@@ -680,14 +680,16 @@ fn reads_processed(node: &crate::support::RedisServer) -> u64 {
 }
 
 /// 150 keys over about as many slots: `get_many` and a `get_or_load_many`
-/// of hits send one `MGET` per slot, in one pipeline per node (the node
-/// reads about one request per batch, where a command per slot would be
-/// ~50), answer in the caller's order (duplicates and missing keys
-/// included), and still answer every key after one slot moved to another
-/// primary (its `MGET` answered `MOVED` inside the pipeline and was sent
-/// again on its own).
+/// of hits send one `MGET` per slot, and cold batches their lock, store and
+/// release scripts one per slot, each in one pipeline per node (the node
+/// reads about one request per pipeline, where a command per slot would be
+/// ~50); answers come in the caller's order (duplicates and missing keys
+/// included). After one slot moved to another primary (its commands answer
+/// `MOVED` inside the old node's pipeline) and after every primary forgot
+/// the scripts (`NOSCRIPT`), the failed chunks are sent again on their own:
+/// every key answered, loaded once and stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_many_sends_one_pipeline_per_node_and_follows_a_moved_slot() {
+async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
     let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
     let prefix = unique_prefix("cmany");
     let cache = cache_on(&cluster, &prefix).await;
@@ -746,6 +748,85 @@ async fn get_many_sends_one_pipeline_per_node_and_follows_a_moved_slot() {
             reads <= 2 * BATCHES + 20,
             "shard {shard}: {reads} reads for {BATCHES} batches of {slots} slots: \
              the MGETs were not pipelined per node"
+        );
+    }
+
+    // Cold batches: the lock, store and release scripts go one per slot too,
+    // in one pipeline per node each (with the MGET: four round trips per
+    // node and batch; a script per slot sent alone would be ~150 each).
+    const COLD: u64 = 10;
+    let evalshas = |node: &crate::support::RedisServer| -> u64 {
+        node.command_stats().get("evalsha").copied().unwrap_or(0)
+    };
+    let cold_batches: Vec<Vec<String>> = (0..COLD)
+        .map(|b| (0..150).map(|i| format!("cold{b}:{i}")).collect())
+        .collect();
+    let mut cold_slots = [0u64; 3];
+    for batch in &cold_batches {
+        let mut slots = [BTreeSet::new(), BTreeSet::new(), BTreeSet::new()];
+        for key in batch {
+            let slot = key_slot(&cluster, &cache.value_key(key));
+            slots[shard_of(slot)].insert(slot);
+        }
+        for (shard, slots) in slots.iter().enumerate() {
+            cold_slots[shard] += slots.len() as u64;
+        }
+    }
+    let before: Vec<(u64, u64)> = cluster.nodes[..3]
+        .iter()
+        .map(|n| (evalshas(n), reads_processed(n)))
+        .collect();
+    let loads = Arc::new(AtomicU32::new(0));
+    for batch in &cold_batches {
+        let loads = Arc::clone(&loads);
+        let got: Vec<Option<String>> = cache
+            .get_or_load_many(batch, move |missing: Vec<String>| {
+                loads.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Ok::<_, String>(
+                        missing
+                            .into_iter()
+                            .map(|k| (k.clone(), format!("v-{k}")))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            })
+            .await
+            .unwrap();
+        let expected: Vec<Option<String>> = batch.iter().map(|k| Some(format!("v-{k}"))).collect();
+        assert_eq!(got, expected);
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        COLD as u32,
+        "one loader call per batch"
+    );
+    // The releases run after the answers: wait until every lock is gone.
+    let released = crate::support::eventually(Duration::from_secs(5), || async {
+        cluster.nodes[..3].iter().all(|n| {
+            let locks: Vec<String> = n.query(&["KEYS", &format!("lock.{prefix}cold*")]);
+            locks.is_empty()
+        })
+    })
+    .await;
+    assert!(released, "the cold batches' locks were not all released");
+    for (shard, node) in cluster.nodes[..3].iter().enumerate() {
+        let (evalsha_before, reads_before) = before[shard];
+        let scripts = evalshas(node) - evalsha_before;
+        let reads = reads_processed(node) - reads_before;
+        eprintln!(
+            "shard {shard}: {COLD} cold batches over {} slots: {scripts} scripts, {reads} reads",
+            cold_slots[shard]
+        );
+        assert_eq!(
+            scripts,
+            3 * cold_slots[shard],
+            "lock, store, release per slot"
+        );
+        assert!(
+            reads <= 2 * 4 * COLD + 40,
+            "shard {shard}: {reads} reads for {COLD} cold batches: the scripts were not \
+             pipelined per node"
         );
     }
 
@@ -814,4 +895,43 @@ async fn get_many_sends_one_pipeline_per_node_and_follows_a_moved_slot() {
         .await
         .unwrap();
     assert_eq!(got.iter().filter(|v| v.is_some()).count(), keys.len());
+
+    // A cold batch with keys in the moved slot (their scripts answer MOVED in
+    // the old node's pipeline), then one after every primary forgot the
+    // scripts (NOSCRIPT in the pipelines): each chunk that failed in its
+    // pipeline is sent again on its own, and every key loads once.
+    // The moved key, made cold again.
+    assert!(cache.invalidate(moved_key).await.unwrap());
+    for (round, flush) in [(0, false), (1, true)] {
+        if flush {
+            for node in &cluster.nodes[..3] {
+                node.cmd(&["SCRIPT", "FLUSH"]);
+            }
+        }
+        let mut batch: Vec<String> = (0..60).map(|i| format!("late{round}:{i}")).collect();
+        if round == 0 {
+            batch.push(moved_key.clone());
+        }
+        let loads = Arc::new(AtomicU32::new(0));
+        let counted = Arc::clone(&loads);
+        let got: Vec<Option<String>> = cache
+            .get_or_load_many(&batch, move |missing: Vec<String>| {
+                counted.fetch_add(missing.len() as u32, Ordering::SeqCst);
+                async move {
+                    Ok::<_, String>(
+                        missing
+                            .into_iter()
+                            .map(|k| (k.clone(), format!("v-{k}")))
+                            .collect::<Vec<_>>(),
+                    )
+                }
+            })
+            .await
+            .unwrap();
+        let expected: Vec<Option<String>> = batch.iter().map(|k| Some(format!("v-{k}"))).collect();
+        assert_eq!(got, expected, "round {round}");
+        assert_eq!(loads.load(Ordering::SeqCst), batch.len() as u32);
+        let again: Vec<Option<String>> = cache.get_many(&batch).await.unwrap();
+        assert_eq!(again, expected, "round {round}: stored");
+    }
 }

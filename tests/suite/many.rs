@@ -1,7 +1,8 @@
 //! Many keys in one call (`get_or_load_many`, `get_many`, `set_many`): on the
 //! embedded store, on 1 and 3 real masters and on the cluster fixture. A
-//! stampede of 4 caches x 50 tasks over random overlapping 50-key subsets of
-//! 500 cold keys loads every key exactly once; a master killed mid-batch, a
+//! stampede of 4 OS processes (this binary, re-executed) x 50 tasks over
+//! random overlapping 50-key subsets of 500 cold keys loads every key exactly
+//! once (on 1 and 3 masters and on the cluster); a master killed mid-batch, a
 //! panicking loader, a caller cancelled while waiting and while loading, and a
 //! holder process SIGKILLed mid-load (this binary, re-executed) leave no lock
 //! behind and no key loaded twice.
@@ -153,32 +154,71 @@ async fn the_embedded_store_answers_in_order_with_one_loader_call() {
     assert_eq!(cache.retained_entries(), 0);
 }
 
-/// 4 caches (each with its own connections) x 50 tasks, each asking for a
-/// random 50-key subset of 500 cold keys at once: every key is loaded exactly
-/// once across them, every caller gets every value.
-async fn stampede(urls: &[String], label: &str) {
-    let prefix = unique_prefix(label);
-    let mut caches = Vec::new();
-    for _ in 0..4 {
-        let cache = cache_on(urls, &prefix).await;
-        cache.ping().await.unwrap();
-        caches.push(cache);
+const STAMPEDE_URLS_ENV: &str = "LC_MANY_STAMPEDE_URLS";
+const STAMPEDE_PREFIX_ENV: &str = "LC_MANY_STAMPEDE_PREFIX";
+const STAMPEDE_CLUSTER_ENV: &str = "LC_MANY_STAMPEDE_CLUSTER";
+/// Processes, tasks per process, keys per batch, and the cold keys.
+const STAMPEDE_PROCESSES: usize = 4;
+const STAMPEDE_TASKS: usize = 50;
+const STAMPEDE_BATCH: usize = 50;
+const STAMPEDE_KEYS: u32 = 500;
+
+/// The cache of a stampede process: on the masters, or on the cluster.
+async fn stampede_cache(urls: &[String], prefix: &str, cluster: bool) -> LockedCache {
+    if !cluster {
+        return cache_on(urls, prefix).await;
     }
-    let loads = Loads::default();
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for cache in &caches {
-        for _ in 0..50 {
-            let (cache, loads) = (cache.clone(), loads.clone());
-            let keys: Vec<String> = {
-                let mut all: Vec<u32> = (0..500).collect();
-                fastrand::shuffle(&mut all);
-                all[..50].iter().map(|i| format!("k{i}")).collect()
-            };
+    LockedCache::builder()
+        .cluster(urls.to_vec())
+        .key_prefix(prefix)
+        .ttl(MINUTE)
+        .lock_expiry(Duration::from_secs(3))
+        .wait_time(Duration::from_secs(10))
+        .command_timeout(Duration::from_secs(2))
+        .connect_timeout(Duration::from_secs(2))
+        .build()
+        .await
+        .expect("build")
+}
+
+/// One process of [`stampede`] (this test binary, re-executed): one cache,
+/// `STAMPEDE_TASKS` tasks each asking at once (after the parent's `GO`) for
+/// a random `STAMPEDE_BATCH`-key subset of the cold keys, checking every
+/// value, then reading them again with `get_many`. Prints each loader call's
+/// keys (`LOADED k1 k2 ...`).
+#[test]
+fn many_stampede_process_entry() {
+    let Ok(urls) = std::env::var(STAMPEDE_URLS_ENV) else {
+        return;
+    };
+    let urls: Vec<String> = urls.split(',').map(str::to_owned).collect();
+    let prefix = std::env::var(STAMPEDE_PREFIX_ENV).expect("prefix");
+    let cluster = std::env::var(STAMPEDE_CLUSTER_ENV).is_ok_and(|v| v == "1");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let cache = stampede_cache(&urls, &prefix, cluster).await;
+        cache.ping().await.unwrap();
+        println!("READY");
+        let mut go = String::new();
+        tokio::task::block_in_place(|| std::io::stdin().read_line(&mut go)).unwrap();
+        assert_eq!(go.trim(), "GO", "read {go:?}");
+        let mut tasks = Vec::new();
+        for _ in 0..STAMPEDE_TASKS {
+            let cache = cache.clone();
+            let mut all: Vec<u32> = (0..STAMPEDE_KEYS).collect();
+            fastrand::shuffle(&mut all);
+            let keys: Vec<String> = all[..STAMPEDE_BATCH]
+                .iter()
+                .map(|i| format!("k{i}"))
+                .collect();
             tasks.push(tokio::spawn(async move {
                 let got: Vec<Option<String>> = cache
-                    .get_or_load_many(&keys, move |missing| {
-                        loads.record(&missing);
+                    .get_or_load_many(&keys, |missing: Vec<String>| {
+                        println!("LOADED {}", missing.join(" "));
                         async move {
                             tokio::time::sleep(Duration::from_millis(20)).await;
                             Ok::<_, String>(
@@ -194,31 +234,121 @@ async fn stampede(urls: &[String], label: &str) {
                 for (key, value) in keys.iter().zip(got) {
                     assert_eq!(value.as_deref(), Some(format!("v-{key}").as_str()));
                 }
+                let again: Vec<Option<String>> = cache.get_many(&keys).await.unwrap();
+                assert!(again.iter().all(Option::is_some), "{again:?}");
             }));
         }
+        join_all_checked(tasks).await;
+        assert_eq!(cache.retained_entries(), 0);
+        println!("DONE {:?}", cache.stats());
+    });
+}
+
+/// `STAMPEDE_PROCESSES` OS processes (each one cache, its own connections
+/// and wake-up subscription) x `STAMPEDE_TASKS` tasks, each asking for a
+/// random `STAMPEDE_BATCH`-key subset of `STAMPEDE_KEYS` cold keys, all
+/// released at once: every key is loaded exactly once across them, every
+/// caller gets every value (each process checks its own and exits cleanly).
+async fn stampede(urls: &[String], label: &str, cluster: bool) {
+    let prefix = unique_prefix(label);
+    let started = Instant::now();
+    let mut children = Vec::new();
+    let mut readers = Vec::new();
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..STAMPEDE_PROCESSES {
+        let mut child: Child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "many::many_stampede_process_entry",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(STAMPEDE_URLS_ENV, urls.join(","))
+            .env(STAMPEDE_PREFIX_ENV, &prefix)
+            .env(STAMPEDE_CLUSTER_ENV, if cluster { "1" } else { "0" })
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let ready = ready_tx.clone();
+        // Every line but READY, once the process has ended.
+        readers.push(tokio::task::spawn_blocking(move || {
+            let mut lines = Vec::new();
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                // libtest's "test ... " may come first on the line.
+                if line.ends_with("READY") {
+                    let _ = ready.send(());
+                } else {
+                    lines.push(line);
+                }
+            }
+            lines
+        }));
+        children.push(child);
     }
-    join_all_checked(tasks).await;
-    let per_key = loads.per_key();
-    for cache in &caches {
-        eprintln!("{label}: {:?}", cache.stats());
+    for _ in 0..STAMPEDE_PROCESSES {
+        tokio::time::timeout(Duration::from_secs(30), ready_rx.recv())
+            .await
+            .expect("a stampede process did not get ready within 30 s")
+            .expect("a stampede process ended before it was ready");
     }
-    let twice: Vec<_> = per_key.iter().filter(|(_, n)| **n > 1).collect();
+    for child in &mut children {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin.write_all(b"GO\n").unwrap();
+        stdin.flush().unwrap();
+    }
+    let mut loads: HashMap<String, u32> = HashMap::new();
+    let mut calls = 0;
+    for reader in readers {
+        let lines = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("a stampede process did not end within 60 s")
+            .unwrap();
+        for line in lines {
+            if let Some(keys) = line.strip_prefix("LOADED ") {
+                calls += 1;
+                for key in keys.split(' ') {
+                    *loads.entry(key.to_owned()).or_default() += 1;
+                }
+            } else if line.starts_with("DONE") {
+                eprintln!("{label}: {line}");
+            }
+        }
+    }
+    for mut child in children {
+        let status = child.wait().unwrap();
+        assert!(status.success(), "a stampede process failed: {status}");
+    }
+    let twice: Vec<_> = loads.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "keys loaded more than once: {twice:?}");
-    let retained: usize = caches.iter().map(LockedCache::retained_entries).sum();
+    // Every key asked was loaded by someone: what is stored is what was loaded.
+    let check = stampede_cache(urls, &prefix, cluster).await;
+    let all: Vec<String> = (0..STAMPEDE_KEYS).map(|i| format!("k{i}")).collect();
+    let stored = check.get_many::<_, String>(&all).await.unwrap();
+    let stored: Vec<&String> = all
+        .iter()
+        .zip(&stored)
+        .filter(|(_, v)| v.is_some())
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(stored.len(), loads.len());
+    assert!(stored.iter().all(|k| loads.get(*k) == Some(&1)));
     eprintln!(
-        "{label}: {} distinct keys loaded once each by {} loader calls for 200 batches of 50, in {:?}",
-        per_key.len(),
-        loads.calls(),
+        "{label}: {} distinct keys loaded once each by {calls} loader calls for {} batches \
+         of {STAMPEDE_BATCH} from {STAMPEDE_PROCESSES} processes, in {:?}",
+        loads.len(),
+        STAMPEDE_PROCESSES * STAMPEDE_TASKS,
         started.elapsed()
     );
-    assert!(per_key.len() <= 500);
-    assert_eq!(retained, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stampede_on_one_master_loads_every_key_once() {
     let server = RedisServer::start();
-    stampede(&[server.url()], "many1").await;
+    stampede(&[server.url()], "many1", false).await;
     assert_eq!(locks_left(&server, "t:many1"), 0);
     // All cached now: one batch of 100 is one MGET, no GET.
     let prefix = unique_prefix("hits1");
@@ -269,7 +399,7 @@ async fn a_stampede_on_one_master_loads_every_key_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stampede_on_three_masters_loads_every_key_once() {
     let fleet = Fleet::start(3);
-    stampede(&fleet.urls(), "many3").await;
+    stampede(&fleet.urls(), "many3", false).await;
 }
 
 #[cfg(feature = "cluster")]
@@ -277,65 +407,7 @@ async fn a_stampede_on_three_masters_loads_every_key_once() {
 async fn a_stampede_on_a_cluster_loads_every_key_once() {
     use support::cluster::Cluster;
     let cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_secs(1)));
-    let prefix = unique_prefix("manyc");
-    let loads = Loads::default();
-    let mut tasks = Vec::new();
-    for _ in 0..3 {
-        let cache = LockedCache::builder()
-            .cluster(cluster.urls())
-            .key_prefix(&prefix)
-            .ttl(MINUTE)
-            .lock_expiry(Duration::from_secs(3))
-            .wait_time(Duration::from_secs(10))
-            .command_timeout(Duration::from_secs(2))
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .await
-            .unwrap();
-        for _ in 0..10 {
-            let (cache, loads) = (cache.clone(), loads.clone());
-            let mut all: Vec<u32> = (0..200).collect();
-            fastrand::shuffle(&mut all);
-            let keys: Vec<String> = all[..50].iter().map(|i| format!("c{i}")).collect();
-            tasks.push(tokio::spawn(async move {
-                let got: Vec<Option<u32>> = cache
-                    .get_or_load_many(&keys, move |missing| {
-                        loads.record(&missing);
-                        async move {
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            Ok::<_, String>(
-                                missing
-                                    .iter()
-                                    .map(|k| (k.clone(), k[1..].parse::<u32>().unwrap()))
-                                    .collect::<Vec<_>>(),
-                            )
-                        }
-                    })
-                    .await
-                    .unwrap();
-                for (k, v) in keys.iter().zip(got) {
-                    assert_eq!(v, Some(k[1..].parse::<u32>().unwrap()));
-                }
-                // Hits across every shard: one read per slot.
-                assert_eq!(
-                    cache.get_many::<_, u32>(&keys).await.unwrap().len(),
-                    keys.len()
-                );
-            }));
-        }
-    }
-    join_all_checked(tasks).await;
-    let twice: Vec<_> = loads
-        .per_key()
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .collect();
-    assert!(twice.is_empty(), "{twice:?}");
-    eprintln!(
-        "cluster: {} keys, {} loader calls",
-        loads.per_key().len(),
-        loads.calls()
-    );
+    stampede(&cluster.urls(), "manyc", true).await;
 }
 
 /// A master of three is killed while a batch loads: the batch still answers

@@ -16,15 +16,16 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 
 use super::super::Store;
-use super::super::many::{self, by_slot, chunked, chunks, scatter};
+use super::super::many::{self, MAX_BYTES_PER_SCRIPT, by_slot, chunked, chunks, scatter};
 use super::super::{FencedWrite, LoadClaim, Stored, Write};
 use super::ClusterStore;
 use super::shards::Groups;
 use crate::defaults::MAX_KEYS_PER_COMMAND;
 use crate::error::{Error, Result};
 
-/// The most keys one node's pipeline of `MGET`s carries; a node with more
-/// gets several pipelines, sent at once.
+/// The most keys one node's pipeline carries (and, where the commands carry
+/// values, [`MAX_BYTES_PER_SCRIPT`] of them); a node with more gets several
+/// pipelines, sent at once.
 const MAX_KEYS_PER_PIPELINE: usize = MAX_KEYS_PER_COMMAND;
 
 /// The slot of a group of [`by_slot`] (every item of it has the same).
@@ -34,39 +35,56 @@ fn slot_of<T>(group: &[T], key: impl Fn(&T) -> &str) -> u16 {
         .map_or(0, |item| super::super::slot::slot(key(item).as_bytes()))
 }
 
-/// One chunk of one slot's keys, for a node's pipeline: the slot group it
-/// came from (an index into [`by_slot`]'s groups), its slot and its keys.
+/// One chunk of one slot's items, for a node's pipeline: the slot group it
+/// came from (an index into [`by_slot`]'s groups), its slot and its items.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Piece<'a> {
+struct Piece<'a, T> {
     group: usize,
     slot: u16,
-    keys: &'a [&'a str],
+    items: &'a [T],
+}
+
+/// What [`ClusterStore::per_node`] sends each node: the command's name (for
+/// errors), how to add a piece to a pipeline and read its replies, how to
+/// send a piece on its own, and the deadline of it all.
+struct NodeSend<'a, A, P, F> {
+    command: &'static str,
+    add: &'a A,
+    parse: &'a P,
+    send: &'a F,
+    deadline: Instant,
 }
 
 /// The pieces by the shard (`shard_of` their slot) that serves them, in the
 /// order first seen, each shard's cut into pipelines of at most
-/// [`MAX_KEYS_PER_PIPELINE`] keys (a piece is never cut: it holds at most
-/// that many). A slot group's pieces keep their order within its shard.
-fn node_pipelines<'a>(
-    pieces: Vec<Piece<'a>>,
+/// [`MAX_KEYS_PER_PIPELINE`] items and [`MAX_BYTES_PER_SCRIPT`] `bytes` (a
+/// piece is never cut: [`chunks`] bounds it the same way). A slot group's
+/// pieces keep their order within its shard.
+fn node_pipelines<'a, T>(
+    pieces: Vec<Piece<'a, T>>,
     shard_of: impl Fn(u16) -> usize,
-) -> Vec<(usize, Vec<Piece<'a>>)> {
-    let mut out: Vec<(usize, Vec<Piece<'a>>)> = Vec::new();
-    // Per shard: the pipeline being filled (an index into `out`) and its keys.
-    let mut open: std::collections::HashMap<usize, (usize, usize)> = Default::default();
+    bytes: impl Fn(&T) -> usize,
+) -> Vec<(usize, Vec<Piece<'a, T>>)> {
+    let mut out: Vec<(usize, Vec<Piece<'a, T>>)> = Vec::new();
+    // Per shard: the pipeline being filled (an index into `out`), its items
+    // and its bytes.
+    let mut open: std::collections::HashMap<usize, (usize, usize, usize)> = Default::default();
     for piece in pieces {
         let shard = shard_of(piece.slot);
-        let fits = open
-            .get(&shard)
-            .is_some_and(|&(_, keys)| keys + piece.keys.len() <= MAX_KEYS_PER_PIPELINE);
+        let size: usize = piece.items.iter().map(&bytes).sum();
+        let fits = open.get(&shard).is_some_and(|&(_, items, held)| {
+            items + piece.items.len() <= MAX_KEYS_PER_PIPELINE
+                && held + size <= MAX_BYTES_PER_SCRIPT
+        });
         if !fits {
             out.push((shard, Vec::new()));
-            open.insert(shard, (out.len() - 1, 0));
+            open.insert(shard, (out.len() - 1, 0, 0));
         }
-        let Some((at, keys)) = open.get_mut(&shard) else {
+        let Some((at, items, held)) = open.get_mut(&shard) else {
             continue;
         };
-        *keys += piece.keys.len();
+        *items += piece.items.len();
+        *held += size;
         out[*at].1.push(piece);
     }
     out
@@ -102,33 +120,59 @@ impl ClusterStore {
         Ok(scatter(items.len(), &groups, answers))
     }
 
-    /// `MGET`s (with `PTTL`s when `with_ttl`) of `keys`: one pipeline per
-    /// node, an `MGET` per slot in it, the nodes at once. A slot that answers
-    /// with an error (moved since the shards were read, say), or a node whose
-    /// pipeline could not be sent, falls back to one command per slot with
+    /// A command per slot of `items` (by `key`, chunked as
+    /// [`per_slot`](Self::per_slot) does), sent as **one pipeline per node**,
+    /// the nodes at once: a batch costs one round trip per node, however
+    /// many slots its keys hash to. `add` puts one chunk's commands in a
+    /// pipeline (answering how many replies they make) and `parse` reads
+    /// those replies. A chunk whose reply is an error (its slot moved since
+    /// the shards were read, a script the node has not loaded, a busy
+    /// slot), or a node whose pipeline was not answered (a dead connection,
+    /// a failover), is sent again on its own with `send` and
     /// [`run`](Self::run)'s retries, all within one command timeout.
-    pub(super) async fn batch_get_many(
+    #[allow(clippy::too_many_arguments)]
+    async fn per_node<T, R, A, P, F, Fut>(
         &self,
-        keys: &[&str],
-        with_ttl: bool,
-    ) -> Result<Vec<Option<Stored>>> {
-        if keys.is_empty() {
+        command: &'static str,
+        items: &[T],
+        key: impl Fn(&T) -> &str,
+        bytes: impl Fn(&T) -> usize + Copy,
+        add: A,
+        parse: P,
+        send: F,
+    ) -> Result<Vec<R>>
+    where
+        T: Copy,
+        R: Default,
+        A: Fn(&mut redis::Pipeline, &[T]) -> usize,
+        P: Fn(Vec<redis::Value>, &[T]) -> std::result::Result<Vec<R>, RedisError>,
+        F: Fn(ClusterConnection, Vec<T>) -> Fut,
+        Fut: Future<Output = std::result::Result<Vec<R>, RedisError>>,
+    {
+        if items.is_empty() {
             return Ok(Vec::new());
         }
         let deadline = Instant::now() + self.options.command_timeout;
         let shards = self.groups().await?;
-        let groups = by_slot(keys, |k| k);
+        let groups = by_slot(items, &key);
         let mut pieces = Vec::new();
-        for (group, (_, slot_keys)) in groups.iter().enumerate() {
-            let slot = slot_of(slot_keys, |k| k);
-            for keys in chunks(slot_keys, |_| 0) {
-                pieces.push(Piece { group, slot, keys });
+        for (group, (_, slot_items)) in groups.iter().enumerate() {
+            let slot = slot_of(slot_items, &key);
+            for items in chunks(slot_items, bytes) {
+                pieces.push(Piece { group, slot, items });
             }
         }
-        let sends = node_pipelines(pieces, |slot| shards.of_slot(slot))
+        let node = NodeSend {
+            command,
+            add: &add,
+            parse: &parse,
+            send: &send,
+            deadline,
+        };
+        let sends = node_pipelines(pieces, |slot| shards.of_slot(slot), bytes)
             .into_iter()
-            .map(|(g, pieces)| self.get_on_node(&shards, g, pieces, with_ttl, deadline));
-        let mut answers: Vec<Vec<Option<Stored>>> = groups.iter().map(|_| Vec::new()).collect();
+            .map(|(g, pieces)| self.on_node(&shards, g, pieces, &node));
+        let mut answers: Vec<Vec<R>> = groups.iter().map(|_| Vec::new()).collect();
         for node in try_join_all(sends).await? {
             for (group, values) in node {
                 if let Some(answer) = answers.get_mut(group) {
@@ -136,62 +180,69 @@ impl ClusterStore {
                 }
             }
         }
-        Ok(scatter(keys.len(), &groups, answers))
+        Ok(scatter(items.len(), &groups, answers))
     }
 
     /// One node's pieces: one pipeline (when there is more than one piece),
     /// then each piece it did not answer on its own. Per piece, its group and
-    /// its values.
-    async fn get_on_node(
+    /// its answers.
+    async fn on_node<T, R, A, P, F, Fut>(
         &self,
         shards: &Arc<Groups>,
         g: usize,
-        pieces: Vec<Piece<'_>>,
-        with_ttl: bool,
-        deadline: Instant,
-    ) -> Result<Vec<(usize, Vec<Option<Stored>>)>> {
+        pieces: Vec<Piece<'_, T>>,
+        node: &NodeSend<'_, A, P, F>,
+    ) -> Result<Vec<(usize, Vec<R>)>>
+    where
+        T: Copy,
+        A: Fn(&mut redis::Pipeline, &[T]) -> usize,
+        P: Fn(Vec<redis::Value>, &[T]) -> std::result::Result<Vec<R>, RedisError>,
+        F: Fn(ClusterConnection, Vec<T>) -> Fut,
+        Fut: Future<Output = std::result::Result<Vec<R>, RedisError>>,
+    {
         let piped = if pieces.len() > 1 {
-            self.pipeline_get(shards, g, &pieces, with_ttl, deadline)
-                .await?
+            self.pipeline(shards, g, &pieces, node).await?
         } else {
-            vec![None; pieces.len()]
+            pieces.iter().map(|_| None).collect()
         };
         let each = pieces.iter().zip(piped).map(|(piece, piped)| async move {
-            let values = match piped {
-                Some(values) => values,
+            let answers = match piped {
+                Some(answers) => answers,
                 None => {
-                    self.run_until("MGET", piece.slot, deadline, |mut c| async move {
-                        many::get_many(&mut c, piece.keys, with_ttl).await
+                    self.run_until(node.command, piece.slot, node.deadline, |c| {
+                        (node.send)(c, piece.items.to_vec())
                     })
                     .await?
                 }
             };
-            Ok::<_, Error>((piece.group, values))
+            Ok::<_, Error>((piece.group, answers))
         });
         try_join_all(each).await
     }
 
-    /// The pipeline of [`get_on_node`](Self::get_on_node), routed to the
-    /// primary of its first slot: per piece, its values, or `None` when its
-    /// reply was an error (a redirection, a busy slot) or the pipeline was
-    /// not answered (a dead connection, a failover): those go on their own.
-    /// A node that does not answer by the deadline is a timeout, as in
+    /// The pipeline of [`on_node`](Self::on_node), routed to the primary of
+    /// its first slot: per piece, its answers, or `None` when its reply was
+    /// an error or the pipeline was not answered: those go on their own. A
+    /// node that does not answer by the deadline is a timeout, as in
     /// [`run`](Self::run).
-    async fn pipeline_get(
+    async fn pipeline<T, R, A, P, F>(
         &self,
         shards: &Arc<Groups>,
         g: usize,
-        pieces: &[Piece<'_>],
-        with_ttl: bool,
-        deadline: Instant,
-    ) -> Result<Vec<Option<Vec<Option<Stored>>>>> {
+        pieces: &[Piece<'_, T>],
+        node: &NodeSend<'_, A, P, F>,
+    ) -> Result<Vec<Option<Vec<R>>>>
+    where
+        A: Fn(&mut redis::Pipeline, &[T]) -> usize,
+        P: Fn(Vec<redis::Value>, &[T]) -> std::result::Result<Vec<R>, RedisError>,
+    {
         let unanswered = || pieces.iter().map(|_| None).collect();
         let group = shards.group(g);
         let replaced = group.replaced();
         let mut pipe = redis::Pipeline::with_capacity(pieces.len());
         let counts: Vec<usize> = pieces
             .iter()
-            .map(|p| many::add_get_many(&mut pipe, p.keys, with_ttl))
+            .map(|p| (node.add)(&mut pipe, p.items))
             .collect();
         let total: usize = counts.iter().sum();
         let route = SingleNodeRoutingInfo::SpecificNode(Route::new(
@@ -199,7 +250,7 @@ impl ClusterStore {
             SlotAddr::Master,
         ));
         let mut conn = group.connection();
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = node.deadline.saturating_duration_since(Instant::now());
         let sent = tokio::select! {
             sent = tokio::time::timeout(
                 left + Duration::from_millis(50),
@@ -211,7 +262,7 @@ impl ClusterStore {
         let timed_out = || {
             shards.suspect(g);
             Error::CommandTimeout {
-                command: "MGET (pipelined)",
+                command: node.command,
                 server: self.server.clone(),
                 timeout: self.options.command_timeout,
             }
@@ -229,17 +280,40 @@ impl ClusterStore {
             .zip(pieces)
             .map(|(&n, piece)| {
                 let own: Vec<redis::Value> = replies.by_ref().take(n).collect();
-                many::parse_get_many(own, piece.keys.len(), with_ttl).ok()
+                (node.parse)(own, piece.items).ok()
             })
             .collect())
     }
 
+    /// `MGET`s (with `PTTL`s when `with_ttl`) of `keys`: one pipeline per
+    /// node, an `MGET` per slot in it ([`per_node`](Self::per_node)).
+    pub(super) async fn batch_get_many(
+        &self,
+        keys: &[&str],
+        with_ttl: bool,
+    ) -> Result<Vec<Option<Stored>>> {
+        self.per_node(
+            "MGET",
+            keys,
+            |k| k,
+            |_| 0,
+            |pipe: &mut redis::Pipeline, chunk: &[&str]| many::add_get_many(pipe, chunk, with_ttl),
+            |replies: Vec<redis::Value>, chunk: &[&str]| {
+                many::parse_get_many(replies, chunk.len(), with_ttl)
+            },
+            |mut c, chunk| async move { many::get_many(&mut c, &chunk, with_ttl).await },
+        )
+        .await
+    }
+
     pub(super) async fn batch_set_many(&self, writes: &[Write<'_>]) -> Result<()> {
-        self.per_slot(
+        self.per_node(
             "SET (pipelined)",
             writes,
             |w| w.key,
             |w| w.value.len(),
+            |pipe: &mut redis::Pipeline, chunk: &[Write<'_>]| many::add_set_many(pipe, chunk),
+            |replies: Vec<redis::Value>, chunk: &[Write<'_>]| many::parse_set_many(replies, chunk),
             |mut c, chunk| async move { many::set_many(&mut c, &chunk).await },
         )
         .await
@@ -247,11 +321,13 @@ impl ClusterStore {
     }
 
     pub(super) async fn batch_delete_many(&self, keys: &[&str]) -> Result<()> {
-        self.per_slot(
+        self.per_node(
             "DEL",
             keys,
             |k| k,
             |_| 0,
+            |pipe: &mut redis::Pipeline, chunk: &[&str]| many::add_delete_many(pipe, chunk),
+            |replies: Vec<redis::Value>, chunk: &[&str]| many::parse_delete_many(replies, chunk),
             |mut c, chunk| async move { many::delete_many(&mut c, &chunk).await },
         )
         .await
@@ -320,11 +396,17 @@ impl ClusterStore {
                 })
                 .collect());
         }
-        self.per_slot(
+        self.per_node(
             "EVALSHA claim_loads_fenced",
             entries,
             |e| e.lock,
             |_| 0,
+            |pipe: &mut redis::Pipeline, chunk: &[LoadClaim<'_>]| {
+                many::add_claim_loads_fenced(pipe, chunk, token, expiry, fence_expiry)
+            },
+            |replies: Vec<redis::Value>, chunk: &[LoadClaim<'_>]| {
+                many::parse_claim_loads_fenced(replies, chunk)
+            },
             |mut c, chunk| async move {
                 many::claim_loads_fenced(&mut c, &chunk, token, expiry, fence_expiry).await
             },
@@ -338,11 +420,15 @@ impl ClusterStore {
         token: &[u8],
         expiry: Duration,
     ) -> Result<Vec<bool>> {
-        self.per_slot(
+        self.per_node(
             "EVALSHA renew_loads",
             keys,
             |k| k,
             |_| 0,
+            |pipe: &mut redis::Pipeline, chunk: &[&str]| {
+                many::add_renew_loads(pipe, chunk, token, expiry)
+            },
+            |replies: Vec<redis::Value>, chunk: &[&str]| many::parse_renew_loads(replies, chunk),
             |mut c, chunk| async move { many::renew_loads(&mut c, &chunk, token, expiry).await },
         )
         .await
@@ -354,11 +440,15 @@ impl ClusterStore {
         token: &[u8],
         channel: Option<&str>,
     ) -> Result<()> {
-        self.per_slot(
+        self.per_node(
             "EVALSHA unclaim_loads",
             names,
             |k| k,
             |_| 0,
+            |pipe: &mut redis::Pipeline, chunk: &[&str]| {
+                many::add_unclaim_loads(pipe, chunk, token, channel)
+            },
+            |replies: Vec<redis::Value>, chunk: &[&str]| many::parse_unclaim_loads(replies, chunk),
             |mut c, chunk| async move { many::unclaim_loads(&mut c, &chunk, token, channel).await },
         )
         .await
@@ -371,11 +461,17 @@ impl ClusterStore {
         token: &[u8],
         fence_expiry: Duration,
     ) -> Result<Vec<Option<Stored>>> {
-        self.per_slot(
+        self.per_node(
             "EVALSHA get_or_fence_many",
             entries,
             |e| e.0,
             |_| 0,
+            |pipe: &mut redis::Pipeline, chunk: &[(&str, &str)]| {
+                many::add_get_or_fence_many(pipe, chunk, token, fence_expiry)
+            },
+            |replies: Vec<redis::Value>, chunk: &[(&str, &str)]| {
+                many::parse_get_or_fence_many(replies, chunk)
+            },
             |mut c, chunk| async move {
                 many::get_or_fence_many(&mut c, &chunk, token, fence_expiry).await
             },
@@ -389,11 +485,17 @@ impl ClusterStore {
         token: &[u8],
         channel: Option<&str>,
     ) -> Result<Vec<bool>> {
-        self.per_slot(
+        self.per_node(
             "EVALSHA set_fenced_many",
             writes,
             |w| w.key,
             |w| w.value.len(),
+            |pipe: &mut redis::Pipeline, chunk: &[FencedWrite<'_>]| {
+                many::add_set_fenced_many(pipe, chunk, token, channel)
+            },
+            |replies: Vec<redis::Value>, chunk: &[FencedWrite<'_>]| {
+                many::parse_set_fenced_many(replies, chunk)
+            },
             |mut c, chunk| async move {
                 many::set_fenced_many(&mut c, &chunk, token, channel).await
             },
@@ -412,7 +514,7 @@ mod tests {
         let piece = |group, slot, n: usize| Piece {
             group,
             slot,
-            keys: &keys[..n],
+            items: &keys[..n],
         };
         // Slots 0-2 on shard 0, 3-5 on shard 1.
         let shard_of = |slot: u16| usize::from(slot >= 3);
@@ -425,7 +527,7 @@ mod tests {
             piece(4, 2, 200),
             piece(4, 2, 100),
         ];
-        let got = node_pipelines(pieces, shard_of);
+        let got = node_pipelines(pieces, shard_of, |_| 0);
         let shape: Vec<(usize, Vec<usize>)> = got
             .iter()
             .map(|(shard, ps)| (*shard, ps.iter().map(|p| p.group).collect()))
@@ -436,12 +538,28 @@ mod tests {
             "{got:?}"
         );
         for (_, ps) in &got {
-            let keys: usize = ps.iter().map(|p| p.keys.len()).sum();
+            let keys: usize = ps.iter().map(|p| p.items.len()).sum();
             assert!(keys <= MAX_KEYS_PER_PIPELINE, "{keys}");
         }
         // Order within a slot group is kept: 200 then 100.
-        assert_eq!(got[2].1[0].keys.len(), 200);
-        assert_eq!(got[2].1[1].keys.len(), 100);
-        assert!(node_pipelines(Vec::new(), shard_of).is_empty());
+        assert_eq!(got[2].1[0].items.len(), 200);
+        assert_eq!(got[2].1[1].items.len(), 100);
+        assert!(node_pipelines(Vec::<Piece<'_, &str>>::new(), shard_of, |_| 0).is_empty());
+        // By bytes: three 2 MiB values on one shard make two pipelines.
+        let big = vec![0u8; 2 * 1024 * 1024];
+        let values: Vec<&[u8]> = vec![&big; 3];
+        let pieces = (0..3)
+            .map(|i| Piece {
+                group: i,
+                slot: 0,
+                items: &values[i..=i],
+            })
+            .collect();
+        let got = node_pipelines(pieces, shard_of, |v: &&[u8]| v.len());
+        let groups: Vec<Vec<usize>> = got
+            .iter()
+            .map(|(_, ps)| ps.iter().map(|p| p.group).collect())
+            .collect();
+        assert_eq!(groups, vec![vec![0, 1], vec![2]]);
     }
 }
