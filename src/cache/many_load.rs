@@ -483,9 +483,6 @@ impl<C: Codec> Inner<C> {
                 .set_fenced_many(&writes, locks.token(), in_script)
                 .await
         };
-        // The locks whose values were stored: their waiters were woken by the
-        // store's message (in the script, or published right after it).
-        let mut woken = std::collections::HashSet::new();
         match &stored {
             Ok(flags) => {
                 let refused = flags.iter().filter(|f| !**f).count();
@@ -497,9 +494,6 @@ impl<C: Codec> Inner<C> {
                     );
                 }
                 let stored_keys = writes.iter().zip(flags).filter(|(_, f)| **f);
-                if wake_ups {
-                    woken.extend(stored_keys.clone().map(|(w, _)| w.message.to_owned()));
-                }
                 if wake_ups && self.separate_value_server {
                     for (w, _) in stored_keys.clone() {
                         self.lock.publish_wake_up(w.message);
@@ -521,9 +515,8 @@ impl<C: Codec> Inner<C> {
             done.push(self.finish_led(l, answer, sharing));
         }
         // The waiters were woken by the store; the release needs no waiting
-        // for (and a dropped call would release from a task anyway), and
-        // publishes only the locks of keys not stored.
-        tokio::spawn(async move { locks.release_except(&woken).await });
+        // for (and a dropped call would release from a task anyway).
+        tokio::spawn(locks.release());
         done
     }
 

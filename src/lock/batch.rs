@@ -285,27 +285,14 @@ impl LoadLocks {
     }
 
     /// Releases every lock on every master, publishing each release;
-    /// failures are logged (the locks then expire on their own).
-    pub async fn release(self) {
-        self.release_except(&std::collections::HashSet::new()).await;
-    }
-
-    /// [`release`](Self::release), publishing none of the locks in `woken`:
-    /// those whose values were stored, whose waiters the store's own
-    /// wake-up (the same message) already woke.
-    pub async fn release_except(mut self, woken: &std::collections::HashSet<String>) {
+    /// failures are logged (the locks then expire on their own). Every
+    /// release is published, even of a key whose store already published
+    /// the same message: a waiter that registered after that message (it
+    /// read the key just before the store) hears only this one.
+    pub async fn release(mut self) {
         self.released = true;
-        let (loud, quiet): (Vec<&str>, Vec<&str>) = self
-            .names
-            .iter()
-            .map(String::as_str)
-            .partition(|name| !woken.contains(*name));
-        let wake_ups = self.inner.options.wake_ups;
-        futures_util::future::join(
-            release(&self.inner, &loud, &self.token, wake_ups),
-            release(&self.inner, &quiet, &self.token, false),
-        )
-        .await;
+        let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        release(&self.inner, &names, &self.token).await;
     }
 }
 
@@ -321,21 +308,23 @@ impl Drop for LoadLocks {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                    let wake_ups = inner.options.wake_ups;
-                    release(&inner, &names, &token, wake_ups).await;
+                    release(&inner, &names, &token).await;
                 });
             }
         }
     }
 }
 
-/// Releases `names` on every master, publishing each release when
-/// `publish` (and wake-ups are on).
-async fn release(inner: &Inner, names: &[&str], token: &Token, publish: bool) {
+/// Releases `names` on every master, publishing each release when wake-ups
+/// are on.
+async fn release(inner: &Inner, names: &[&str], token: &Token) {
     if names.is_empty() {
         return;
     }
-    let channel = publish.then_some(inner.options.channel.as_str());
+    let channel = inner
+        .options
+        .wake_ups
+        .then_some(inner.options.channel.as_str());
     let releases = inner
         .masters
         .iter()

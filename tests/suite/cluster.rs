@@ -935,3 +935,194 @@ async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
         assert_eq!(again, expected, "round {round}: stored");
     }
 }
+
+/// Cold batches while a primary is down, counted by where their keys live.
+/// A primary is SIGKILLed while a batch over every shard is loading: that
+/// batch returns what it loaded (its store fails on the dead shard: counted
+/// in `store_errors`, the values returned uncached) within a bounded time.
+/// Until the replica is promoted, batches whose keys are all on the healthy
+/// shards load and store as before, and batches that touch the failed shard
+/// fail typed and fast; after the promotion every batch works: the first
+/// batch's keys on the healthy shards were stored (not loaded again), those
+/// on the failed shard load once more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_killed_mid_batch_fails_only_batches_on_its_shard() {
+    let mut cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_millis(1000)));
+    let prefix = unique_prefix("cbatchkill");
+    // A TTL of a minute: what the first batch stored outlives the outage.
+    let cache = cache_on(&cluster, &prefix).await;
+    cache.ping().await.unwrap();
+    // The victim: shard 1's primary (not node 0, the first seed).
+    let victim = cluster.primary_of(SHARD_FIRST_SLOTS[1]);
+    // Fresh keys by shard, found before the kill (each used once).
+    let mut pool: [Vec<String>; 3] = Default::default();
+    for i in 0..3000 {
+        let key = format!("p:{i}");
+        pool[shard_of(key_slot(&cluster, &cache.value_key(&key)))].push(key);
+    }
+    let mut shard_keys = |shard: usize, n: usize| -> Vec<String> {
+        let from = pool[shard].len().saturating_sub(n);
+        pool[shard].split_off(from)
+    };
+    let mut first: Vec<String> = Vec::new();
+    for shard in 0..3 {
+        first.extend(shard_keys(shard, 20));
+    }
+    let loads: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>> = Arc::default();
+    let loader = |loads: Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
+                  gate: Option<Arc<tokio::sync::Notify>>| {
+        move |missing: Vec<String>| {
+            let (loads, gate) = (Arc::clone(&loads), gate.clone());
+            async move {
+                for k in &missing {
+                    *loads.lock().unwrap().entry(k.clone()).or_default() += 1;
+                }
+                if let Some(gate) = gate {
+                    gate.notified().await;
+                }
+                Ok::<_, String>(
+                    missing
+                        .into_iter()
+                        .map(|k| (k.clone(), format!("v-{k}")))
+                        .collect::<Vec<_>>(),
+                )
+            }
+        }
+    };
+    let expected = |keys: &[String]| -> Vec<Option<String>> {
+        keys.iter().map(|k| Some(format!("v-{k}"))).collect()
+    };
+
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let batch = tokio::spawn({
+        let (cache, keys, loads) = (cache.clone(), first.clone(), Arc::clone(&loads));
+        let load = loader(loads, Some(Arc::clone(&gate)));
+        async move { cache.get_or_load_many(&keys, load).await }
+    });
+    while loads.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Let the locks and fences reach the replicas, then kill the primary.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let store_errors = cache.stats().store_errors;
+    tokio::task::block_in_place(|| cluster.nodes[victim].kill());
+    let killed = Instant::now();
+    gate.notify_one();
+    let got = join_all_checked(vec![batch]).await.remove(0);
+    let took = killed.elapsed();
+    assert_eq!(
+        got.unwrap(),
+        expected(&first),
+        "the batch returns what it loaded"
+    );
+    assert!(took < Duration::from_secs(3), "the batch took {took:?}");
+    assert!(
+        cache.stats().store_errors > store_errors,
+        "the store on the dead shard failed, and was counted"
+    );
+
+    // During the outage.
+    let failed_over =
+        |c: &Cluster| c.primary_of(SHARD_FIRST_SLOTS[1]) != victim && !cluster_not_ok(c);
+    let (mut healthy_ok, mut failed_errors, mut round) = (0, 0, 0);
+    while !failed_over(&cluster) && killed.elapsed() < Duration::from_secs(15) {
+        round += 1;
+        let mut healthy = shard_keys(0, 5);
+        healthy.extend(shard_keys(2, 5));
+        let began = Instant::now();
+        let got = cache
+            .get_or_load_many(&healthy, loader(Arc::clone(&loads), None))
+            .await;
+        assert!(
+            began.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            began.elapsed()
+        );
+        assert_eq!(
+            got.expect("a batch on the healthy shards"),
+            expected(&healthy)
+        );
+        healthy_ok += 1;
+        let mut mixed = shard_keys(0, 3);
+        mixed.extend(shard_keys(1, 3));
+        let began = Instant::now();
+        let got = cache
+            .get_or_load_many(&mixed, loader(Arc::clone(&loads), None))
+            .await;
+        let took = began.elapsed();
+        assert!(
+            took < Duration::from_secs(3),
+            "a batch on the failed shard took {took:?}"
+        );
+        match got {
+            Ok(values) => assert_eq!(values, expected(&mixed)),
+            Err(LoadError::Cache(e)) => {
+                failed_errors += 1;
+                assert!(
+                    e.is_connection_error() || e.is_timeout() || e.is_error_reply(),
+                    "{e}"
+                );
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::block_in_place(|| cluster.wait_until("the replica took over", failed_over));
+    let failover = killed.elapsed();
+
+    // After the promotion: the first batch's keys answer (those whose store
+    // was lost load once more), and new batches over every shard work.
+    let began = Instant::now();
+    let again = loop {
+        match cache
+            .get_or_load_many(&first, loader(Arc::clone(&loads), None))
+            .await
+        {
+            Ok(values) => break values,
+            Err(e) if began.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("after the failover: {e:?}"),
+        }
+    };
+    assert_eq!(again, expected(&first));
+    let mut after: Vec<String> = Vec::new();
+    for shard in 0..3 {
+        after.extend(shard_keys(shard, 10));
+    }
+    let got = cache
+        .get_or_load_many(&after, loader(Arc::clone(&loads), None))
+        .await
+        .expect("a batch over every shard after the failover");
+    assert_eq!(got, expected(&after));
+    let loads = loads.lock().unwrap();
+    let twice = first.iter().filter(|k| loads.get(*k) == Some(&2)).count();
+    let healthy_twice = first
+        .iter()
+        .filter(|k| loads.get(*k) == Some(&2))
+        .filter(|k| shard_of(key_slot(&cluster, &cache.value_key(k))) != 1)
+        .count();
+    assert!(
+        loads.values().all(|&n| n <= 2),
+        "a key loaded more than twice: {:?}",
+        loads.iter().filter(|(_, n)| **n > 2).collect::<Vec<_>>()
+    );
+    assert!(
+        after.iter().all(|k| loads.get(k) == Some(&1)),
+        "the batch after the failover loaded each key once"
+    );
+    assert_eq!(
+        healthy_twice, 0,
+        "the first batch's stores on the healthy shards were lost"
+    );
+    eprintln!(
+        "cluster batch, primary of shard 1 killed mid-load: the batch answered in {took:?}; \
+         {healthy_ok} batches on the healthy shards all answered during the outage, \
+         {failed_errors} of {round} batches touching the failed shard failed typed; \
+         failover after {failover:?}; {twice} of {} first-batch keys loaded again \
+         ({healthy_twice} of them on the healthy shards)",
+        first.len()
+    );
+    assert!(healthy_ok > 0, "no batch ran during the outage");
+}

@@ -44,6 +44,28 @@ struct Piece<'a, T> {
     items: &'a [T],
 }
 
+/// A piece whose reply in a node's pipeline is this error is sent again on
+/// its own (with [`ClusterStore::run`]'s retries and redirections): the slot
+/// moved or is moving, the shard is busy or has no primary, the node has not
+/// loaded the script, or the reply was not of the expected shape. Any other
+/// error reply is the piece's answer.
+fn send_alone(e: &RedisError) -> bool {
+    match e.code() {
+        None => true,
+        Some(code) => matches!(
+            code,
+            "MOVED"
+                | "ASK"
+                | "TRYAGAIN"
+                | "CLUSTERDOWN"
+                | "MASTERDOWN"
+                | "NOSCRIPT"
+                | "LOADING"
+                | "READONLY"
+        ),
+    }
+}
+
 /// What [`ClusterStore::per_node`] sends each node: the command's name (for
 /// errors), how to add a piece to a pipeline and read its replies, how to
 /// send a piece on its own, and the deadline of it all.
@@ -125,11 +147,14 @@ impl ClusterStore {
     /// the nodes at once: a batch costs one round trip per node, however
     /// many slots its keys hash to. `add` puts one chunk's commands in a
     /// pipeline (answering how many replies they make) and `parse` reads
-    /// those replies. A chunk whose reply is an error (its slot moved since
-    /// the shards were read, a script the node has not loaded, a busy
-    /// slot), or a node whose pipeline was not answered (a dead connection,
-    /// a failover), is sent again on its own with `send` and
-    /// [`run`](Self::run)'s retries, all within one command timeout.
+    /// those replies. A chunk answered with an error [`send_alone`] names
+    /// (its slot moved since the shards were read, a script the node has not
+    /// loaded, a busy slot), or a node whose pipeline was not answered (a
+    /// dead connection, a failover; redis-rs first retries a pipeline that
+    /// met a redirection as a whole), is sent again on its own with `send`
+    /// and [`run`](Self::run)'s retries, all within one command timeout; a
+    /// `MOVED` also moves its slot to its new node's group, so later batches
+    /// pay for it once. Any other error reply fails the batch, typed.
     #[allow(clippy::too_many_arguments)]
     async fn per_node<T, R, A, P, F, Fut>(
         &self,
@@ -152,8 +177,8 @@ impl ClusterStore {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let deadline = Instant::now() + self.options.command_timeout;
         let shards = self.groups().await?;
+        let deadline = Instant::now() + self.options.command_timeout;
         let groups = by_slot(items, &key);
         let mut pieces = Vec::new();
         for (group, (_, slot_items)) in groups.iter().enumerate() {
@@ -173,8 +198,11 @@ impl ClusterStore {
             .into_iter()
             .map(|(g, pieces)| self.on_node(&shards, g, pieces, &node));
         let mut answers: Vec<Vec<R>> = groups.iter().map(|_| Vec::new()).collect();
-        for node in try_join_all(sends).await? {
-            for (group, values) in node {
+        // Every node to the end, even after one failed: a node's commands
+        // are not abandoned half-sent (a healthy shard's stores are made
+        // whatever a failed shard does); the first error is the batch's.
+        for node in futures_util::future::join_all(sends).await {
+            for (group, values) in node? {
                 if let Some(answer) = answers.get_mut(group) {
                     answer.extend(values);
                 }
@@ -271,18 +299,41 @@ impl ClusterStore {
             Ok(Ok(replies)) if replies.len() == total => replies,
             Ok(Err(e)) if e.is_timeout() => return Err(timed_out()),
             Err(_) => return Err(timed_out()),
-            // Not answered, or answered short: each piece on its own.
-            Ok(_) => return Ok(unanswered()),
+            // Not answered (redis-rs, after its retries of the whole
+            // pipeline, returns the first redirection or busy reply), or
+            // answered short: each piece on its own.
+            Ok(Err(e)) => {
+                self.note_moved(shards, &e);
+                return Ok(unanswered());
+            }
+            Ok(Ok(_)) => return Ok(unanswered()),
         };
         let mut replies = replies.into_iter();
-        Ok(counts
-            .iter()
-            .zip(pieces)
-            .map(|(&n, piece)| {
-                let own: Vec<redis::Value> = replies.by_ref().take(n).collect();
-                (node.parse)(own, piece.items).ok()
-            })
-            .collect())
+        let mut answers = Vec::with_capacity(pieces.len());
+        for (&n, piece) in counts.iter().zip(pieces) {
+            let own: Vec<redis::Value> = replies.by_ref().take(n).collect();
+            match (node.parse)(own, piece.items) {
+                Ok(answer) => answers.push(Some(answer)),
+                Err(e) if send_alone(&e) => {
+                    self.note_moved(shards, &e);
+                    answers.push(None);
+                }
+                // Refused for good (NOPERM, OOM, WRONGTYPE...): sending it
+                // again would be refused again.
+                Err(e) => return Err(self.redis_error(e)),
+            }
+        }
+        Ok(answers)
+    }
+
+    /// A `MOVED` reply moves its slot to the group of its new primary
+    /// ([`Groups::moved`]), so the next batches group it right.
+    fn note_moved(&self, shards: &Groups, e: &RedisError) {
+        if e.code() == Some("MOVED")
+            && let Some((addr, slot)) = e.redirect_node()
+        {
+            shards.moved(slot, addr);
+        }
     }
 
     /// `MGET`s (with `PTTL`s when `with_ttl`) of `keys`: one pipeline per

@@ -237,6 +237,9 @@ impl ClusterStore {
         F: Fn(ClusterConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        // Connected first (on first use), so that the command timeout is the
+        // command's own.
+        self.groups().await?;
         let deadline = Instant::now() + self.options.command_timeout;
         self.run_until(command, slot, deadline, f).await
     }

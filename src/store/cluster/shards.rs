@@ -33,7 +33,7 @@
 //! isolation follows the groups as they were at connect time.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -155,7 +155,9 @@ pub(super) type Connect = Arc<
 /// The groups and the slot → group table.
 pub(super) struct Groups {
     groups: Vec<Group>,
-    by_slot: Vec<u8>,
+    /// Each slot's group: as read at connect time, then moved by
+    /// [`moved`](Groups::moved).
+    by_slot: Vec<AtomicU8>,
     seeds: Vec<String>,
     connect: Connect,
     /// A check of a suspect primary, and a connection rebuilt, are bounded by
@@ -212,7 +214,7 @@ impl Groups {
             .collect();
         Ok(Groups {
             groups,
-            by_slot,
+            by_slot: by_slot.into_iter().map(AtomicU8::new).collect(),
             seeds,
             connect,
             bound,
@@ -221,7 +223,24 @@ impl Groups {
 
     /// The group that serves `slot`.
     pub fn of_slot(&self, slot: u16) -> usize {
-        usize::from(self.by_slot[usize::from(slot) % SLOTS])
+        usize::from(self.by_slot[usize::from(slot) % SLOTS].load(Ordering::Relaxed))
+    }
+
+    /// `slot` answered `MOVED` to `addr` (`host:port`): from now on it is in
+    /// the group whose primary that is, if any (a node new to the cluster
+    /// has none: the slot stays, and redis-rs follows the redirection), so
+    /// that a batch's pipelines group it with its new node.
+    pub fn moved(&self, slot: u16, addr: &str) {
+        let Some(g) = self
+            .groups
+            .iter()
+            .position(|g| *g.primary.lock().unwrap_or_else(|e| e.into_inner()) == addr)
+        else {
+            return;
+        };
+        if let (Some(at), Ok(g)) = (self.by_slot.get(usize::from(slot)), u8::try_from(g)) {
+            at.store(g, Ordering::Relaxed);
+        }
     }
 
     pub fn group(&self, g: usize) -> &Group {
