@@ -326,13 +326,12 @@ impl ClusterStore {
         Ok(answers)
     }
 
-    /// A `MOVED` reply moves its slot to the group of its new primary
-    /// ([`Groups::moved`]), so the next batches group it right.
-    fn note_moved(&self, shards: &Groups, e: &RedisError) {
-        if e.code() == Some("MOVED")
-            && let Some((addr, slot)) = e.redirect_node()
-        {
-            shards.moved(slot, addr);
+    /// A `MOVED` reply (a slot's, or the pipeline's after redis-rs's
+    /// retries) regroups the slots by their primaries now
+    /// ([`Groups::regroup`]), so the next batches group them right.
+    fn note_moved(&self, shards: &Arc<Groups>, e: &RedisError) {
+        if e.code() == Some("MOVED") {
+            shards.regroup();
         }
     }
 

@@ -156,8 +156,10 @@ pub(super) type Connect = Arc<
 pub(super) struct Groups {
     groups: Vec<Group>,
     /// Each slot's group: as read at connect time, then moved by
-    /// [`moved`](Groups::moved).
+    /// [`regroup`](Groups::regroup).
     by_slot: Vec<AtomicU8>,
+    /// A [`regroup`](Groups::regroup) is running.
+    regrouping: AtomicBool,
     seeds: Vec<String>,
     connect: Connect,
     /// A check of a suspect primary, and a connection rebuilt, are bounded by
@@ -215,6 +217,7 @@ impl Groups {
         Ok(Groups {
             groups,
             by_slot: by_slot.into_iter().map(AtomicU8::new).collect(),
+            regrouping: AtomicBool::new(false),
             seeds,
             connect,
             bound,
@@ -226,20 +229,50 @@ impl Groups {
         usize::from(self.by_slot[usize::from(slot) % SLOTS].load(Ordering::Relaxed))
     }
 
-    /// `slot` answered `MOVED` to `addr` (`host:port`): from now on it is in
-    /// the group whose primary that is, if any (a node new to the cluster
-    /// has none: the slot stays, and redis-rs follows the redirection), so
-    /// that a batch's pipelines group it with its new node.
-    pub fn moved(&self, slot: u16, addr: &str) {
-        let Some(g) = self
-            .groups
-            .iter()
-            .position(|g| *g.primary.lock().unwrap_or_else(|e| e.into_inner()) == addr)
-        else {
+    /// A slot answered `MOVED`: reads the slots' primaries again
+    /// (`CLUSTER SLOTS`) off the request path, one such read at a time, and
+    /// puts each slot in the group of its primary now (a primary new to the
+    /// cluster has no group: its slots stay where they were, and redis-rs
+    /// follows their redirections), so that a batch's pipelines group slots
+    /// with the node that serves them.
+    pub fn regroup(self: &Arc<Self>) {
+        if self.regrouping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.regrouping.store(false, Ordering::Release);
             return;
         };
-        if let (Some(at), Ok(g)) = (self.by_slot.get(usize::from(slot)), u8::try_from(g)) {
-            at.store(g, Ordering::Relaxed);
+        let groups = Arc::clone(self);
+        runtime.spawn(async move {
+            if let Some(slots) = groups.topology(0).await {
+                groups.regroup_by(&slots);
+            }
+            groups.regrouping.store(false, Ordering::Release);
+        });
+    }
+
+    /// Each slot of `slots` in the group whose primary serves it, if any.
+    fn regroup_by(&self, slots: &[SlotRange]) {
+        let primaries: Vec<String> = self
+            .groups
+            .iter()
+            .map(|g| g.primary.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect();
+        for range in slots {
+            let Some(g) = primaries.iter().position(|p| *p == range.primary) else {
+                continue;
+            };
+            let Ok(g) = u8::try_from(g) else { continue };
+            let last = usize::from(range.last).min(SLOTS - 1);
+            for at in self
+                .by_slot
+                .get(usize::from(range.first)..=last)
+                .into_iter()
+                .flatten()
+            {
+                at.store(g, Ordering::Relaxed);
+            }
         }
     }
 
