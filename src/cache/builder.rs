@@ -447,8 +447,10 @@ impl<C: Codec> Builder<C> {
         self
     }
 
-    /// Prefix of every value key (locks and fences are `lock.<prefix><key>` and
-    /// `fence.<prefix><key>`). Defaults to [`DEFAULT_KEY_PREFIX`] (`lc:`). Use one
+    /// Prefix of every value key: the value of `k` lives at `<prefix>{k}`, its
+    /// lock at `lock.<prefix>{k}` and its fence at `fence.<prefix>{k}` (the
+    /// braces are a Redis Cluster hash tag: an entry's keys share a slot).
+    /// Defaults to [`DEFAULT_KEY_PREFIX`] (`lc:`). Use one
     /// per application or data version to keep their keys apart. Must not start
     /// with `lock.` or `fence.`.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {

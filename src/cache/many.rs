@@ -51,6 +51,7 @@ use serde::de::DeserializeOwned;
 
 use super::flight::Leader;
 use super::keys::{self, Keys};
+use super::options::Resolved;
 use super::shared::Shared;
 use super::{Found, Inner, LockedCache, Replacing};
 use crate::codec::{self, Codec, Meta};
@@ -274,7 +275,10 @@ impl<C: Codec> LockedCache<C> {
     /// `SET`s), whatever the number of keys (chunked past
     /// [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND)).
     pub async fn set_many<K: AsRef<str>, T: Serialize>(&self, entries: &[(K, T)]) -> Result<()> {
-        self.inner.set_many(entries, self.inner.defaults.ttl).await
+        let inner = &*self.inner;
+        inner
+            .set_many(entries, inner.defaults.ttl, &inner.defaults)
+            .await
     }
 
     /// The near cache's lookup for `T`, when there is a near cache.
@@ -313,21 +317,23 @@ pub(super) struct Led<'f, V> {
 }
 
 impl<C: Codec> Inner<C> {
-    /// `set_many` with `ttl`.
+    /// `set_many` with `ttl`, and the stale window and tags of `options` (as
+    /// `set_with` stores one key).
     pub(super) async fn set_many<K: AsRef<str>, T: Serialize>(
         &self,
         entries: &[(K, T)],
         ttl: Duration,
+        options: &Resolved,
     ) -> Result<()> {
         if entries.is_empty() {
             return Ok(());
         }
         let meta_for = |value: &T| Meta {
-            stale_for: self.defaults.stale_for,
+            stale_for: options.stale_for,
             load_time: Duration::ZERO,
             absent: codec::is_absent(value),
         };
-        let marks = self.marks_for(&self.defaults.tags).await?;
+        let marks = self.marks_for(&options.tags).await?;
         let mut encoded = Vec::with_capacity(entries.len());
         for (key, value) in entries {
             let key = key.as_ref();
@@ -337,7 +343,7 @@ impl<C: Codec> Inner<C> {
         }
         let fences: Vec<&str> = encoded.iter().map(|(k, _)| k.fence.as_str()).collect();
         self.value_store.delete_many(&fences).await?;
-        let key_ttl = self.key_ttl(ttl + self.defaults.stale_for, marks.as_ref());
+        let key_ttl = self.key_ttl(ttl + options.stale_for, marks.as_ref());
         let writes: Vec<Write<'_>> = encoded
             .iter()
             .map(|(k, bytes)| Write {

@@ -251,6 +251,40 @@ impl<'a, C: Codec> With<'a, C> {
     /// [`background_errors`](crate::StatsSnapshot::background_errors); the
     /// values in Redis stay as they were). A batch that also has misses
     /// waits for them, and refreshes its stale keys in the same loader call.
+    ///
+    /// The loader must be `Send + 'static` and may be called more than once
+    /// (`FnMut`: a key taken over from a holder that died is loaded in a
+    /// call of its own). So it owns what it uses, an `Arc` of your database
+    /// handle for example, and clones that into each call's future:
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> anyhow::Result<()> {
+    /// use std::collections::HashMap;
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use locked_cache::{CallOptions, LockedCache};
+    ///
+    /// struct Db; // your pool
+    /// impl Db {
+    ///     async fn names(&self, ids: &[String]) -> anyhow::Result<HashMap<String, String>> {
+    ///         Ok(ids.iter().map(|id| (id.clone(), format!("name of {id}"))).collect())
+    ///     }
+    /// }
+    ///
+    /// let cache = LockedCache::builder().build().await?;
+    /// let db = Arc::new(Db);
+    /// let ids = ["u1", "u2", "u3"];
+    /// let names: Vec<Option<String>> = cache
+    ///     .with(CallOptions::new().stale_for(Duration::from_secs(60)))
+    ///     .get_or_load_many(&ids, move |missing: Vec<String>| {
+    ///         let db = Arc::clone(&db);
+    ///         async move { db.names(&missing).await }
+    ///     })
+    ///     .await?;
+    /// assert_eq!(names[1].as_deref(), Some("name of u2"));
+    /// # Ok(()) }
+    /// ```
     pub async fn get_or_load_many<K, T, E, F, Fut, R>(
         &self,
         keys: &[K],
@@ -323,14 +357,15 @@ impl<'a, C: Codec> With<'a, C> {
         }
     }
 
-    /// As [`LockedCache::set_many`], with these options' TTL.
+    /// As [`LockedCache::set_many`], with these options' TTL, stale window
+    /// and tags (as [`set`](Self::set) stores one key).
     pub async fn set_many<K: AsRef<str>, T: Serialize>(
         &self,
         entries: &[(K, T)],
     ) -> Result<(), Error> {
         let inner = &self.cache.inner;
         let options = self.options.or(inner.call_options).resolve(inner.ttl)?;
-        inner.set_many(entries, options.ttl).await
+        inner.set_many(entries, options.ttl, &options).await
     }
 
     /// The one path of every call above: these options resolved against the

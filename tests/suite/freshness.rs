@@ -478,7 +478,8 @@ async fn a_none_is_cached_for_the_negative_ttl() {
 }
 
 /// Per-call TTL, stale window and jitter set the key's Redis TTL: fresh time
-/// (jittered down by up to the fraction) plus the stale window.
+/// (jittered down by up to the fraction) plus the stale window; per-call
+/// writes (`set`, `set_many`) take the TTL and window too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_call_ttl_stale_window_and_jitter_set_the_keys_ttl() {
     let server = RedisServer::start();
@@ -503,6 +504,19 @@ async fn per_call_ttl_stale_window_and_jitter_set_the_keys_ttl() {
     }
     let spread = ttls.iter().max().unwrap() - ttls.iter().min().unwrap();
     assert!(spread > 5_000, "expiries not spread: {ttls:?}");
+    // `with(..).set` and `with(..).set_many` store the call's TTL and stale
+    // window too (no jitter on a write).
+    let no_jitter = options.ttl_jitter(0.0);
+    cache.with(no_jitter).set("one", &1u8).await.unwrap();
+    cache
+        .with(no_jitter)
+        .set_many(&[("many1", 1u8), ("many2", 2u8)])
+        .await
+        .unwrap();
+    for key in ["one", "many1", "many2"] {
+        let left: i64 = server.query(&["PTTL", &cache.value_key(key)]);
+        assert!((149_000..=150_000).contains(&left), "{key}: {left}");
+    }
     // Plain calls keep the cache's 60 s TTL and no window.
     cache
         .get_or_load("plain", || async { Ok::<_, String>(1u8) })

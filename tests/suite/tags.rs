@@ -461,4 +461,22 @@ async fn batches_store_and_honour_tags() {
         single, "p1@3",
         "a single call hits the batch's tagged value"
     );
+
+    // `with(..).set_many` stores with the call's tags (as `with(..).set`
+    // does): invalidating the tag makes its entries absent.
+    let written = ["w1", "w2"];
+    let entries: Vec<(&str, String)> = written.iter().map(|k| (*k, format!("{k}!"))).collect();
+    cache
+        .with(CallOptions::new().tag("written"))
+        .set_many(&entries)
+        .await
+        .unwrap();
+    let got: Vec<Option<String>> = cache.get_many(&written).await.unwrap();
+    assert!(got.iter().all(Option::is_some), "{got:?}");
+    cache.invalidate_tag("written").await.unwrap();
+    let got: Vec<Option<String>> = cache.get_many(&written).await.unwrap();
+    assert!(
+        got.iter().all(Option::is_none),
+        "set_many ignored the call's tag: {got:?}"
+    );
 }
