@@ -242,7 +242,8 @@ impl<C: Codec> LockedCache<C> {
     /// The values of `keys`, in their order (`None`: missing, stale past the
     /// cache's stale window, a cached "not found", or undecodable): one `MGET`
     /// (per [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND) keys; on a
-    /// cluster one per slot, sent in one pipeline per node), no lock. The batch form of [`get`](Self::get).
+    /// cluster one per slot, sent in one pipeline per node), no lock. The
+    /// batch form of [`get`](Self::get).
     pub async fn get_many<K: AsRef<str>, T: DeserializeOwned>(
         &self,
         keys: &[K],
@@ -279,6 +280,49 @@ impl<C: Codec> LockedCache<C> {
         inner
             .set_many(entries, inner.defaults.ttl, &inner.defaults)
             .await
+    }
+
+    /// Removes the values under `keys`, as [`invalidate`](Self::invalidate)
+    /// does for each: the next `get_or_load` of each loads it again, and a
+    /// load of any of them already running does not store its value (the
+    /// fences go first). Two round trips whatever the number of keys (a `DEL`
+    /// of the fences, then one of the values; chunked past
+    /// [`MAX_KEYS_PER_COMMAND`](crate::MAX_KEYS_PER_COMMAND), and on a
+    /// cluster one per slot in one pipeline per node); the near caches of
+    /// every process drop them. To invalidate a group of entries without
+    /// naming each, tag them ([`CallOptions::tag`](crate::CallOptions::tag),
+    /// [`invalidate_tag`](Self::invalidate_tag)).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), locked_cache::Error> {
+    /// use locked_cache::LockedCache;
+    ///
+    /// let cache = LockedCache::builder().build().await?;
+    /// cache.set_many(&[("a", 1u8), ("b", 2u8)]).await?;
+    /// cache.invalidate_many(&["a", "b", "never-set"]).await?;
+    /// assert_eq!(cache.get_many::<_, u8>(&["a", "b"]).await?, [None, None]);
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<()> {
+        let inner = &*self.inner;
+        let mut all = Vec::with_capacity(keys.len());
+        for key in keys {
+            let key = key.as_ref();
+            keys::check_key(&inner.key_prefix, key, inner.max_key_len)?;
+            all.push(Keys::new(&inner.key_prefix, key));
+        }
+        if all.is_empty() {
+            return Ok(());
+        }
+        // Fences first: a load already running must not store what it read
+        // before the change.
+        let fences: Vec<&str> = all.iter().map(|k| k.fence.as_str()).collect();
+        inner.value_store.delete_many(&fences).await?;
+        let values: Vec<&str> = all.iter().map(|k| k.value.as_str()).collect();
+        inner.value_store.delete_many(&values).await?;
+        inner.changed_many(values.into_iter()).await;
+        Ok(())
     }
 
     /// The near cache's lookup for `T`, when there is a near cache.

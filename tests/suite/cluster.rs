@@ -954,6 +954,12 @@ async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
         let again: Vec<Option<String>> = cache.get_many(&batch).await.unwrap();
         assert_eq!(again, expected, "round {round}: stored");
     }
+
+    // `invalidate_many` over every slot of the 150 keys (one pipeline per
+    // node): all gone.
+    cache.invalidate_many(&keys).await.unwrap();
+    let gone: Vec<Option<String>> = cache.get_many(&keys).await.unwrap();
+    assert!(gone.iter().all(Option::is_none), "{gone:?}");
 }
 
 /// Cold batches while a primary is down, counted by where their keys live.

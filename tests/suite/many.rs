@@ -962,3 +962,63 @@ async fn the_hard_timeout_bounds_a_batch_and_releases_its_locks() {
         started.elapsed()
     );
 }
+
+/// `invalidate_many` on a real server: the values are gone, and a batch
+/// loading those keys when it runs returns what it loaded but stores none of
+/// it (their fences went first): the next call loads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_many_removes_values_and_fences_out_running_loads() {
+    let server = RedisServer::start();
+    let prefix = unique_prefix("invmany");
+    let cache = cache_on(&[server.url()], &prefix).await;
+    let keys: Vec<String> = (0..30).map(|i| format!("i{i}")).collect();
+    let entries: Vec<(String, u32)> = keys.iter().cloned().zip(0..).collect();
+    cache.set_many(&entries).await.unwrap();
+    cache.invalidate_many(&keys).await.unwrap();
+    let got: Vec<Option<u32>> = cache.get_many(&keys).await.unwrap();
+    assert!(got.iter().all(Option::is_none), "{got:?}");
+    cache.invalidate_many::<&str>(&[]).await.unwrap();
+    let too_long = "k".repeat(100_000);
+    assert!(cache.invalidate_many(&[too_long]).await.is_err());
+
+    // A batch loading when the keys are invalidated.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let loading = Arc::new(AtomicU32::new(0));
+    let batch = {
+        let (cache, keys) = (cache.clone(), keys.clone());
+        let (gate, loading) = (Arc::clone(&gate), Arc::clone(&loading));
+        tokio::spawn(async move {
+            cache
+                .get_or_load_many(&keys, move |missing: Vec<String>| {
+                    let (gate, loading) = (Arc::clone(&gate), Arc::clone(&loading));
+                    async move {
+                        loading.fetch_add(1, Ordering::SeqCst);
+                        gate.notified().await;
+                        Ok::<_, String>(missing.into_iter().map(|k| (k, 7u32)).collect::<Vec<_>>())
+                    }
+                })
+                .await
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            loading.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    let refused = cache.stats().writes_refused;
+    cache.invalidate_many(&keys).await.unwrap();
+    gate.notify_one();
+    let got = join_all_checked(vec![batch]).await.remove(0).unwrap();
+    assert!(
+        got.iter().all(|v| *v == Some(7)),
+        "the batch returns what it loaded"
+    );
+    assert_eq!(
+        cache.stats().writes_refused - refused,
+        keys.len() as u64,
+        "every store was refused (its fence was gone)"
+    );
+    let stored: Vec<Option<u32>> = cache.get_many(&keys).await.unwrap();
+    assert!(stored.iter().all(Option::is_none), "{stored:?}");
+}
