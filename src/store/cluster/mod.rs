@@ -49,6 +49,7 @@ use crate::error::{Error, Result};
 use shards::{Connect, Groups, parse_slots};
 
 mod batch;
+mod route;
 mod shards;
 mod subscribe;
 
