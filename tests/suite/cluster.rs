@@ -973,6 +973,20 @@ async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
 /// on the failed shard load once more.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_killed_mid_batch_fails_only_batches_on_its_shard() {
+    batch_through_a_failover(Fault::Kill).await;
+}
+
+/// The same with the primary SIGSTOPped (hung, its sockets open) instead:
+/// nothing hangs. The batch loading when it froze returns within its
+/// store's command timeout; batches on the healthy shards answer; batches
+/// touching the hung shard time out, typed, each within a command timeout
+/// and a round trip; after the promotion (and SIGCONT) every batch works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_hung_mid_batch_fails_only_batches_on_its_shard() {
+    batch_through_a_failover(Fault::Stop).await;
+}
+
+async fn batch_through_a_failover(fault: Fault) {
     let mut cluster = tokio::task::block_in_place(|| Cluster::start(Duration::from_millis(1000)));
     let prefix = unique_prefix("cbatchkill");
     // A TTL of a minute: what the first batch stored outlives the outage.
@@ -1031,7 +1045,10 @@ async fn a_primary_killed_mid_batch_fails_only_batches_on_its_shard() {
     // Let the locks and fences reach the replicas, then kill the primary.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let store_errors = cache.stats().store_errors;
-    tokio::task::block_in_place(|| cluster.nodes[victim].kill());
+    tokio::task::block_in_place(|| match fault {
+        Fault::Kill => cluster.nodes[victim].kill(),
+        Fault::Stop => cluster.pause(victim),
+    });
     let killed = Instant::now();
     gate.notify_one();
     let got = join_all_checked(vec![batch]).await.remove(0);
@@ -1095,6 +1112,13 @@ async fn a_primary_killed_mid_batch_fails_only_batches_on_its_shard() {
     }
     tokio::task::block_in_place(|| cluster.wait_until("the replica took over", failed_over));
     let failover = killed.elapsed();
+    if fault == Fault::Stop {
+        // Thawed, it rejoins as a replica of the promoted one.
+        tokio::task::block_in_place(|| {
+            cluster.resume(victim);
+            cluster.wait_healed();
+        });
+    }
 
     // After the promotion: the first batch's keys answer (those whose store
     // was lost load once more), and new batches over every shard work.
@@ -1143,7 +1167,7 @@ async fn a_primary_killed_mid_batch_fails_only_batches_on_its_shard() {
         "the first batch's stores on the healthy shards were lost"
     );
     eprintln!(
-        "cluster batch, primary of shard 1 killed mid-load: the batch answered in {took:?}; \
+        "cluster batch, primary of shard 1 {fault:?} mid-load: the batch answered in {took:?}; \
          {healthy_ok} batches on the healthy shards all answered during the outage, \
          {failed_errors} of {round} batches touching the failed shard failed typed; \
          failover after {failover:?}; {twice} of {} first-batch keys loaded again \
