@@ -24,9 +24,8 @@ use support::{Fleet, RedisServer};
 
 fn used_memory(server: &RedisServer) -> i64 {
     let info: String = server.query(&["INFO", "memory"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
+    support::server::parse_info_number(&info, "used_memory")
+        .map(|n| n as i64)
         .unwrap_or_else(|| die("no used_memory in INFO memory"))
 }
 

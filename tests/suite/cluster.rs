@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::Cluster;
-use crate::support::{join_all_checked, unique_prefix};
+use crate::support::{join_all_checked, unique_prefix, v_expected, v_values};
 use locked_cache::{LoadError, LockedCache};
 use tokio::sync::oneshot;
 
@@ -672,11 +672,7 @@ async fn a_hung_primary_fails_only_its_own_slots_five_times() {
 /// `total_reads_processed` of a node (`INFO stats`): each read event, about
 /// one per round trip a client makes to it.
 fn reads_processed(node: &crate::support::RedisServer) -> u64 {
-    let info: String = node.query(&["INFO", "stats"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_reads_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("INFO stats has total_reads_processed")
+    node.info_number("stats", "total_reads_processed")
 }
 
 /// 150 keys over about as many slots: `get_many` and a `get_or_load_many`
@@ -782,18 +778,11 @@ async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
         let got: Vec<Option<String>> = cache
             .get_or_load_many(batch, move |missing: Vec<String>| {
                 loads.fetch_add(1, Ordering::SeqCst);
-                async move {
-                    Ok::<_, String>(
-                        missing
-                            .into_iter()
-                            .map(|k| (k.clone(), format!("v-{k}")))
-                            .collect::<Vec<_>>(),
-                    )
-                }
+                async move { Ok::<_, String>(v_values(missing)) }
             })
             .await
             .unwrap();
-        let expected: Vec<Option<String>> = batch.iter().map(|k| Some(format!("v-{k}"))).collect();
+        let expected = v_expected(batch);
         assert_eq!(got, expected);
     }
     assert_eq!(
@@ -847,12 +836,7 @@ async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        got,
-        keys.iter()
-            .map(|k| Some(format!("v-{k}")))
-            .collect::<Vec<_>>()
-    );
+    assert_eq!(got, v_expected(&keys));
 
     // Move the slot of one key to another primary: the caches' shard
     // groups still send it to the old node, which answers MOVED.
@@ -937,18 +921,11 @@ async fn batches_send_one_pipeline_per_node_and_follow_a_moved_slot() {
         let got: Vec<Option<String>> = cache
             .get_or_load_many(&batch, move |missing: Vec<String>| {
                 counted.fetch_add(missing.len() as u32, Ordering::SeqCst);
-                async move {
-                    Ok::<_, String>(
-                        missing
-                            .into_iter()
-                            .map(|k| (k.clone(), format!("v-{k}")))
-                            .collect::<Vec<_>>(),
-                    )
-                }
+                async move { Ok::<_, String>(v_values(missing)) }
             })
             .await
             .unwrap();
-        let expected: Vec<Option<String>> = batch.iter().map(|k| Some(format!("v-{k}"))).collect();
+        let expected = v_expected(&batch);
         assert_eq!(got, expected, "round {round}");
         assert_eq!(loads.load(Ordering::SeqCst), batch.len() as u32);
         let again: Vec<Option<String>> = cache.get_many(&batch).await.unwrap();
@@ -1020,18 +997,11 @@ async fn batch_through_a_failover(fault: Fault) {
                 if let Some(gate) = gate {
                     gate.notified().await;
                 }
-                Ok::<_, String>(
-                    missing
-                        .into_iter()
-                        .map(|k| (k.clone(), format!("v-{k}")))
-                        .collect::<Vec<_>>(),
-                )
+                Ok::<_, String>(v_values(missing))
             }
         }
     };
-    let expected = |keys: &[String]| -> Vec<Option<String>> {
-        keys.iter().map(|k| Some(format!("v-{k}"))).collect()
-    };
+    let expected = |keys: &[String]| v_expected(keys);
 
     let gate = Arc::new(tokio::sync::Notify::new());
     let batch = tokio::spawn({

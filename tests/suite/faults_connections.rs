@@ -218,19 +218,11 @@ async fn run(case: &mut Case, data_kept: bool) -> Result<(), String> {
 }
 
 fn connections_received(server: &RedisServer) -> u64 {
-    let info: String = server.query(&["INFO", "stats"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_connections_received:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("total_connections_received")
+    server.info_number("stats", "total_connections_received")
 }
 
 fn connected_clients(server: &RedisServer) -> u64 {
-    let info: String = server.query(&["INFO", "clients"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("connected_clients")
+    server.info_number("clients", "connected_clients")
 }
 
 /// Closes idle clients with `timeout 1`, waiting (2.5 s at least, 10 s at most)

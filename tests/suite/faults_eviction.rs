@@ -183,12 +183,7 @@ async fn under_pressure_the_recommended_layout_never_loads_a_key_twice_at_once()
     }
     stop.store(true, Ordering::Relaxed);
     let written = join_all_checked(vec![filler]).await.remove(0);
-    let info: String = values.query(&["INFO", "stats"]);
-    let evicted: u64 = info
-        .lines()
-        .find_map(|l| l.strip_prefix("evicted_keys:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap();
+    let evicted = values.info_number("stats", "evicted_keys");
     let refused: u64 = caches.iter().map(|c| c.stats().writes_refused).sum();
     eprintln!(
         "allkeys-lru value server under pressure ({written} filler writes, {evicted} keys \

@@ -16,11 +16,7 @@ use locked_cache::LockedCache;
 const VALUE: usize = 1024;
 
 fn used_memory(server: &RedisServer) -> i64 {
-    let info: String = server.query(&["INFO", "memory"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("used_memory in INFO memory")
+    server.info_number("memory", "used_memory") as i64
 }
 
 fn keys(server: &RedisServer) -> Vec<String> {

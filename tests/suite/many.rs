@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::server::{Fleet, RedisServer};
-use crate::support::{eventually, join_all_checked, unique_prefix};
+use crate::support::{eventually, join_all_checked, unique_prefix, v_values};
 use locked_cache::{CallOptions, Error, LoadError, LockedCache};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -221,12 +221,7 @@ fn many_stampede_process_entry() {
                         println!("LOADED {}", missing.join(" "));
                         async move {
                             tokio::time::sleep(Duration::from_millis(20)).await;
-                            Ok::<_, String>(
-                                missing
-                                    .into_iter()
-                                    .map(|k| (k.clone(), format!("v-{k}")))
-                                    .collect::<Vec<_>>(),
-                            )
+                            Ok::<_, String>(v_values(missing))
                         }
                     })
                     .await

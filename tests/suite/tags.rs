@@ -216,11 +216,7 @@ async fn a_tag_over_100_000_entries_is_invalidated_in_one_command_and_memory_sta
 }
 
 fn used_memory(server: &RedisServer) -> i64 {
-    let info: String = server.query(&["INFO", "memory"]);
-    info.lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("used_memory")
+    server.info_number("memory", "used_memory") as i64
 }
 
 /// A process that never hears the message (no near cache) serves an

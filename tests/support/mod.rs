@@ -194,3 +194,21 @@ pub async fn time_to_wake(
     assert_eq!(value.unwrap(), "fresh", "the waiter must not load again");
     woke_at - loaded_at.lock().unwrap().unwrap()
 }
+
+/// What the batch tests' loaders find: `v-<key>` for each key asked.
+pub fn v_values(missing: Vec<String>) -> Vec<(String, String)> {
+    missing
+        .into_iter()
+        .map(|k| {
+            let v = format!("v-{k}");
+            (k, v)
+        })
+        .collect()
+}
+
+/// A batch's answer for `keys` when each holds what [`v_values`] loads.
+pub fn v_expected<K: AsRef<str>>(keys: &[K]) -> Vec<Option<String>> {
+    keys.iter()
+        .map(|k| Some(format!("v-{}", k.as_ref())))
+        .collect()
+}

@@ -231,6 +231,14 @@ impl RedisServer {
         parse_command_stats(&info)
     }
 
+    /// The number `field` of `INFO section` (`info_number("stats",
+    /// "evicted_keys")`); panics, naming it, if the server does not report it.
+    pub fn info_number(&self, section: &str, field: &str) -> u64 {
+        let info: String = self.query(&["INFO", section]);
+        parse_info_number(&info, field)
+            .unwrap_or_else(|| panic!("INFO {section} has no number {field}"))
+    }
+
     /// Calls of one command (`"get"`, `"set"`, ...) so far; 0 if never called.
     pub fn command_calls(&self, name: &str) -> u64 {
         self.command_stats()
@@ -392,9 +400,14 @@ fn probe_pid(addr: SocketAddr) -> Option<u32> {
     con.set_read_timeout(Some(Duration::from_millis(500)))
         .ok()?;
     let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
+    parse_info_number(&info, "process_id").and_then(|pid| pid.try_into().ok())
+}
+
+/// The number `field` of an `INFO` reply (`field:123` on a line of its own).
+pub fn parse_info_number(info: &str, field: &str) -> Option<u64> {
     info.lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .and_then(|pid| pid.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// Parses `INFO commandstats` output (`cmdstat_get:calls=12,usec=...`) into

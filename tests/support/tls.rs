@@ -256,11 +256,8 @@ impl TlsServer {
             }
             match self.try_query::<String>(&["INFO", "server"]) {
                 Ok(info) => {
-                    let answered: Option<u32> = info
-                        .lines()
-                        .find_map(|l| l.strip_prefix("process_id:"))
-                        .and_then(|p| p.trim().parse().ok());
-                    if answered == Some(pid) {
+                    let answered = super::support::server::parse_info_number(&info, "process_id");
+                    if answered == Some(u64::from(pid)) {
                         return Ok(());
                     }
                     return Err(format!("another server answers (pid {answered:?})"));
