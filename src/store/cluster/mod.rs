@@ -240,16 +240,17 @@ impl ClusterStore {
     {
         // Connected first (on first use), so that the command timeout is the
         // command's own.
-        self.groups().await?;
+        let groups = self.groups().await?;
         let deadline = Instant::now() + self.options.command_timeout;
-        self.run_until(command, slot, deadline, f).await
+        self.run_until(&groups, command, slot, deadline, f).await
     }
 
-    /// [`run`](Self::run), bounded by `deadline` instead of a command
-    /// timeout from now: a node's pipeline and the per-slot commands it falls
-    /// back to share one (`batch.rs`).
+    /// [`run`](Self::run) on the connected `groups`, bounded by `deadline`
+    /// instead of a command timeout from now: a node's pipeline and the
+    /// per-slot commands it falls back to share one (`route.rs`).
     async fn run_until<T, F, Fut>(
         &self,
+        groups: &Arc<Groups>,
         command: &'static str,
         slot: u16,
         deadline: Instant,
@@ -259,7 +260,6 @@ impl ClusterStore {
         F: Fn(ClusterConnection) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let groups = self.groups().await?;
         let g = groups.of_slot(slot);
         let timeout = self.options.command_timeout;
         let timed_out = || Error::CommandTimeout {

@@ -235,7 +235,7 @@ impl ClusterStore {
             let answers = match piped {
                 Some(answers) => answers,
                 None => {
-                    self.run_until(node.command, piece.slot, node.deadline, |c| {
+                    self.run_until(shards, node.command, piece.slot, node.deadline, |c| {
                         (node.send)(c, piece.items.to_vec())
                     })
                     .await?
